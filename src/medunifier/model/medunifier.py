@@ -1,0 +1,516 @@
+"""MedUnifier: one model that understands and generates medical images (paper section 3).
+
+    image -> VisionEncoder E_I -> f_v = [f_cls, f_local]
+    queries + text -> ImageTextEncoder E_Q (cross-attention from queries to f_v)
+        ITC  unimodal passes: g_q = H_q(f_q) (Q vectors), g_t = H_t(f_t_cls); sim = max_q cos / tau
+        ITM  bidirectional pass on (image, text) pairs plus hard negatives; 2-way head averaged over queries
+        ITG  multimodal causal pass; LM head on text positions ([DEC] first)
+        TIG  generator(f_q, f_local, f_t_cls) -> VQ codes (top, bottom) -> image; MSE + VQ losses
+    L = λ1 L_itc + λ2 L_itm + λ3 L_itg + λ4 L_tig
+
+An objective whose weight is zero is not computed at all (no compute, no gradient).
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from medunifier.config import LossWeights, MedUnifierConfig, config_from_dict
+from medunifier.data.tokenizer import load_tokenizer, special_ids
+from medunifier.model.decoding import generate
+from medunifier.model.encoder import ImageTextEncoder
+from medunifier.model.generator import TextGroundedGenerator
+from medunifier.model.vision import VisionEncoder
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass
+class MedUnifierOutput:
+    loss: Tensor
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """All-gather along dim 0 keeping the gradient of the local shard (no-op on one process)."""
+    _, world = _world()
+    if world == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+@torch.no_grad()
+def gather_no_grad(x: Tensor) -> Tensor:
+    _, world = _world()
+    if world == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def itc_similarity(image_feats: Tensor, text_feats: Tensor, temperature: Tensor | float) -> tuple[Tensor, Tensor]:
+    """Max-over-queries similarity (paper eq. ITC).
+
+    image_feats [Bi, Q, E] and text_feats [Bt, E], both L2-normalised.
+    Returns (sim_i2t [Bi, Bt], sim_t2i [Bt, Bi]), already divided by the temperature.
+    """
+    sim = torch.einsum("iqe,te->itq", image_feats, text_feats).amax(dim=-1)  # [Bi, Bt]
+    sim = sim / temperature
+    return sim, sim.t()
+
+
+def sample_hard_negatives(sim: Tensor, forbidden: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One hard negative per row, drawn from softmax(sim) with forbidden entries (positive, duplicates) masked.
+
+    sim [B, N], forbidden [B, N] bool. A row with no allowed entry falls back to uniform over the allowed set,
+    or (when everything is forbidden) to any other index.
+    """
+    weights = torch.softmax(sim.float(), dim=1).masked_fill(forbidden, 0.0)
+    weights = torch.nan_to_num(weights, nan=0.0)
+    empty = weights.sum(dim=1) <= 0
+    if empty.any():
+        fallback = (~forbidden[empty]).float()
+        none_left = fallback.sum(dim=1) <= 0
+        fallback[none_left] = 1.0
+        weights[empty] = fallback
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def _string_keys(ids: list[str], device: torch.device) -> Tensor:
+    return torch.tensor([zlib.crc32(str(i).encode()) for i in ids], dtype=torch.long, device=device)
+
+
+class MedUnifier(nn.Module):
+    """The full model. `model(batch)` returns every loss; the other methods are the public API."""
+
+    def __init__(self, config: MedUnifierConfig, tokenizer: Any | None = None, load_pretrained: bool = True):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.text.tokenizer)
+        self.special = special_ids(self.tokenizer)
+        enc = config.encoder
+        self.vision = VisionEncoder(config.vision, config.image)
+        self.encoder = ImageTextEncoder(
+            enc, vocab_size=len(self.tokenizer), vision_width=self.vision.hidden_size, pad_token_id=self.special["pad"]
+        )
+        if load_pretrained and enc.pretrained:
+            from medunifier.model.bert_weights import load_bert_weights
+
+            self.bert_load_report = load_bert_weights(self.encoder, enc.pretrained)
+        self.image_proj = nn.Linear(enc.hidden_size, enc.embed_dim)  # H_q
+        self.text_proj = nn.Linear(enc.hidden_size, enc.embed_dim)  # H_t
+        self.itm_head = nn.Linear(enc.hidden_size, 2)
+        self.temperature = nn.Parameter(torch.tensor(float(config.itc_temperature)))
+        self.generator = TextGroundedGenerator(
+            config.generator,
+            config.image,
+            query_width=enc.hidden_size,
+            num_queries=enc.num_queries,
+            vision_width=self.vision.hidden_size,
+            num_patches=self.vision.num_patches,
+            text_width=enc.hidden_size,
+        )
+
+    # ------------------------------------------------------------------ parameters and training set-up
+
+    MODULE_PREFIXES = ("vision", "encoder", "image_proj", "text_proj", "itm_head", "temperature", "generator")
+
+    def trainable_parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups: no weight decay on norms, biases, embeddings, query tokens and the temperature."""
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            lowered = name.lower()
+            if (
+                param.ndim < 2
+                or "norm" in lowered
+                or "embed" in lowered
+                or "query_tokens" in lowered
+                or name == "temperature"
+                or ".codebook" in lowered
+            ):
+                no_decay.append(param)
+            else:
+                decay.append(param)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def set_trainable(self, prefixes: list[str] | None) -> None:
+        """Train only parameters whose name starts with one of `prefixes` (None: the config's default).
+
+        The vision encoder stays frozen when `vision.frozen` is set, whatever the prefixes say.
+        """
+        for name, param in self.named_parameters():
+            allowed = prefixes is None or any(name.startswith(p) for p in prefixes)
+            if name.startswith("vision.") and self.config.vision.frozen:
+                allowed = False
+            param.requires_grad_(allowed)
+
+    # ------------------------------------------------------------------------------ building blocks
+
+    def _task_ids(self, input_ids: Tensor, token: str) -> Tensor:
+        ids = input_ids.clone()
+        ids[:, 0] = self.special[token]
+        return ids
+
+    def image_features(self, pixel_values: Tensor, cache_keys: list[str] | None = None) -> Tensor:
+        """f_v = [f_cls, f_local]: [B, 1 + L, Dv]."""
+        if cache_keys is not None and self.config.vision.cache_features:
+            return self.vision(pixel_values, cache_keys=cache_keys)
+        return self.vision(pixel_values)
+
+    def query_states(self, image_embeds: Tensor) -> Tensor:
+        """f_q: query outputs of the unimodal (query-only) pass, [B, Q, H]."""
+        return self.encoder(image_embeds=image_embeds, mode="query").query_states
+
+    def text_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Text-only pass with the [CLS] first token, [B, T, H]."""
+        return self.encoder(input_ids=self._task_ids(input_ids, "cls"), attention_mask=attention_mask, mode="text").text_states
+
+    # --------------------------------------------------------------------------------------- forward
+
+    def forward(self, batch: dict[str, Any], loss_weights: LossWeights | None = None) -> MedUnifierOutput:
+        weights = loss_weights or self.config.losses
+        pixel_values: Tensor = batch["pixel_values"]
+        input_ids: Tensor = batch["input_ids"]
+        attention_mask: Tensor = batch["attention_mask"]
+        device = pixel_values.device
+        losses: dict[str, Tensor] = {}
+        metrics: dict[str, float] = {}
+        total = pixel_values.new_zeros(())
+
+        need_unimodal = weights.itc > 0 or weights.itm > 0 or weights.tig > 0
+        image_embeds = self.image_features(pixel_values, batch.get("ids"))  # [B, 1+L, Dv]
+        query_out = text_out = None
+        if need_unimodal:
+            query_out = self.query_states(image_embeds)  # f_q [B, Q, H]
+            text_out = self.text_states(input_ids, attention_mask)  # f_t [B, T, H]
+
+        sim_i2t = sim_t2i = None
+        if weights.itc > 0 or weights.itm > 0:
+            image_feats = F.normalize(self.image_proj(query_out), dim=-1)  # g_q [B, Q, E]
+            text_feats = F.normalize(self.text_proj(text_out[:, 0]), dim=-1)  # g_t [B, E]
+            with torch.no_grad():
+                self.temperature.clamp_(0.001, 0.5)
+            rank, _ = _world()
+            all_image_feats = gather_with_grad(image_feats)
+            all_text_feats = gather_with_grad(text_feats)
+            bsz = pixel_values.shape[0]
+            sim_i2t, _ = itc_similarity(image_feats, all_text_feats, self.temperature)  # [B, B_all]
+            _, sim_t2i = itc_similarity(all_image_feats, text_feats, self.temperature)  # [B, B_all]
+            metrics["itc_global_batch"] = float(all_text_feats.shape[0])
+            metrics["temperature"] = float(self.temperature.detach())
+            if weights.itc > 0:
+                targets = torch.arange(bsz, device=device) + rank * bsz
+                eps = self.config.label_smoothing
+                loss_itc = 0.5 * (
+                    F.cross_entropy(sim_i2t, targets, label_smoothing=eps)
+                    + F.cross_entropy(sim_t2i, targets, label_smoothing=eps)
+                )
+                losses["itc"] = loss_itc
+                total = total + weights.itc * loss_itc
+                metrics["itc_acc"] = float(
+                    0.5 * ((sim_i2t.argmax(1) == targets).float().mean() + (sim_t2i.argmax(1) == targets).float().mean())
+                )
+
+        if weights.itm > 0:
+            loss_itm, itm_acc = self._itm_loss(batch, image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i)
+            losses["itm"] = loss_itm
+            metrics["itm_acc"] = itm_acc
+            total = total + weights.itm * loss_itm
+
+        if weights.itg > 0:
+            loss_itg = self._itg_loss(image_embeds, input_ids, attention_mask, batch.get("prefix_lengths"))
+            losses["itg"] = loss_itg
+            total = total + weights.itg * loss_itg
+
+        if weights.tig > 0:
+            gen = self.generator(query_out, image_embeds[:, 1:], text_out[:, 0], target_images=pixel_values)
+            losses["tig"] = gen.loss
+            losses["tig_mse"] = gen.mse.detach()
+            losses["vq_top"] = gen.vq_top.detach()
+            losses["vq_bottom"] = gen.vq_bottom.detach()
+            total = total + weights.tig * gen.loss
+            metrics.update(
+                codebook_usage_top=float(gen.usage_top),
+                codebook_usage_bottom=float(gen.usage_bottom),
+                perplexity_top=float(gen.perplexity_top),
+                perplexity_bottom=float(gen.perplexity_bottom),
+                psnr=float(psnr(gen.images.detach(), pixel_values, self.config.image.std)),
+            )
+        return MedUnifierOutput(loss=total, losses=losses, metrics=metrics)
+
+    def _itm_loss(
+        self,
+        batch: dict[str, Any],
+        image_embeds: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        sim_i2t: Tensor,
+        sim_t2i: Tensor,
+    ) -> tuple[Tensor, float]:
+        """ITM with one hard negative text per image and one hard negative image per text (global pool)."""
+        bsz = input_ids.shape[0]
+        device = input_ids.device
+        rank, world = _world()
+        if world > 1:  # ranks pad to their own longest text; gather needs one length
+            pad = self.config.text.max_length - input_ids.shape[1]
+            input_ids = F.pad(input_ids, (0, pad), value=self.special["pad"])
+            attention_mask = F.pad(attention_mask, (0, pad), value=0)
+        all_ids = gather_no_grad(input_ids)
+        all_mask = gather_no_grad(attention_mask)
+        all_embeds = gather_no_grad(image_embeds)
+        image_keys = _string_keys(batch.get("ids") or [str(i) for i in range(bsz)], device)
+        all_image_keys = gather_no_grad(image_keys)
+        local_index = torch.arange(bsz, device=device) + rank * bsz
+        # forbidden: the positive itself, identical texts, and the same image
+        same_text = input_ids[:, None, :].eq(all_ids[None, :, :]).all(-1)
+        same_image = image_keys[:, None].eq(all_image_keys[None, :])
+        forbidden = same_text | same_image
+        forbidden[torch.arange(bsz, device=device), local_index] = True
+        with torch.no_grad():
+            neg_text_idx = sample_hard_negatives(sim_i2t.detach(), forbidden)  # a text for each local image
+            neg_image_idx = sample_hard_negatives(sim_t2i.detach(), forbidden)  # an image for each local text
+        # positives, (image, negative text), (negative image, text)
+        itm_ids = torch.cat([input_ids, all_ids[neg_text_idx], input_ids], dim=0)
+        itm_mask = torch.cat([attention_mask, all_mask[neg_text_idx], attention_mask], dim=0)
+        itm_images = torch.cat([image_embeds, image_embeds, all_embeds[neg_image_idx]], dim=0)
+        out = self.encoder(
+            input_ids=self._task_ids(itm_ids, "enc"), attention_mask=itm_mask, image_embeds=itm_images, mode="bidirectional"
+        )
+        logits = self.itm_head(out.query_states).mean(dim=1)  # [3B, 2]
+        labels = torch.cat([torch.ones(bsz), torch.zeros(2 * bsz)]).long().to(device)
+        loss = F.cross_entropy(logits, labels)
+        acc = float((logits.argmax(1) == labels).float().mean())
+        return loss, acc
+
+    def _itg_loss(
+        self, image_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor, prefix_lengths: Tensor | None
+    ) -> Tensor:
+        """Causal LM on the text given the queries; padding (and a VQA question prefix) is not scored."""
+        ids = self._task_ids(input_ids, "dec")
+        has_prefix = prefix_lengths is not None and bool((prefix_lengths > 0).any())
+        out = self.encoder(
+            input_ids=ids,
+            attention_mask=attention_mask,
+            image_embeds=image_embeds,
+            mode="prefix" if has_prefix else "causal",
+            prefix_lengths=prefix_lengths if has_prefix else None,
+        )
+        logits = self.encoder.lm_logits(out.text_states[:, :-1])  # predict token t+1 from <= t
+        labels = ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+        if has_prefix:
+            positions = torch.arange(1, ids.shape[1], device=ids.device)[None, :]
+            labels = labels.masked_fill(positions < prefix_lengths[:, None], -100)
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            labels.reshape(-1),
+            ignore_index=-100,
+            label_smoothing=self.config.label_smoothing,
+        )
+
+    # ----------------------------------------------------------------------------------- public API
+
+    def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, Tensor]:
+        enc = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=max_length or self.config.text.max_length,
+            return_tensors="pt",
+        )
+        device = self.temperature.device
+        return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+
+    @torch.no_grad()
+    def encode_image(self, pixel_values: Tensor) -> Tensor:
+        """Normalised ITC image embeddings, one per query: [B, Q, E]."""
+        return F.normalize(self.image_proj(self.query_states(self.image_features(pixel_values))), dim=-1)
+
+    @torch.no_grad()
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Normalised ITC text embeddings: [B, E]."""
+        return F.normalize(self.text_proj(self.text_states(input_ids, attention_mask)[:, 0]), dim=-1)
+
+    @torch.no_grad()
+    def similarity(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
+        """Cosine similarity (max over queries) between [Bi, Q, E] and [Bt, E]: [Bi, Bt]."""
+        return itc_similarity(image_embeds, text_embeds, 1.0)[0]
+
+    @torch.no_grad()
+    def itm_score(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Probability that each (image, text) pair matches: [B]."""
+        out = self.encoder(
+            input_ids=self._task_ids(input_ids, "enc"),
+            attention_mask=attention_mask,
+            image_embeds=self.image_features(pixel_values),
+            mode="bidirectional",
+        )
+        return self.itm_head(out.query_states).mean(dim=1).softmax(-1)[:, 1]
+
+    @torch.no_grad()
+    def generate_report(
+        self,
+        pixel_values: Tensor,
+        num_beams: int = 3,
+        max_length: int | None = None,
+        min_length: int = 0,
+        top_p: float | None = None,
+        temperature: float = 1.0,
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
+        length_penalty: float = 1.0,
+        generator: torch.Generator | None = None,
+        prefix_texts: list[str] | None = None,
+    ) -> list[str]:
+        """Draft reports (or answers, when `prefix_texts` holds questions) for a batch of images."""
+        image_embeds = self.image_features(pixel_values)
+        prefix_ids = None
+        if prefix_texts is not None:
+            prefix_ids = self.tokenize(prefix_texts)
+        tokens, _ = generate(
+            self.encoder,
+            image_embeds,
+            bos_id=self.special["dec"],
+            eos_id=self.special["sep"],
+            pad_id=self.special["pad"],
+            max_length=max_length or self.config.text.max_length,
+            min_length=min_length,
+            num_beams=num_beams,
+            top_p=top_p,
+            temperature=temperature,
+            repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            length_penalty=length_penalty,
+            generator=generator,
+            prefix_ids=prefix_ids,
+        )
+        return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+
+    def _generator_inputs(self, pixel_values: Tensor, input_ids: Tensor | None, attention_mask: Tensor | None):
+        image_embeds = self.image_features(pixel_values)
+        if input_ids is None:
+            input_ids = torch.full((pixel_values.shape[0], 2), self.special["pad"], device=pixel_values.device)
+            input_ids[:, 0], input_ids[:, 1] = self.special["cls"], self.special["sep"]
+            attention_mask = torch.ones_like(input_ids)
+        text_cls = self.text_states(input_ids, attention_mask)[:, 0]
+        return self.query_states(image_embeds), image_embeds[:, 1:], text_cls
+
+    @torch.no_grad()
+    def reconstruct(
+        self, pixel_values: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> Tensor:
+        """Image -> codes -> image, grounded on the given text (an empty report when None)."""
+        out = self.generator(*self._generator_inputs(pixel_values, input_ids, attention_mask))
+        return out.images
+
+    @torch.no_grad()
+    def encode_codes(
+        self, pixel_values: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(top [B, t, t], bottom [B, b, b]) code indices."""
+        return self.generator.encode_codes(*self._generator_inputs(pixel_values, input_ids, attention_mask))
+
+    @torch.no_grad()
+    def decode_codes(self, codes_top: Tensor, codes_bottom: Tensor) -> Tensor:
+        return self.generator.decode_codes(codes_top, codes_bottom)
+
+    # ------------------------------------------------------------------------------- save and load
+
+    def parameter_counts(self) -> dict[str, dict[str, int]]:
+        counts = {}
+        for name in ("vision", "encoder", "generator"):
+            module = getattr(self, name)
+            total = sum(p.numel() for p in module.parameters())
+            trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+            counts[name] = {"total": total, "trainable": trainable}
+        heads = [self.image_proj, self.text_proj, self.itm_head]
+        counts["heads"] = {
+            "total": sum(p.numel() for m in heads for p in m.parameters()) + 1,
+            "trainable": sum(p.numel() for m in heads for p in m.parameters() if p.requires_grad) + 1,
+        }
+        return counts
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """safetensors weights + JSON config + tokenizer files; never pickle."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        # safetensors refuses tensors that share storage (tied LM head): store each once
+        seen: dict[int, str] = {}
+        unique = {}
+        for key, tensor in state.items():
+            ptr = tensor.data_ptr() if tensor.numel() else id(tensor)
+            if ptr in seen and state[seen[ptr]].shape == tensor.shape:
+                continue
+            seen[ptr] = key
+            unique[key] = tensor
+        save_file(unique, str(out / WEIGHTS_NAME), metadata={"format": "pt", "medunifier": "0.1.0"})
+        data = self.config.to_dict()
+        data["text"]["tokenizer"] = TOKENIZER_DIR
+        (out / CONFIG_NAME).write_text(json.dumps(data, indent=2))
+        self.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+        return out
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, map_location: str | torch.device = "cpu") -> MedUnifier:
+        model_dir = Path(model_dir)
+        if (model_dir / "model" / CONFIG_NAME).exists():  # a run folder
+            model_dir = model_dir / "model"
+        if not (model_dir / CONFIG_NAME).exists():
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {model_dir}: not a saved MedUnifier model")
+        data = json.loads((model_dir / CONFIG_NAME).read_text())
+        tokenizer = load_tokenizer(str(model_dir / TOKENIZER_DIR))
+        data["text"]["tokenizer"] = str(model_dir / TOKENIZER_DIR)
+        config = config_from_dict(data, str(model_dir / CONFIG_NAME))
+        model = cls(config, tokenizer=tokenizer, load_pretrained=False)
+        state = load_file(str(model_dir / WEIGHTS_NAME), device=str(map_location))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = {k for k in missing if _is_tied(model, k, state)}
+        missing = [k for k in missing if k not in tied]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        model.config.text.tokenizer = str(model_dir / TOKENIZER_DIR)
+        return model.to(map_location)
+
+
+def _is_tied(model: nn.Module, key: str, state: dict[str, Tensor]) -> bool:
+    """True when `key` shares storage with a parameter that was saved under another name."""
+    params = dict(model.state_dict())
+    target = params.get(key)
+    if target is None:
+        return False
+    return any(
+        other in state and other != key and params[other].data_ptr() == target.data_ptr() for other in params
+    )
+
+
+def psnr(images: Tensor, targets: Tensor, std: float = 0.5) -> Tensor:
+    """PSNR in dB on the [0, 1] scale, for normalised tensors ((x - mean) / std)."""
+    mse = ((images.float() - targets.float()) * std).pow(2).mean()
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
