@@ -73,6 +73,255 @@ def data_info(
         console.print(table)
 
 
+@data_app.command("convert")
+def data_convert(
+    fmt: str = typer.Argument(..., metavar="FORMAT", help="mimic-cxr, iu-xray, chexpert, rsna, siim, covidx, "
+                              "vqa-rad, slake or medmnist"),
+    root: Path = typer.Option(..., help="the dataset in its official layout (folder; the .npz for medmnist; "
+                              "the folder or the reports .tgz for iu-xray)"),
+    out: Path = typer.Option(..., help="output folder: manifest.jsonl, images/, conversion.json"),
+    image_size: int | None = typer.Option(None, help="resize so the short side (both with --square) is this"),
+    square: bool = typer.Option(False, "--square", help="resize to image-size x image-size"),
+    min_size: int | None = typer.Option(None, help="drop images whose short side is below this (default 32; "
+                                        "0 for medmnist)"),
+    keep_text_only: bool = typer.Option(False, "--keep-text-only", help="keep reports whose image is absent "
+                                        "(image null), e.g. for tokenizer training (mimic-cxr, iu-xray)"),
+    seed: int = typer.Option(0, help="seed of drawn splits, 5x200 sampling and caption phrasing"),
+    images: Path | None = typer.Option(None, help="iu-xray: the folder of PNG images"),
+    reports_root: Path | None = typer.Option(None, help="mimic-cxr: folder holding files/pXX/pID/sID.txt"),
+    uncertain: str | None = typer.Option(None, help="mimic-cxr, chexpert: -1 labels: keep, zeros, ones, ignore"),
+    one_per_study: bool = typer.Option(False, "--one-per-study", help="mimic-cxr: one frontal image per study"),
+    require_findings: bool = typer.Option(False, "--require-findings", help="iu-xray: drop reports without "
+                                          "FINDINGS"),
+    five_by_200: bool = typer.Option(False, "--five-by-200", help="chexpert: write only the 5x200 set"),
+    per_class: int | None = typer.Option(None, help="chexpert --five-by-200: images per finding (default 200)"),
+    val_fraction: float | None = typer.Option(None, help="fraction for val of a drawn split (vqa-rad: of the "
+                                              "train images, default 0)"),
+    test_fraction: float | None = typer.Option(None, help="fraction for test of a drawn split"),
+    flag: str | None = typer.Option(None, help="medmnist: dataset name (default from the file name)"),
+    lang: str | None = typer.Option(None, help="slake: question language en (default), zh or all"),
+) -> None:
+    """Convert a public dataset from its official layout to a manifest (+ PNG images), with quality control."""
+    from medunifier.data.converters import ConversionError, convert
+
+    given = {
+        "image_size": image_size, "square": square or None, "min_size": min_size,
+        "keep_text_only": keep_text_only or None, "images": images, "reports_root": reports_root,
+        "uncertain": uncertain, "one_per_study": one_per_study or None,
+        "require_findings": require_findings or None, "five_by_200": five_by_200 or None,
+        "per_class": per_class, "val_fraction": val_fraction, "test_fraction": test_fraction, "flag": flag,
+        "lang": lang,
+    }
+    options = {k: v for k, v in given.items() if v is not None}
+    try:
+        summary = convert(fmt, root, out, seed=seed, **options)
+    except (ConversionError, FileNotFoundError) as err:
+        _fail(str(err))
+    for line in summary.lines():
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    if summary.records == 0:
+        _fail("no records written (see above)", 1)
+
+
+@data_app.command("tokenizer")
+def data_tokenizer(
+    manifests: list[Path] = typer.Option(..., "--manifest", help="a manifest.jsonl (repeat for several)"),
+    out: Path = typer.Option(..., help="folder to save the tokenizer to (loads with text.tokenizer=DIR)"),
+    vocab_size: int = typer.Option(8000, help="WordPiece vocabulary size, special tokens included"),
+    min_frequency: int = typer.Option(2, help="least count for a merged WordPiece"),
+) -> None:
+    """Train a lower-cased BERT WordPiece tokenizer on the reports, questions and answers of manifests."""
+    from medunifier.data.manifest import load_records
+    from medunifier.data.tokenizer import special_ids, train_tokenizer
+
+    texts: list[str] = []
+    for manifest in manifests:
+        try:
+            records = load_records(manifest)
+        except FileNotFoundError as err:
+            _fail(str(err))
+        texts += [t for r in records for t in (r.text, r.question, r.answer) if t and t.strip()]
+    if not texts:
+        _fail("the manifests hold no text to train on")
+    try:
+        tok = train_tokenizer(texts, out, vocab_size=vocab_size, min_frequency=min_frequency)
+    except ValueError as err:
+        _fail(str(err))
+    console.print(f"trained on {len(texts)} texts: vocabulary {len(tok)} ({vocab_size} asked), "
+                  f"special ids {special_ids(tok)}; saved to {out}")
+
+
+@data_app.command("shards")
+def data_shards(
+    manifest: Path = typer.Argument(..., help="a manifest.jsonl file"),
+    out: Path = typer.Option(..., help="folder for shard-NNNNNN.tar files and shards.json"),
+    shard_size: int = typer.Option(1000, help="samples per shard"),
+    split: list[str] | None = typer.Option(None, help="keep only these splits (repeatable)"),
+) -> None:
+    """Write a manifest as WebDataset tar shards (image bytes as stored + the record as JSON)."""
+    from medunifier.data.shards import INDEX_NAME, read_index, write_shards
+
+    if shard_size < 1:
+        _fail("--shard-size must be at least 1")
+    try:
+        paths = write_shards(manifest, out, shard_size=shard_size, splits=split or None)
+    except FileNotFoundError as err:
+        _fail(str(err))
+    index = read_index(out)
+    for reason in index["skipped"]:
+        console.print(f"[yellow]skipped[/yellow] {reason}")
+    console.print(f"wrote {index['total']} samples in {len(paths)} shards to {out} "
+                  f"({len(index['skipped'])} records left out); index: {out / INDEX_NAME}")
+
+
+# --------------------------------------------------------------------------------------------- eval
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _eval_out(out: Path | None, ckpt: Path, name: str) -> Path:
+    return out if out is not None else Path(ckpt) / "eval" / name
+
+
+_EVAL_ERRORS = (FileNotFoundError, ValueError, ImportError)
+
+
+@eval_app.command("retrieval")
+def eval_retrieval(
+    ckpt: Path = typer.Option(..., help="a run folder or a saved model folder"),
+    data: Path = typer.Option(..., help="a 5x200-style manifest (one positive finding per image)"),
+    out: Path | None = typer.Option(None, help="output folder (default <ckpt>/eval/retrieval)"),
+    classes: str | None = typer.Option(None, help="comma-separated classes (default: the five competition findings)"),
+    k: str = typer.Option("1,5,10", help="comma-separated K values"),
+    split: str | None = typer.Option(None, help="keep this split of a multi-split manifest"),
+    batch_size: int = typer.Option(64, help="images per forward pass"),
+    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+) -> None:
+    """Image-to-text and text-to-image retrieval: mAP@K (PRIOR/CXR-CLIP), Recall@K, mean rank."""
+    from medunifier.eval.retrieval import run_retrieval
+
+    try:
+        run_retrieval(ckpt, data, _eval_out(out, ckpt, "retrieval"), classes=_csv(classes),
+                      ks=[int(x) for x in _csv(k)], split=split, batch_size=batch_size, device=device, console=console)
+    except _EVAL_ERRORS as err:
+        _fail(str(err))
+
+
+@eval_app.command("zeroshot")
+def eval_zeroshot(
+    ckpt: Path = typer.Option(..., help="a run folder or a saved model folder"),
+    data: Path = typer.Option(..., help="a labelled manifest"),
+    prompts: str = typer.Option("chexpert5", help="prompt YAML file, or a shipped set: chexpert5, pneumonia"),
+    ensemble: str = typer.Option("mean", help="prompt ensembling: mean, max or embedding"),
+    seed: int | None = typer.Option(None, help="prompt sampling seed (default: the file's)"),
+    max_prompts: int | None = typer.Option(None, help="prompts per class (default: the file's)"),
+    out: Path | None = typer.Option(None, help="output folder (default <ckpt>/eval/zeroshot)"),
+    split: str | None = typer.Option(None, help="keep this split of a multi-split manifest"),
+    batch_size: int = typer.Option(64, help="images per forward pass"),
+    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+) -> None:
+    """Zero-shot classification with GLoRIA-style prompt ensembles: accuracy, macro-F1, AUROC."""
+    from medunifier.eval.zeroshot import run_zeroshot
+
+    if ensemble not in ("mean", "max", "embedding"):
+        _fail(f"--ensemble must be mean, max or embedding, got {ensemble}")
+    try:
+        run_zeroshot(ckpt, data, prompts, _eval_out(out, ckpt, "zeroshot"), ensemble=ensemble, seed=seed,
+                     max_prompts=max_prompts, split=split, batch_size=batch_size, device=device, console=console)
+    except _EVAL_ERRORS as err:
+        _fail(str(err))
+
+
+@eval_app.command("finetune")
+def eval_finetune(
+    ckpt: Path = typer.Option(..., help="a run folder or a saved model folder"),
+    train: Path = typer.Option(..., help="training manifest (its 'train' split when it has several)"),
+    val: Path = typer.Option(..., help="validation manifest (its 'val' split when it has several)"),
+    test: Path = typer.Option(..., help="test manifest (its 'test' split when it has several)"),
+    fractions: str = typer.Option("0.01,0.1,1.0", help="comma-separated label fractions"),
+    seeds: int = typer.Option(3, help="number of seeds (0..n-1)"),
+    mode: str = typer.Option("linear", help="linear (frozen features + logistic regression) or full"),
+    from_scratch: bool = typer.Option(False, "--from-scratch", help="same architecture, random weights, same budget"),
+    classes: str | None = typer.Option(None, help="comma-separated classes (default: inferred from the labels)"),
+    epochs: int = typer.Option(5, help="epochs of full fine-tuning"),
+    lr: float = typer.Option(1e-4, help="AdamW learning rate of full fine-tuning"),
+    batch_size: int = typer.Option(32, help="batch size"),
+    out: Path | None = typer.Option(None, help="output folder (default <ckpt>/eval/finetune_<mode>[_scratch])"),
+    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+) -> None:
+    """Linear-probe or full fine-tuning at label fractions; AUROC (binary) or accuracy; mean/std over seeds."""
+    from medunifier.eval.finetune import run_finetune
+
+    if mode not in ("linear", "full"):
+        _fail(f"--mode must be linear or full, got {mode}")
+    name = f"finetune_{mode}" + ("_scratch" if from_scratch else "")
+    try:
+        run_finetune(ckpt, train, val, test, _eval_out(out, ckpt, name), fractions=[float(f) for f in _csv(fractions)],
+                     seeds=seeds, mode=mode, from_scratch=from_scratch, classes=_csv(classes), epochs=epochs, lr=lr,
+                     batch_size=batch_size, device=device, console=console)
+    except _EVAL_ERRORS as err:
+        _fail(str(err))
+
+
+@eval_app.command("report")
+def eval_report(
+    ckpt: Path = typer.Option(..., help="a run folder or a saved model folder"),
+    data: Path = typer.Option(..., help="a manifest of images with reports"),
+    out: Path | None = typer.Option(None, help="output folder (default <ckpt>/eval/report)"),
+    split: str | None = typer.Option(None, help="keep this split of a multi-split manifest"),
+    target: str = typer.Option("text", help="reference field: text, findings or impression"),
+    num_beams: int = typer.Option(3, help="beam width"),
+    max_length: int = typer.Option(95, help="maximum generated tokens"),
+    repetition_penalty: float = typer.Option(1.0, help="CTRL-style repetition penalty (1 = off)"),
+    no_repeat_ngram_size: int = typer.Option(3, help="block repeated n-grams (3 = R2Gen's trigram blocking)"),
+    limit: int | None = typer.Option(None, help="score only the first N images"),
+    meteor: bool = typer.Option(True, help="compute METEOR (runs Java)"),
+    batch_size: int = typer.Option(16, help="images per generation batch"),
+    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+) -> None:
+    """Report generation: BLEU-1..4, METEOR, ROUGE-L (R2Gen) and clinical efficacy (labeler P/R/F1)."""
+    from medunifier.eval.report import run_report
+
+    if target not in ("text", "findings", "impression"):
+        _fail(f"--target must be text, findings or impression, got {target}")
+    try:
+        run_report(ckpt, data, _eval_out(out, ckpt, "report"), split=split, target=target, num_beams=num_beams,
+                   max_length=max_length, repetition_penalty=repetition_penalty,
+                   no_repeat_ngram_size=no_repeat_ngram_size, limit=limit, meteor=None if meteor else False,
+                   batch_size=batch_size, device=device, console=console)
+    except _EVAL_ERRORS as err:
+        _fail(str(err))
+
+
+@eval_app.command("ablation")
+def eval_ablation(
+    config: str = typer.Option("tiny", help="preset name or YAML file"),
+    data: Path = typer.Option(..., help="training manifest with train/val/test splits"),
+    objectives: str = typer.Option("itc,itc+itm,itc+itm+itg,itc+itm+tig,all", help="comma-separated objective sets"),
+    seeds: int = typer.Option(3, help="number of seeds (0..n-1)"),
+    steps: int = typer.Option(..., help="training steps of every run"),
+    eval_data: Path | None = typer.Option(None, help="retrieval / zero-shot manifest (default: the test split of --data)"),
+    prompts: str = typer.Option("chexpert5", help="prompt set for zero-shot (its classes are used everywhere)"),
+    fractions: str = typer.Option("0.01,0.1,1.0", help="linear-probe label fractions"),
+    out: Path = typer.Option(Path("runs/ablation"), help="output folder (one run folder per set and seed)"),
+    resume: bool = typer.Option(False, help="reuse finished runs and resume interrupted ones in --out"),
+    batch_size: int = typer.Option(64, help="evaluation batch size"),
+    device: str | None = typer.Option(None, help="evaluation device (default: cuda when available)"),
+    overrides: list[str] | None = typer.Argument(None, help="config overrides such as train.batch_size=16"),
+) -> None:
+    """Objective ablation (Table 6): train each objective set per seed, evaluate, print mean ± std."""
+    from medunifier.eval.ablation import run_ablation
+
+    try:
+        run_ablation(config, data, out, objectives=_csv(objectives), seeds=seeds, steps=steps, eval_data=eval_data,
+                     prompts=prompts, fractions=[float(f) for f in _csv(fractions)], overrides=overrides or None,
+                     resume=resume, batch_size=batch_size, device=device, console=console)
+    except _EVAL_ERRORS as err:
+        _fail(str(err))
+
+
 # ------------------------------------------------------------------------------------- top level
 
 

@@ -1,0 +1,120 @@
+"""VQA-RAD -> manifest: one "vqa" record per question-answer pair.
+
+Layout under ROOT (the MEVF release): `trainset.json` (and `testset.json` when present), lists of
+{qid, image_name, image_organ, answer, answer_type, question_type, question, phrase_type}, and the
+images in `images/` (or the original `VQA_RAD Image Folder/`). Splits: the train set is "train"
+(optionally split BY IMAGE into train/val with `val_fraction`), the test set is "test".
+
+VQA-RAD does not record the imaging modality. It is read from the image's own questions where
+they say it ("Is this a CT image?" yes; "What type of imaging is this?" MRI), else "radiology";
+a chest X-ray is "cxr". The organ (chest / head / abdomen) is kept in the field `organ`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from medunifier.data.converters.common import (
+    ConversionError,
+    ConversionSummary,
+    Deduplicator,
+    ImageWriter,
+    assign_splits,
+    finish,
+)
+from medunifier.data.manifest import Record
+
+ORGANS = {"CHEST": "chest", "HEAD": "head", "ABD": "abdomen"}
+_MODALITY_WORDS = {
+    "mri": re.compile(r"\bmri?\b|\bt1\b|\bt2\b|flair|diffusion|\bdwi\b|\badc\b"),
+    "ct": re.compile(r"\bct\b|\bcat scan\b|computed tomography"),
+    "xray": re.compile(r"x-? ?ray|\bcxr\b|radiograph|plain film|\bfilm\b"),
+}
+_MODALITY_QUESTION = re.compile(r"modality|type of imag|kind of imag|type of scan|kind of scan|"
+                                r"type of image|kind of image|how was this image taken|what imaging")
+_IS_THIS = re.compile(r"^\s*(is|was) (this|the image|this image|the study)\b")
+
+
+def _modality_votes(text: str) -> list[str]:
+    return [name for name, pattern in _MODALITY_WORDS.items() if pattern.search(text)]
+
+
+def infer_modality(items: list[dict[str, Any]], organ: str) -> str:
+    """Modality of one image from its QA pairs: open answers to "what modality" questions and
+    closed "is this a ..." questions answered yes. "radiology" when they do not say."""
+    votes: Counter[str] = Counter()
+    for item in items:
+        question, answer = str(item["question"]).lower(), str(item["answer"]).lower().strip()
+        if _MODALITY_QUESTION.search(question) and answer not in ("yes", "no"):
+            votes.update(_modality_votes(answer))
+        elif _IS_THIS.match(question) and answer == "yes":
+            found = _modality_votes(question)
+            if len(found) == 1:
+                votes.update(found)
+    if not votes:
+        return "radiology"
+    best, count = votes.most_common(1)[0]
+    if sum(v == count for v in votes.values()) > 1:
+        return "radiology"  # a tie: the questions disagree
+    return "cxr" if best == "xray" and organ == "chest" else best
+
+
+def convert_vqa_rad(root: Path, out: Path, *, val_fraction: float = 0.0, image_size: int | None = None,
+                    square: bool = False, min_size: int = 32, seed: int = 0) -> ConversionSummary:
+    """Convert VQA-RAD: every QA pair of trainset.json (and testset.json) becomes a record."""
+    start = time.perf_counter()
+    root, out = Path(root), Path(out)
+    summary = ConversionSummary("vqa-rad", str(out))
+    sets = [(name, split) for name, split in (("trainset.json", "train"), ("testset.json", "test"))
+            if (root / name).is_file()]
+    if not sets:
+        raise ConversionError(f"{root}: trainset.json not found (is this the VQA-RAD folder?)")
+    image_dir = next((d for d in (root / "images", root / "VQA_RAD Image Folder") if d.is_dir()), root / "images")
+    items_by_set = {name: json.loads((root / name).read_text(encoding="utf-8")) for name, _ in sets}
+
+    by_image: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for items in items_by_set.values():
+        for item in items:
+            by_image[item["image_name"]].append(item)
+    modality = {name: infer_modality(items, ORGANS.get(str(items[0].get("image_organ", "")).strip(), ""))
+                for name, items in by_image.items()}
+    summary.notes.append("modality from the questions: " + ", ".join(
+        f"{k}={v}" for k, v in sorted(Counter(modality.values()).items())) + " (images)")
+
+    writer = ImageWriter(out, summary, image_size, square, min_size)
+    dedup = Deduplicator(summary)
+    records = []
+    for name, split in sets:
+        items = items_by_set[name]
+        image_split = {}
+        if split == "train" and val_fraction > 0:
+            image_split = assign_splits((i["image_name"] for i in items), val_fraction, 0.0, seed)
+        for item in items:
+            question, answer = str(item.get("question", "")).strip(), str(item.get("answer", "")).strip()
+            if not question or not answer:
+                summary.filtered["empty_qa"] += 1
+                continue
+            record_id = f"vqa-rad-{split}-{item['qid']}"
+            if not dedup.first(record_id):
+                continue
+            image_name = item["image_name"]
+            image = writer.write(image_dir / image_name, Path(image_name).stem)
+            if image is None:
+                continue
+            organ_code = str(item.get("image_organ", "")).strip()
+            records.append(Record(
+                id=record_id, image=image, text=f"Question: {question} Answer: {answer}",
+                split=image_split.get(image_name, split), modality=modality[image_name], task="vqa",
+                question=question, answer=answer, source="vqa-rad",
+                organ=ORGANS.get(organ_code, organ_code.lower() or None),
+                answer_type=str(item.get("answer_type", "")).strip().upper() or None,
+                question_type=str(item.get("question_type", "")).strip() or None,
+                phrase_type=item.get("phrase_type"), qid=item["qid"],
+            ))
+    summary.seconds = time.perf_counter() - start
+    return finish(records, out, summary)

@@ -1,0 +1,394 @@
+"""Torch datasets, the batch collator and samplers for training.
+
+`ManifestDataset` turns manifest records into item dicts (image tensor, text, labels); `Collator`
+tokenizes a list of items into the batch the model consumes:
+
+    {"ids": list[str], "pixel_values": FloatTensor[B, C, S, S],
+     "input_ids": LongTensor[B, T]       [CLS] ... [SEP], right-padded with [PAD],
+     "attention_mask": LongTensor[B, T], "prefix_lengths": LongTensor[B] (0 unless vqa),
+     "labels": FloatTensor[B, len(FINDINGS)] (1, 0, or -1 for unknown/uncertain),
+     "tasks": list[str], "modalities": list[str]}
+
+For `vqa` items the text is "[CLS] question [SEP] answer [SEP]" and `prefix_lengths` counts the
+"[CLS] question [SEP]" tokens, so a generation loss can be restricted to the answer.
+
+`MixtureSampler` draws indices so that tasks/sources follow curriculum weights;
+`ResumableRandomSampler` is a DistributedSampler-like shuffler whose position can be saved and
+restored so that an interrupted run continues at exactly the next sample.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from medunifier.data.findings import FINDINGS
+from medunifier.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image, to_tensor
+from medunifier.data.manifest import Record, load_records
+from medunifier.data.tokenizer import special_ids
+
+Item = dict[str, Any]
+
+
+def labels_vector(labels: Mapping[str, int]) -> torch.Tensor:
+    """Record labels -> FloatTensor[len(FINDINGS)]: 1 present, 0 absent, -1 unknown or uncertain."""
+    vec = torch.full((len(FINDINGS),), -1.0)
+    for i, name in enumerate(FINDINGS):
+        value = labels.get(name)
+        if value in (0, 1):
+            vec[i] = float(value)
+    return vec
+
+
+def make_item(record: Record, pixel_values: torch.Tensor) -> Item:
+    """The item dict shared by the map-style and the streaming datasets."""
+    return {
+        "id": record.id,
+        "pixel_values": pixel_values,  # (C, S, S)
+        "text": record.text,
+        "task": record.task,
+        "question": record.question or "",
+        "answer": record.answer or "",
+        "labels": labels_vector(record.labels),
+        "modality": record.modality,
+        "source": record.source,
+    }
+
+
+def warn_skipped(path: str | Path, reason: str) -> None:
+    print(f"warning: skipped {path}: {reason}", file=sys.stderr, flush=True)
+
+
+def filter_records(records: Sequence[Record], splits: Sequence[str] | None = None,
+                   tasks: Sequence[str] | None = None) -> list[Record]:
+    split_set = None if splits is None else set(splits)
+    task_set = None if tasks is None else set(tasks)
+    return [r for r in records
+            if (split_set is None or r.split in split_set) and (task_set is None or r.task in task_set)]
+
+
+class ManifestDataset(Dataset):
+    """Map-style dataset over a manifest (or a list of records whose paths are relative to `root`).
+
+    Records without an image are left out (reported once). An image that cannot be read makes
+    `__getitem__` return None after one warning; `Collator` drops such items and `skipped`
+    counts them (per process: each DataLoader worker keeps its own count).
+    """
+
+    def __init__(self, manifest: str | Path | Sequence[Record], root: str | Path | None = None,
+                 image_size: int = 64, channels: int = 3, mean: float = 0.5, std: float = 0.5,
+                 splits: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        if isinstance(manifest, (str, Path)):
+            records = load_records(manifest)
+            root = Path(manifest).parent if root is None else root
+        else:
+            records = list(manifest)
+        self.root = Path(root) if root is not None else Path(".")
+        records = filter_records(records, splits, tasks)
+        self.records = [r for r in records if r.image is not None]
+        if len(self.records) < len(records):
+            print(f"warning: left out {len(records) - len(self.records)} records without an image",
+                  file=sys.stderr, flush=True)
+        self.image_size, self.channels, self.mean, self.std = image_size, channels, mean, std
+        self.max_pixels = max_pixels
+        self._skipped: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def skipped(self) -> int:
+        """Distinct records whose image could not be read (in this process)."""
+        return len(self._skipped)
+
+    @property
+    def skipped_ids(self) -> list[str]:
+        return sorted(self._skipped)
+
+    def __getitem__(self, index: int) -> Item | None:
+        record = self.records[index]
+        path = record.image_path(self.root)
+        try:
+            array = load_image(path, self.max_pixels)
+        except ImageLoadError as err:
+            if record.id not in self._skipped:
+                self._skipped.add(record.id)
+                warn_skipped(path, err.reason)
+            return None
+        pixel_values = to_tensor(array, self.image_size, self.channels, self.mean, self.std)
+        return make_item(record, pixel_values)
+
+
+class Collator:
+    """Items -> the training batch (see the module docstring). Returns None if every item was dropped."""
+
+    def __init__(self, tokenizer: Any, max_length: int = 95, pad_to_max_length: bool = False):
+        if max_length < 4:
+            raise ValueError(f"max_length must be at least 4, got {max_length}")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.pad_to_max_length = pad_to_max_length
+        ids = special_ids(tokenizer)
+        self.pad_id, self.cls_id, self.sep_id = ids["pad"], ids["cls"], ids["sep"]
+        self.dropped = 0
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def encode_text(self, content: list[int]) -> list[int]:
+        """[CLS] content [SEP], content cut to fit max_length (the closing [SEP] is always kept)."""
+        return [self.cls_id, *content[: self.max_length - 2], self.sep_id]
+
+    def encode_qa(self, question: list[int], answer: list[int]) -> tuple[list[int], int]:
+        """[CLS] question [SEP] answer [SEP] and the prefix length (question side).
+
+        When too long, the question is cut first (down to half the budget), then the answer;
+        at least one answer token always survives when the answer is not empty.
+        """
+        budget = self.max_length - 3
+        if len(question) + len(answer) > budget:
+            keep_q = min(len(question), max(budget - len(answer), budget // 2))
+            if answer:
+                keep_q = min(keep_q, budget - 1)
+            question, answer = question[:keep_q], answer[: budget - keep_q]
+        prefix = [self.cls_id, *question, self.sep_id]
+        return [*prefix, *answer, self.sep_id], len(prefix)
+
+    def __call__(self, items: Sequence[Item | None]) -> dict[str, Any] | None:
+        kept = [it for it in items if it is not None and it.get("pixel_values") is not None]
+        if len(kept) < len(items):
+            self.dropped += len(items) - len(kept)
+            named = [it["id"] for it in items if it is not None and it.get("pixel_values") is None]
+            print(f"warning: dropped {len(items) - len(kept)} unreadable samples from a batch"
+                  + (f" ({', '.join(named)})" if named else ""), file=sys.stderr, flush=True)
+        if not kept:
+            return None
+        is_qa = [it["task"] == "vqa" and bool(it.get("question")) for it in kept]
+        plain = self._tokenize([it["text"] for it, qa in zip(kept, is_qa) if not qa])
+        questions = self._tokenize([it["question"] for it, qa in zip(kept, is_qa) if qa])
+        answers = self._tokenize([it["answer"] for it, qa in zip(kept, is_qa) if qa])
+        sequences, prefix_lengths = [], []
+        plain_iter, qa_iter = iter(plain), iter(zip(questions, answers))
+        for qa in is_qa:
+            if qa:
+                seq, prefix = self.encode_qa(*next(qa_iter))
+            else:
+                seq, prefix = self.encode_text(next(plain_iter)), 0
+            sequences.append(seq)
+            prefix_lengths.append(prefix)
+
+        width = self.max_length if self.pad_to_max_length else max(len(s) for s in sequences)
+        input_ids = torch.full((len(kept), width), self.pad_id, dtype=torch.long)  # (B, T)
+        attention_mask = torch.zeros((len(kept), width), dtype=torch.long)  # (B, T)
+        for row, seq in enumerate(sequences):
+            input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[row, : len(seq)] = 1
+        return {
+            "ids": [it["id"] for it in kept],
+            "pixel_values": torch.stack([it["pixel_values"] for it in kept]),  # (B, C, S, S)
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "prefix_lengths": torch.tensor(prefix_lengths, dtype=torch.long),  # (B,)
+            "labels": torch.stack([it["labels"] for it in kept]),  # (B, len(FINDINGS))
+            "tasks": [it["task"] for it in kept],
+            "modalities": [it["modality"] for it in kept],
+        }
+
+
+# ------------------------------------------------------------------------------------------ samplers
+
+
+class _PositionedSampler(Sampler[int]):
+    """Epoch + position bookkeeping shared by the resumable samplers.
+
+    `position` counts the indices this rank has handed out in the current epoch. A DataLoader
+    with workers reads ahead of training, so when saving a checkpoint pass the number of samples
+    training really consumed since the current iteration began: `state_dict(samples_consumed=k)`.
+    """
+
+    def __init__(self, seed: int, num_replicas: int, rank: int):
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"need 0 <= rank < num_replicas, got rank={rank}, num_replicas={num_replicas}")
+        self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
+        self.epoch, self.position = 0, 0
+        self._iter_epoch, self._iter_start = 0, 0
+
+    def _epoch_length(self) -> int | None:  # indices per rank per epoch; None = endless
+        raise NotImplementedError
+
+    def _rank_indices(self, epoch: int) -> Iterator[int]:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        """Go to `epoch` (DistributedSampler's API). Setting the current epoch keeps the position, so a
+        loop that calls set_epoch(e) after `load_state_dict` still resumes mid-epoch."""
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, start = self.epoch, self.position
+        self._iter_epoch, self._iter_start = epoch, start
+        for offset, index in enumerate(itertools.islice(self._rank_indices(epoch), start, self._epoch_length())):
+            self.position = start + offset + 1
+            yield index
+        self.epoch, self.position = epoch + 1, 0
+
+    def state_dict(self, samples_consumed: int | None = None) -> dict[str, int]:
+        """{'epoch', 'position', ...}; `samples_consumed` (this rank, since iter() began) overrides read-ahead."""
+        epoch, position = self.epoch, self.position
+        if samples_consumed is not None:
+            epoch, position = self._iter_epoch, self._iter_start + samples_consumed
+            length = self._epoch_length()
+            if length is not None and position >= length:
+                epoch, position = epoch + 1, 0
+        return {"epoch": epoch, "position": position, "seed": self.seed, "num_replicas": self.num_replicas,
+                "rank": self.rank}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        if int(state.get("seed", self.seed)) != self.seed:
+            raise ValueError(f"sampler seed {self.seed} differs from the saved seed {state['seed']}")
+        position = int(state["position"])
+        saved_replicas = int(state.get("num_replicas", self.num_replicas))
+        if saved_replicas != self.num_replicas:
+            # every rank had handed out `position` indices: the first position * replicas of the
+            # epoch's global order; resume from there (up to num_replicas - 1 samples repeat)
+            position = position * saved_replicas // self.num_replicas
+        self.epoch, self.position = int(state["epoch"]), position
+
+
+class ResumableRandomSampler(_PositionedSampler):
+    """A shuffled order per (seed, epoch), split across ranks like DistributedSampler, resumable.
+
+    Rank r takes every num_replicas-th index of the epoch's permutation starting at r. Without
+    `drop_last` the permutation is padded by repeating its start so that all ranks get equally many.
+    """
+
+    def __init__(self, n: int, seed: int = 0, num_replicas: int = 1, rank: int = 0,
+                 shuffle: bool = True, drop_last: bool = False):
+        super().__init__(seed, num_replicas, rank)
+        if n < 1:
+            raise ValueError("ResumableRandomSampler needs at least one sample")
+        self.n, self.shuffle, self.drop_last = n, shuffle, drop_last
+        if drop_last:
+            self.num_samples = n // num_replicas
+        else:
+            self.num_samples = math.ceil(n / num_replicas)
+        if self.num_samples == 0:
+            raise ValueError(f"{n} samples cannot be split over {num_replicas} replicas with drop_last")
+        self.total_size = self.num_samples * num_replicas
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _epoch_length(self) -> int:
+        return self.num_samples
+
+    def global_order(self, epoch: int) -> torch.Tensor:
+        """The epoch's permutation of 0..n-1, padded or cut to total_size (LongTensor[total_size])."""
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + epoch)
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        if self.total_size > self.n:
+            order = order.repeat(math.ceil(self.total_size / self.n))
+        return order[: self.total_size]
+
+    def _rank_indices(self, epoch: int) -> Iterator[int]:
+        return iter(self.global_order(epoch)[self.rank :: self.num_replicas].tolist())
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        if "n" in state and int(state["n"]) != self.n:
+            raise ValueError(f"sampler was saved for {state['n']} samples, this dataset has {self.n}")
+        super().load_state_dict(state)
+
+    def state_dict(self, samples_consumed: int | None = None) -> dict[str, int]:
+        return {**super().state_dict(samples_consumed), "n": self.n}
+
+
+def mixture_groups(records: Sequence[Record], mixture: Mapping[str, float]) -> dict[str, list[int]]:
+    """Record indices matching each mixture key (a key matches a record's task or its source)."""
+    groups: dict[str, list[int]] = {key: [] for key in mixture}
+    for i, r in enumerate(records):
+        for key in mixture:
+            if r.task == key or r.source == key:
+                groups[key].append(i)
+    return groups
+
+
+class MixtureSampler(_PositionedSampler):
+    """Indices whose task/source proportions follow `mixture` weights (a curriculum stage's data mix).
+
+    Each draw picks a key with probability weight / sum(weights), then the next record of that
+    key's group in a per-group shuffled cycle (every record of a group is seen before any repeats).
+    `num_samples=None` is endless. The global stream depends only on (seed, epoch); rank r takes
+    every num_replicas-th draw. A record matching several keys can be drawn through each.
+    """
+
+    def __init__(self, records: Sequence[Record], mixture: Mapping[str, float], seed: int = 0,
+                 num_samples: int | None = None, num_replicas: int = 1, rank: int = 0, chunk: int = 4096):
+        super().__init__(seed, num_replicas, rank)
+        if not mixture:
+            raise ValueError("mixture is empty")
+        negative = {k: w for k, w in mixture.items() if w < 0}
+        if negative:
+            raise ValueError(f"mixture weights must be >= 0, got {negative}")
+        mixture = {k: float(w) for k, w in mixture.items() if w > 0}
+        if not mixture:
+            raise ValueError("every mixture weight is 0")
+        groups = mixture_groups(records, mixture)
+        empty = [k for k, idx in groups.items() if not idx]
+        if empty:
+            tasks = sorted({r.task for r in records})
+            sources = sorted({r.source for r in records})
+            raise ValueError(f"mixture keys {empty} match no record (tasks: {tasks}, sources: {sources})")
+        self.keys = list(groups)
+        self.groups = [torch.tensor(groups[k], dtype=torch.long) for k in self.keys]
+        self.weights = torch.tensor([mixture[k] for k in self.keys], dtype=torch.double)
+        self.weights /= self.weights.sum()
+        self.num_samples, self.chunk = num_samples, chunk
+
+    def __len__(self) -> int:
+        if self.num_samples is None:
+            raise TypeError("an endless MixtureSampler has no length")
+        return self.num_samples
+
+    def _epoch_length(self) -> int | None:
+        return self.num_samples
+
+    def global_stream(self, epoch: int) -> Iterator[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + epoch)
+        cycles: list[list[int]] = [[] for _ in self.groups]
+        pointers = [0] * len(self.groups)
+        while True:
+            choices = torch.multinomial(self.weights, self.chunk, replacement=True, generator=g).tolist()
+            for c in choices:
+                if pointers[c] >= len(cycles[c]):
+                    group = self.groups[c]
+                    cycles[c] = group[torch.randperm(len(group), generator=g)].tolist()
+                    pointers[c] = 0
+                yield cycles[c][pointers[c]]
+                pointers[c] += 1
+
+    def _rank_indices(self, epoch: int) -> Iterator[int]:
+        return itertools.islice(self.global_stream(epoch), self.rank, None, self.num_replicas)
+
+
+def make_mixture_sampler(records: Sequence[Record] | ManifestDataset, mixture: Mapping[str, float], seed: int = 0,
+                         num_samples: int | None = None, num_replicas: int = 1, rank: int = 0) -> MixtureSampler:
+    """A MixtureSampler over a dataset's records (indices match the dataset's)."""
+    if isinstance(records, ManifestDataset):
+        records = records.records
+    return MixtureSampler(records, mixture, seed=seed, num_samples=num_samples, num_replicas=num_replicas, rank=rank)

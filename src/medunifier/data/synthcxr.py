@@ -1,0 +1,716 @@
+"""SynthCXR: a seeded, fast procedural generator of chest-radiograph-like images with reports.
+
+Each image is a frontal (PA) chest film drawn in an attenuation-like space with vectorised numpy
+(coordinate grids, soft ellipses, smooth noise upsampled from a coarse grid, distance fields for
+lines), then tone-mapped: dark aerated lungs, bright mediastinum, heart, spine, ribs, clavicles
+and abdomen under the diaphragm domes. Patients vary in body habitus (thorax width, soft-tissue
+thickness, breast shadows), lung shape and diaphragm height, heart size, rotation, position,
+exposure, contrast and noise.
+
+Findings (names from `data/findings.py`) carry laterality (patient side: "right" is the image's
+left), zone (upper/middle/lower) and severity (mild/moderate/severe):
+
+- atelectasis: plate-like linear opacities; moderate/severe add volume loss (raised hemidiaphragm,
+  mediastinal shift) and severe is a lobar collapse wedge.
+- cardiomegaly: cardiothoracic ratio (CTR) above `cardiomegaly_ctr` (normal hearts use `normal_ctr`).
+- consolidation: dense patchy opacity from a noise-modulated blob, air bronchograms when moderate/severe.
+- edema: bilateral perihilar haze, thickened markings, Kerley B lines at the bases.
+- pleural_effusion: fluid filling the costophrenic angle with a lateral meniscus, obscuring the dome.
+- pneumothorax: a lucent rim without lung markings bounded by a thin visceral pleural line.
+- nodule: a small round soft-edged opacity (diameter in mm in the report).
+- support_devices: ET tube, central line, PICC, pacemaker box with leads, enteric tube.
+- no_finding: 1 iff no other finding is present (support devices included).
+
+Difficulty knobs live in `SynthConfig`: `prevalence` (per finding; no finding comes out at about
+35%), `chf_boost` (edema raises the chance of cardiomegaly and effusion), `severity_weights`,
+`subtle_fraction` and `subtle_contrast` (a fraction of positives drawn mild at reduced contrast, so
+some lesions are really hard), `finding_contrast` (global opacity scale), `noise_std`, anatomy
+ranges (`habitus`, `max_rotation_deg`, `normal_ctr`, `cardiomegaly_ctr`) and `mention_absent`
+(how often a report states an absent finding).
+
+Determinism: image i of stream s draws from `SeedSequence(seed, spawn_key=(s, i))`, so the output
+does not depend on the number of workers, and PNGs are written with fixed settings: the same seed
+gives byte-identical files. Stream 0 is the main set; stream 1 is the 5x200 evaluation set
+(200 images for each CheXpert competition finding, that finding alone).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medunifier.data.findings import COMPETITION_FINDINGS, FINDINGS
+from medunifier.data.images import save_png
+from medunifier.data.manifest import write_manifest
+from medunifier.data.reports import SEVERITIES, FindingSpec, report_text, write_report
+
+GENERATOR_VERSION = 1
+MAIN_STREAM, EVAL_STREAM = 0, 1
+SIDE_SIGN = {"right": -1.0, "left": 1.0}  # patient right is the image's left (x < 0)
+
+DEFAULT_PREVALENCE = {
+    "atelectasis": 0.14,
+    "cardiomegaly": 0.13,
+    "consolidation": 0.10,
+    "edema": 0.09,
+    "pleural_effusion": 0.13,
+    "pneumothorax": 0.06,
+    "nodule": 0.08,
+    "support_devices": 0.14,
+}
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Knobs of the generator; the defaults give a dataset that is learnable but not trivial."""
+
+    prevalence: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_PREVALENCE))
+    chf_boost: float = 0.25  # added to P(cardiomegaly) and P(effusion) when edema is present
+    severity_weights: tuple[float, float, float] = (0.4, 0.4, 0.2)  # mild, moderate, severe
+    subtle_fraction: float = 0.2  # positives drawn as mild and low-contrast
+    subtle_contrast: float = 0.55  # opacity scale of subtle findings
+    finding_contrast: float = 1.0  # global opacity scale of every finding
+    noise_std: tuple[float, float] = (0.012, 0.035)  # per-pixel quantum noise range
+    habitus: tuple[float, float] = (0.72, 0.9)  # half-width of the rib cage (image half-width = 1)
+    max_rotation_deg: float = 5.0
+    normal_ctr: tuple[float, float] = (0.38, 0.5)
+    cardiomegaly_ctr: dict[str, tuple[float, float]] = field(default_factory=lambda: {
+        "mild": (0.53, 0.58), "moderate": (0.58, 0.64), "severe": (0.64, 0.72)})
+    subtle_ctr: tuple[float, float] = (0.52, 0.55)
+    mention_absent: float = 0.6  # probability that a report states a given absent finding
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train, val, test
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------ sampling a case
+
+
+@dataclass
+class Case:
+    """What one image shows: the patient's anatomy and the positive findings."""
+
+    patient: dict[str, Any]
+    findings: list[FindingSpec]
+
+    def labels(self) -> dict[str, int]:
+        present = {f.name for f in self.findings}
+        labels = {name: int(name in present) for name in FINDINGS}
+        labels["no_finding"] = int(not present)
+        return labels
+
+
+def _r(x: float) -> float:
+    return round(float(x), 4)
+
+
+def _choice(rng: np.random.Generator, options: Sequence[str], weights: Sequence[float]) -> str:
+    p = np.asarray(weights, dtype=np.float64)
+    return options[int(rng.choice(len(options), p=p / p.sum()))]
+
+
+def _sample_patient(rng: np.random.Generator, cfg: SynthConfig) -> dict[str, Any]:
+    dome_right = rng.uniform(0.18, 0.32)
+    return {
+        "sex": "F" if rng.random() < 0.5 else "M",
+        "age": int(rng.integers(18, 91)),
+        "thorax_half_width": _r(rng.uniform(*cfg.habitus)),
+        "soft_tissue": _r(rng.uniform(0.7, 1.4)),
+        "apex_y": _r(rng.uniform(-0.9, -0.78)),
+        "dome_right_y": _r(dome_right),
+        "dome_left_y": _r(dome_right + rng.uniform(0.0, 0.08)),
+        "dome_curve": _r(rng.uniform(0.22, 0.32)),
+        "ctr": _r(rng.uniform(*cfg.normal_ctr)),
+        "heart_height": _r(rng.uniform(0.2, 0.26)),
+        "heart_tilt": _r(rng.uniform(0.25, 0.5)),
+        "mediastinum_half_width": _r(rng.uniform(0.11, 0.15)),
+        "mediastinal_shift": 0.0,
+        "rotation_deg": _r(rng.uniform(-cfg.max_rotation_deg, cfg.max_rotation_deg)),
+        "shift": [_r(rng.uniform(-0.05, 0.05)), _r(rng.uniform(-0.04, 0.06))],
+        "zoom": _r(rng.uniform(0.92, 1.06)),
+        "rib_spacing": _r(rng.uniform(0.135, 0.17)),
+        "exposure": _r(rng.uniform(0.85, 1.2)),
+        "brightness": _r(rng.uniform(-0.06, 0.06)),
+        "gamma": _r(rng.uniform(0.8, 1.25)),
+        "noise": _r(rng.uniform(*cfg.noise_std)),
+        "breast_shadows": False,
+    }
+
+
+def _sample_finding(name: str, rng: np.random.Generator, cfg: SynthConfig, patient: dict[str, Any]) -> FindingSpec:
+    subtle = bool(rng.random() < cfg.subtle_fraction)
+    severity = "mild" if subtle else _choice(rng, SEVERITIES, cfg.severity_weights)
+    contrast = cfg.finding_contrast * (cfg.subtle_contrast if subtle else 1.0) * rng.uniform(0.85, 1.15)
+    spec = FindingSpec(name=name, severity=severity, subtle=subtle, params={"contrast": _r(contrast)})
+    if name == "pleural_effusion":
+        spec.laterality = _choice(rng, ("right", "left", "bilateral"), (0.4, 0.3, 0.3))
+        spec.zone = "lower"
+    elif name == "pneumothorax":
+        spec.laterality = _choice(rng, ("right", "left"), (0.5, 0.5))
+        spec.zone = "upper" if severity == "mild" or rng.random() < 0.5 else None
+    elif name == "atelectasis":
+        spec.laterality = _choice(rng, ("right", "left", "bilateral"), (0.35, 0.35, 0.3))
+        spec.zone = "lower" if spec.laterality == "bilateral" else _choice(
+            rng, ("upper", "middle", "lower"), (0.1, 0.2, 0.7))
+    elif name == "consolidation":
+        spec.laterality = _choice(rng, ("right", "left", "bilateral"), (0.5, 0.4, 0.1))
+        spec.zone = _choice(rng, ("upper", "middle", "lower"), (0.25, 0.25, 0.5))
+        spec.params["air_bronchograms"] = bool(severity != "mild" and rng.random() < 0.5)
+    elif name == "nodule":
+        spec.laterality = _choice(rng, ("right", "left"), (0.5, 0.5))
+        spec.zone = _choice(rng, ("upper", "middle", "lower"), (0.35, 0.35, 0.3))
+        low, high = {"mild": (6, 10), "moderate": (11, 18), "severe": (19, 28)}[severity]
+        spec.params["diameter_mm"] = int(rng.integers(low, high + 1))
+    elif name == "edema":
+        spec.laterality = "bilateral"
+    elif name == "cardiomegaly":
+        low, high = cfg.subtle_ctr if subtle else cfg.cardiomegaly_ctr[severity]
+        spec.params["ctr"] = _r(rng.uniform(low, high))
+    elif name == "support_devices":
+        kinds = [k for k, p in (("ett", 0.4), ("central_line", 0.35), ("picc", 0.2), ("pacemaker", 0.25),
+                                ("enteric_tube", 0.3)) if rng.random() < p]
+        if not kinds:
+            kinds = [_choice(rng, ("ett", "central_line", "pacemaker", "picc"), (0.3, 0.3, 0.2, 0.2))]
+        spec.params["devices"] = kinds
+        spec.params["device_sides"] = {
+            "central_line": "right" if rng.random() < 0.7 else "left",
+            "picc": "right" if rng.random() < 0.5 else "left",
+            "pacemaker": "left" if rng.random() < 0.8 else "right",
+        }
+        spec.params["central_line_route"] = "jugular" if rng.random() < 0.6 else "subclavian"
+        spec.severity = "moderate"  # severity has no meaning for devices
+        spec.subtle = False
+    return spec
+
+
+def sample_case(rng: np.random.Generator, config: SynthConfig | None = None, only: str | None = None) -> Case:
+    """A random patient and findings; `only` forces exactly that one finding (the 5x200 set)."""
+    cfg = config or SynthConfig()
+    patient = _sample_patient(rng, cfg)
+    patient["breast_shadows"] = bool(patient["sex"] == "F" and rng.random() < 0.8)
+    draws = rng.random(len(FINDINGS))  # one draw per finding, used or not: a stable stream
+    if only is not None:
+        if only not in FINDINGS or only == "no_finding":
+            raise ValueError(f"unknown finding {only!r}")
+        present = [only]
+    else:
+        prevalence = dict(DEFAULT_PREVALENCE) | dict(cfg.prevalence)
+        edema = draws[FINDINGS.index("edema")] < prevalence["edema"]
+        present = []
+        for i, name in enumerate(FINDINGS):
+            if name == "no_finding":
+                continue
+            p = prevalence.get(name, 0.0)
+            if edema and name in ("cardiomegaly", "pleural_effusion"):
+                p = min(1.0, p + cfg.chf_boost)
+            if draws[i] < p:
+                present.append(name)
+    findings = [_sample_finding(name, rng, cfg, patient) for name in present]
+    for f in findings:  # findings that change the anatomy
+        if f.name == "cardiomegaly":
+            patient["ctr"] = f.params["ctr"]
+        if f.name == "atelectasis" and f.severity != "mild" and f.laterality != "bilateral":
+            lift = rng.uniform(0.04, 0.07) if f.severity == "moderate" else rng.uniform(0.08, 0.13)
+            key = f"dome_{f.laterality}_y"
+            patient[key] = _r(patient[key] - lift)
+            if f.severity == "severe":
+                patient["mediastinal_shift"] = _r(SIDE_SIGN[f.laterality] * rng.uniform(0.02, 0.045))
+    return Case(patient=patient, findings=findings)
+
+
+# ------------------------------------------------------------------------------ drawing primitives
+
+
+@lru_cache(maxsize=16)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    c = ((np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0).astype(np.float32)
+    x, y = np.meshgrid(c, c)
+    return x, y  # (S, S) each; x to the image right, y down
+
+
+@lru_cache(maxsize=64)
+def _upsample_matrix(size: int, k: int) -> np.ndarray:
+    """(size, k) smooth interpolation weights from a k-point grid spanning the image."""
+    pos = (np.arange(size, dtype=np.float64) + 0.5) / size * (k - 1)
+    i0 = np.clip(np.floor(pos).astype(int), 0, k - 2)
+    t = pos - i0
+    t = t * t * (3.0 - 2.0 * t)  # smoothstep: no visible grid seams
+    m = np.zeros((size, k), dtype=np.float32)
+    m[np.arange(size), i0] = 1.0 - t
+    m[np.arange(size), i0 + 1] = t
+    return m
+
+
+def smooth_noise(rng: np.random.Generator, size: int, k: int) -> np.ndarray:
+    """Zero-mean unit-ish smooth noise: a k x k normal grid upsampled to (size, size)."""
+    k = max(2, min(k, size))
+    m = _upsample_matrix(size, k)
+    return m @ rng.standard_normal((k, k)).astype(np.float32) @ m.T
+
+
+def _ramp(d: np.ndarray, width: float) -> np.ndarray:
+    """Soft step: 0 for d << 0, 1 for d >> 0, linear over `width`."""
+    return np.clip(0.5 + d / width, 0.0, 1.0)
+
+
+def _ellipse(x: np.ndarray, y: np.ndarray, cx: float, cy: float, rx: float, ry: float, width: float,
+             angle: float = 0.0) -> np.ndarray:
+    dx, dy = x - cx, y - cy
+    if angle:
+        c, s = math.cos(angle), math.sin(angle)
+        dx, dy = c * dx + s * dy, -s * dx + c * dy
+    r = np.sqrt((dx / rx) ** 2 + (dy / ry) ** 2)
+    return _ramp((1.0 - r) * min(rx, ry), width)
+
+
+def _polyline(x: np.ndarray, y: np.ndarray, points: Sequence[tuple[float, float]], half_width: float) -> np.ndarray:
+    """Soft line along a polyline: exp(-(distance / half_width)^2)."""
+    d2 = None
+    for (ax, ay), (bx, by) in zip(points[:-1], points[1:]):
+        vx, vy = bx - ax, by - ay
+        t = np.clip(((x - ax) * vx + (y - ay) * vy) / max(vx * vx + vy * vy, 1e-9), 0.0, 1.0)
+        seg = (x - ax - t * vx) ** 2 + (y - ay - t * vy) ** 2
+        d2 = seg if d2 is None else np.minimum(d2, seg)
+    return np.exp(-d2 / (half_width * half_width))
+
+
+# ------------------------------------------------------------------------------ rendering
+
+
+class _Anatomy:
+    """Coordinates and masks of one patient, shared by the finding painters."""
+
+    def __init__(self, p: dict[str, Any], size: int):
+        theta = math.radians(p["rotation_deg"])
+        gx, gy = _grid(size)
+        c, s, z = math.cos(theta), math.sin(theta), p["zoom"]
+        self.size = size
+        self.x = ((c * gx + s * gy) / z - p["shift"][0]).astype(np.float32)
+        self.y = ((-s * gx + c * gy) / z - p["shift"][1]).astype(np.float32)
+        self.px = 2.0 / size  # one pixel in normalised units
+        self.edge = max(1.5 * self.px, 0.025)  # soft anatomical borders
+        self.w = p["thorax_half_width"]
+        self.top = p["apex_y"]
+        self.dome = {"right": p["dome_right_y"], "left": p["dome_left_y"]}
+        self.curve = p["dome_curve"]
+        self.mshift = p["mediastinal_shift"]
+        self.med0 = p["mediastinum_half_width"]
+        # lung outline: half-width grows from the apex down to the bases
+        cy = max(self.dome.values()) + 0.15
+        height = cy - self.top
+        self.half_width = self.w * np.sqrt(np.clip(1.0 - ((self.y - cy) / height) ** 2, 0.0, 1.0))
+        self.medial = self.med0 + 0.03 * (self.y + 1.0)  # mediastinal half-width at each row
+        ax = np.abs(self.x - self.mshift)
+        self.ax = ax
+        self.central = np.zeros_like(self.x)  # heart + mediastinum, set by _draw_anatomy
+        self.lung_nodome = {}
+        self.lung = {}
+        for side, sgn in SIDE_SIGN.items():
+            region = (_ramp(self.half_width - np.abs(self.x), self.edge)
+                      * _ramp(sgn * (self.x - self.mshift) - self.medial, self.edge)
+                      * _ramp(self.y - self.top, self.edge))
+            self.lung_nodome[side] = region
+            self.lung[side] = region * _ramp(self.dome_y(side) - self.y, self.edge)
+
+    def dome_y(self, side: str) -> np.ndarray:
+        sgn = SIDE_SIGN[side]
+        return self.dome[side] + self.curve * ((self.x - sgn * 0.4 * self.w) / (0.6 * self.w)) ** 2
+
+    def zone_point(self, rng: np.random.Generator, side: str, zone: str | None, lateral: tuple[float, float]
+                   ) -> tuple[float, float]:
+        """A point inside the lung of `side` in `zone` (thirds of the apex-to-dome height)."""
+        bottom = self.dome[side] + 0.5 * self.curve
+        length = bottom - self.top
+        third = {"upper": 0, "middle": 1, "lower": 2}[zone or "lower"]
+        y = self.top + length * (third + rng.uniform(0.2, 0.8)) / 3.0
+        cy = max(self.dome.values()) + 0.15
+        half = self.w * math.sqrt(max(0.0, 1.0 - ((y - cy) / (cy - self.top)) ** 2))
+        med = self.med0 + 0.03 * (y + 1.0)
+        frac = rng.uniform(*lateral)
+        return SIDE_SIGN[side] * (med + frac * max(half - med, 0.05)) + self.mshift, y
+
+
+def _vessels(a: _Anatomy, rng: np.random.Generator) -> np.ndarray:
+    """Lung markings: branching streaks radiating from each hilum, tapering and fading outwards.
+
+    The streaks are the zero crossings of a few random angular waves around the hilum (cheap
+    cosines instead of a noise lookup), bent by a radial term so that they branch and curve.
+    """
+    out = np.zeros_like(a.x)
+    for side, sgn in SIDE_SIGN.items():
+        dx = sgn * (a.x - a.mshift) - (a.med0 + 0.05)
+        dy = a.y + 0.08
+        r = np.sqrt(dx * dx + dy * dy)
+        theta = np.arctan2(dy, dx)
+        streaks = np.zeros_like(r)
+        for scale, weight in ((1.0, 1.0), (2.0, 0.6)):
+            wave = np.zeros_like(r)
+            for _ in range(3):
+                freq = int(rng.integers(6, 16)) * scale
+                bend = rng.uniform(-5.0, 5.0) * scale
+                wave += np.cos(freq * theta + bend * r + rng.uniform(0, 2 * math.pi))
+            streaks += weight * np.clip(1.0 - np.abs(wave) * (1.5 + 4.0 * r), 0.0, 1.0) ** 2
+        out += streaks * np.exp(-r / 0.55) * a.lung_nodome[side]
+    return out
+
+
+def _draw_anatomy(a: _Anatomy, p: dict[str, Any], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Attenuation of a normal chest (S, S) and its lung-marking map (S, S)."""
+    x, y, ax, size = a.x, a.y, a.ax, a.size
+    # body and soft tissue; the shoulders widen the silhouette smoothly towards the top
+    shoulders = np.clip(-(y + 0.35) / 0.65, 0.0, 1.0) ** 1.5
+    body_half = a.w + 0.1 * p["soft_tissue"] + 0.35 * shoulders
+    body = _ramp(body_half - np.abs(x), 0.08)
+    profile = np.sqrt(np.clip(1 - (x / (body_half + 0.05)) ** 2, 0, 1))
+    atten = body * (0.4 + 0.05 * p["soft_tissue"] + 0.12 * profile)
+    atten += 0.03 * smooth_noise(rng, size, 5) * body
+
+    # diaphragm and abdomen (liver on the right, gastric air bubble under the left dome)
+    dome = np.where(x < a.mshift, a.dome_y("right"), a.dome_y("left"))
+    abdomen = _ramp(y - dome, a.edge) * body
+    atten += abdomen * (0.15 + 0.05 * np.clip((y - dome) / 0.4, 0, 1))
+    bubble = _ellipse(x, y, a.mshift + 0.42 * a.w, a.dome["left"] + 0.09, 0.1, 0.05, 0.03)
+    atten -= 0.14 * bubble * abdomen
+
+    # heart: an ellipse sitting on the diaphragm; its horizontal extent gives the cardiothoracic ratio
+    half = p["ctr"] * a.w
+    ry, tilt = p["heart_height"] + 0.1, 0.5 * p["heart_tilt"]
+    rx = math.sqrt(max(half * half - (ry * math.sin(tilt)) ** 2, (0.6 * half) ** 2)) / math.cos(tilt)
+    hx = a.mshift + 0.35 * half - 0.04
+    hy = 0.5 * (a.dome["right"] + a.dome["left"]) + 0.02
+    heart = _ellipse(x, y, hx, hy, rx, ry, 0.035, angle=-tilt)
+    # mediastinum (great vessels), aortic knob, hila
+    mediastinum = _ramp(a.medial + 0.02 - ax, 0.04) * _ramp(hy - y, 0.1)
+    knob = _ellipse(x, y, a.mshift + a.med0 + 0.03, -0.4, 0.075, 0.065, 0.03)
+    hila = sum(np.exp(-(((x - a.mshift - s * (a.med0 + 0.07)) / 0.07) ** 2 + ((y + 0.08) / 0.12) ** 2))
+               for s in (-1.0, 1.0))
+    central = np.maximum(np.maximum(heart, mediastinum), knob)
+    a.central = central
+    atten += 0.2 * central * (1.0 - abdomen) + 0.05 * hila
+
+    # lungs: air, less near the periphery and under the shoulder soft tissue at the apices
+    lungs = a.lung["right"] + a.lung["left"]
+    depth = 0.75 + 0.25 * np.clip((a.half_width - np.abs(x)) / 0.25, 0, 1)
+    apex = 0.7 + 0.3 * np.clip((y - a.top) / 0.35, 0, 1)
+    air = lungs * (1.0 - 0.92 * central) * depth * apex
+    atten -= 0.36 * air
+    atten += 0.04 * smooth_noise(rng, size, 8) * lungs  # parenchymal mottle
+    markings = _vessels(a, rng)
+
+    # trachea and main bronchi (air over the mediastinum)
+    carina = -0.28
+    trachea = _ramp(0.035 - np.abs(x - a.mshift * 0.5), 0.02) * _ramp(carina - y, 0.03)
+    bronchi = _polyline(x, y, [(a.mshift - 0.14, carina + 0.13), (a.mshift, carina), (a.mshift + 0.15, carina + 0.15)],
+                        0.025)
+    atten -= 0.1 * np.maximum(trachea, bronchi) * (1.0 - air)
+
+    # bones: spine, posterior and anterior ribs, clavicles
+    spine = _ramp(0.06 - ax, 0.03) * body
+    vertebrae = 0.8 + 0.2 * np.cos(2 * math.pi * (y - a.top) / 0.11)
+    atten += 0.035 * spine * vertebrae
+    phase = (y - a.top - (-0.15 * ax + 0.6 * ax * ax)) / p["rib_spacing"]
+    ribs = np.clip((np.cos(2 * math.pi * phase) - 0.35) * 2.5, 0.0, 1.0)
+    cage = (_ramp(a.half_width + 0.06 - np.abs(x), a.edge) * _ramp(ax - 0.07, a.edge)
+            * _ramp(y - a.top + 0.08, a.edge) * (1.0 - 0.7 * abdomen))
+    phase_a = (y - a.top + 0.5 * ax) / (1.2 * p["rib_spacing"])
+    anterior = np.clip((np.cos(2 * math.pi * phase_a + 1.3) - 0.5) * 2.0, 0.0, 1.0)
+    atten += cage * (0.065 * ribs + 0.025 * anterior * _ramp(ax - 0.25, 0.1))
+    clav_y = -0.74 + 0.05 * (a.top + 0.84) - 0.18 * (ax - 0.08) + 0.12 * (ax - 0.08) ** 2
+    clavicle = _ramp(0.034 - np.abs(y - clav_y), 0.015) * _ramp(ax - 0.07, a.edge) * _ramp(0.75 - ax, a.edge)
+    atten += 0.09 * clavicle
+
+    if p["breast_shadows"]:
+        for s in (-1.0, 1.0):
+            breast = _ellipse(x, y, s * 0.6 * a.w + a.mshift, a.dome["right"] - 0.02, 0.42, 0.3, 0.1)
+            atten += 0.06 * breast * _ramp(y - (a.dome["right"] - 0.25), 0.2)
+    return atten, markings
+
+
+def _paint_findings(a: _Anatomy, case: Case, atten: np.ndarray, markings: np.ndarray,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    x, y, size = a.x, a.y, a.size
+    lungs = a.lung["right"] + a.lung["left"]
+    line_w = max(0.01, 0.9 * a.px)
+    for f in case.findings:
+        c = f.params.get("contrast", 1.0)
+        sev = SEVERITIES.index(f.severity)  # 0, 1, 2
+        sides = ["right", "left"] if f.laterality == "bilateral" else [f.laterality] if f.laterality else []
+
+        if f.name == "pleural_effusion":
+            for side in sides:
+                sgn = SIDE_SIGN[side]
+                costophrenic = a.dome[side] + a.curve
+                height = (rng.uniform(0.08, 0.16), rng.uniform(0.28, 0.42), rng.uniform(0.55, 0.85))[sev]
+                meniscus = rng.uniform(0.12, 0.25)
+                rel = np.clip(sgn * (x - a.mshift) / a.w, 0.0, 1.2)  # 0 medial .. 1 lateral wall
+                surface = costophrenic - height + meniscus * (1.0 - rel**2)
+                region = a.lung_nodome[side] * _ramp(a.dome_y(side) - y, 0.06)
+                fluid = _ramp(y - surface, 0.05) * region * (1.0 - 0.9 * a.central)
+                atten += 0.34 * c * fluid * (0.85 + 0.15 * np.clip((y - surface) / 0.3, 0, 1))
+                markings *= 1.0 - fluid
+
+        elif f.name == "pneumothorax":
+            side = sides[0]
+            depth = (rng.uniform(0.035, 0.06), rng.uniform(0.08, 0.14), rng.uniform(0.18, 0.3))[sev]
+            extent = 0.45 if f.zone == "upper" else 1.6
+            dist = np.minimum(a.half_width - np.abs(x), (y - a.top) * 0.8)
+            limit = _ramp(a.top + extent - y, 0.15)
+            rim = _ramp(depth - dist, a.px) * a.lung[side] * limit
+            pleura = np.exp(-(((dist - depth) / (0.8 * line_w)) ** 2)) * a.lung[side] * limit
+            atten -= 0.08 * c * rim
+            atten += 0.12 * c * pleura * (1 - rim) + 0.03 * sev * c * a.lung[side] * (1 - rim)
+            markings *= 1.0 - rim
+
+        elif f.name == "consolidation":
+            for side in sides:
+                cx, cy = a.zone_point(rng, side, f.zone, (0.2, 0.75))
+                sx = (rng.uniform(0.06, 0.09), rng.uniform(0.1, 0.15), rng.uniform(0.15, 0.22))[sev]
+                sy = sx * rng.uniform(0.8, 1.4)
+                blob = np.exp(-0.5 * (((x - cx) / sx) ** 2 + ((y - cy) / sy) ** 2))
+                patchy = np.clip(0.55 + 0.6 * smooth_noise(rng, size, 10), 0.0, 1.0)
+                patch = np.clip(blob * 1.4 - 0.2, 0.0, 1.0) * patchy * a.lung[side]
+                dens = (0.2, 0.28, 0.36)[sev] * c
+                if f.params.get("air_bronchograms"):
+                    bronch = np.clip(1.0 - np.abs(smooth_noise(rng, size, 12)) * 3.0, 0.0, 1.0) ** 2
+                    patch = patch * (1.0 - 0.45 * bronch * (blob > 0.4))
+                atten += dens * patch
+
+        elif f.name == "atelectasis":
+            for side in sides:
+                if f.severity == "severe" and f.laterality != "bilateral":
+                    sgn = SIDE_SIGN[side]
+                    if f.zone == "upper":
+                        span = np.clip((a.top + 0.45 - y) / 0.45, 0.0, 1.0)
+                    else:
+                        span = np.clip(1.0 - (a.dome[side] + 0.1 - y) / 0.5, 0.0, 1.0)
+                    wedge = _ramp(a.medial + 0.3 * span - sgn * (x - a.mshift), a.edge) * a.lung[side] * (span > 0)
+                    atten += 0.3 * c * wedge
+                    continue
+                for _ in range(1 if sev == 0 else 2):
+                    cx, cy = a.zone_point(rng, side, f.zone, (0.2, 0.7))
+                    length = rng.uniform(0.1, 0.22) * (1 + 0.3 * sev)
+                    angle = rng.uniform(-0.35, 0.35) + SIDE_SIGN[side] * 0.15
+                    dx, dy = length * math.cos(angle), length * math.sin(angle)
+                    thick = (rng.uniform(0.012, 0.018), rng.uniform(0.02, 0.03), rng.uniform(0.03, 0.04))[sev]
+                    plate = _polyline(x, y, [(cx - dx, cy - dy), (cx + dx, cy + dy)], max(thick, line_w))
+                    atten += (0.2 + 0.05 * sev) * c * plate * a.lung[side]
+
+        elif f.name == "edema":
+            sx = (0.18, 0.24, 0.3)[sev]
+            haze = np.exp(-0.5 * (((a.ax - a.med0 - 0.12) / sx) ** 2 + ((y + 0.02) / 0.32) ** 2))
+            patchy = 1.0 if sev < 2 else np.clip(0.7 + 0.5 * smooth_noise(rng, size, 8), 0.0, 1.2)
+            atten += (0.07, 0.12, 0.22)[sev] * c * haze * patchy * lungs
+            markings *= 1.0 + (0.8, 1.3, 1.6)[sev] * c
+            near_wall = _ramp(0.1 - (a.half_width - np.abs(x)), 0.03)
+            bases = _ramp(y - (max(a.dome.values()) - 0.35), 0.1)
+            kerley = np.clip((np.cos(2 * math.pi * y / 0.045) - 0.7) / 0.3, 0.0, 1.0)
+            atten += (0.03, 0.05, 0.06)[sev] * c * kerley * near_wall * bases * lungs
+
+        elif f.name == "nodule":
+            side = sides[0]
+            cx, cy = a.zone_point(rng, side, f.zone, (0.2, 0.85))
+            radius = f.params.get("diameter_mm", 10) / 250.0
+            dist = np.sqrt((x - cx) ** 2 + (y - cy) ** 2)
+            disc = _ramp(radius - dist, max(a.px, 0.3 * radius))
+            atten += 0.24 * c * disc * a.lung[side]
+
+        elif f.name == "support_devices":
+            atten = _paint_devices(a, case, f, atten, line_w)
+    return atten, markings
+
+
+def _paint_devices(a: _Anatomy, case: Case, f: FindingSpec, atten: np.ndarray, line_w: float) -> np.ndarray:
+    x, y, m = a.x, a.y, a.mshift
+    sides = f.params.get("device_sides", {})
+    svc = (m - 0.07, -0.12)
+    for kind in f.params.get("devices", []):
+        if kind == "ett":
+            atten = atten + 0.28 * _polyline(x, y, [(m, -1.1), (m + 0.005, -0.52)], 1.4 * line_w)
+        elif kind == "central_line":
+            s = SIDE_SIGN[sides.get("central_line", "right")]
+            if f.params.get("central_line_route") == "subclavian":
+                pts = [(m + s * 0.8, -0.82), (m + s * 0.4, -0.74), (m + s * 0.12, -0.6), (svc[0], -0.35), svc]
+            else:
+                pts = [(m + s * 0.25, -1.1), (m + s * 0.15, -0.75), (m + s * 0.08, -0.5), (svc[0], -0.3), svc]
+            atten = atten + 0.25 * _polyline(x, y, pts, line_w)
+        elif kind == "picc":
+            s = SIDE_SIGN[sides.get("picc", "right")]
+            pts = [(m + s * 1.1, -0.5), (m + s * 0.85, -0.7), (m + s * 0.4, -0.76), (m + s * 0.12, -0.6), svc]
+            atten = atten + 0.22 * _polyline(x, y, pts, line_w)
+        elif kind == "pacemaker":
+            s = SIDE_SIGN[sides.get("pacemaker", "left")]
+            bx, by = m + s * 0.58 * a.w, -0.62
+            box = _ramp(0.075 - np.abs(x - bx), a.px) * _ramp(0.05 - np.abs(y - by), a.px)
+            atten = atten + 0.55 * box
+            apex = (m + 0.25 * case.patient["ctr"] * a.w + 0.1, 0.5 * (a.dome["right"] + a.dome["left"]))
+            for tip in ((m - 0.12, -0.02), apex):
+                pts = [(bx - s * 0.05, by), (m + s * 0.1, -0.72), (m - 0.05, -0.45), (m - 0.08, -0.15), tip]
+                atten = atten + 0.3 * _polyline(x, y, pts, line_w)
+        elif kind == "enteric_tube":
+            pts = [(m + 0.01, -1.1), (m + 0.02, -0.3), (m + 0.05, a.dome["left"] - 0.05),
+                   (m + 0.3 * a.w, a.dome["left"] + 0.15), (m + 0.45 * a.w, a.dome["left"] + 0.2)]
+            atten = atten + 0.22 * _polyline(x, y, pts, line_w)
+    return atten
+
+
+def render(case: Case, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The radiograph of `case` as float32 (size, size) in [0, 1]."""
+    p = case.patient
+    a = _Anatomy(p, size)
+    atten, markings = _draw_anatomy(a, p, rng)
+    atten, markings = _paint_findings(a, case, atten, markings, rng)
+    lungs = a.lung["right"] + a.lung["left"]
+    atten = atten + 0.07 * markings * lungs
+    # exposure, contrast, quantum noise and a faint large-scale non-uniformity
+    img = (atten - 0.35) * p["exposure"] + 0.42 + p["brightness"]
+    img += 0.02 * smooth_noise(rng, size, 3)
+    img = np.clip(img, 0.0, 1.0) ** p["gamma"]
+    img += p["noise"] * rng.standard_normal((size, size)).astype(np.float32)
+    return np.clip(img, 0.0, 1.0).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------ samples and datasets
+
+
+def _rngs(seed: int, stream: int, index: int) -> list[np.random.Generator]:
+    """Independent generators for the case, the picture and the report of one image."""
+    children = np.random.SeedSequence(entropy=seed, spawn_key=(stream, index)).spawn(3)
+    return [np.random.default_rng(s) for s in children]
+
+
+def _split(index: int, fractions: tuple[float, float, float]) -> str:
+    u = ((index * 0.6180339887498949) % 1.0)  # low-discrepancy: exact proportions on any prefix
+    return "train" if u < fractions[0] else "val" if u < fractions[0] + fractions[1] else "test"
+
+
+def eval_finding(index: int, per_class: int) -> str:
+    """The competition finding of image `index` in the 5x200 set (blocks of `per_class`)."""
+    return COMPETITION_FINDINGS[index // per_class]
+
+
+def generate_sample(seed: int, index: int, size: int = 128, config: SynthConfig | None = None,
+                    stream: int = MAIN_STREAM, only: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """One image (uint8, (size, size)) and its manifest record (without the image path)."""
+    cfg = config or SynthConfig()
+    case_rng, image_rng, text_rng = _rngs(seed, stream, index)
+    case = sample_case(case_rng, cfg, only=only)
+    image = render(case, size, image_rng)
+    findings, impression = write_report(case.findings, text_rng, mention_absent=cfg.mention_absent)
+    prefix = "synthcxr" if stream == MAIN_STREAM else "synthcxr5x200"
+    record = {
+        "id": f"{prefix}-{index:06d}",
+        "text": report_text(findings, impression),
+        "findings": findings,
+        "impression": impression,
+        "labels": case.labels(),
+        "split": "test" if stream == EVAL_STREAM else _split(index, cfg.split_fractions),
+        "modality": "cxr",
+        "task": "report",
+        "source": "synthcxr",
+        "finding_details": [f.to_json() for f in case.findings],
+        "patient": case.patient,
+        "seed": seed,
+        "index": index,
+    }
+    return (image * 255.0 + 0.5).astype(np.uint8), record
+
+
+def _chunk_job(job: tuple) -> list[dict[str, Any]]:
+    """Worker: generate images [start, end) of a stream, write their PNGs, return the records."""
+    out, folder, seed, size, cfg, stream, start, end, per_class = job
+    records = []
+    for index in range(start, end):
+        only = eval_finding(index, per_class) if stream == EVAL_STREAM else None
+        image, record = generate_sample(seed, index, size, cfg, stream=stream, only=only)
+        relative = f"{folder}/{index:06d}.png"
+        save_png(image, Path(out) / relative)
+        record["image"] = relative
+        records.append(record)
+    return records
+
+
+def _chunk_arrays(job: tuple) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    seed, size, cfg, stream, start, end, per_class = job
+    images, records = [], []
+    for index in range(start, end):
+        only = eval_finding(index, per_class) if stream == EVAL_STREAM else None
+        image, record = generate_sample(seed, index, size, cfg, stream=stream, only=only)
+        images.append(image)
+        records.append(record)
+    return np.stack(images) if images else np.zeros((0, size, size), np.uint8), records
+
+
+def _chunks(n: int, workers: int) -> list[tuple[int, int]]:
+    step = max(1, min(256, math.ceil(n / max(1, 4 * workers))))
+    return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+def _map(fn, jobs: list[tuple], workers: int) -> list:
+    if workers <= 1 or len(jobs) <= 1:
+        return [fn(job) for job in jobs]
+    with get_context().Pool(min(workers, len(jobs))) as pool:
+        return list(pool.imap(fn, jobs))
+
+
+def synthesize(n: int, size: int = 64, seed: int = 0, config: SynthConfig | None = None, workers: int = 1,
+               stream: int = MAIN_STREAM, per_class: int = 200) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """In-memory SynthCXR: uint8 images (n, size, size) and their records (no files written).
+
+    With `stream=EVAL_STREAM`, n should be 5 * per_class (the 5x200 construction).
+    """
+    cfg = config or SynthConfig()
+    jobs = [(seed, size, cfg, stream, s, e, per_class) for s, e in _chunks(n, workers)]
+    parts = _map(_chunk_arrays, jobs, workers)
+    images = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, size, size), np.uint8)
+    return images, [r for p in parts for r in p[1]]
+
+
+def write_synthcxr(out: str | Path, n: int, size: int = 128, seed: int = 0, workers: int | None = None,
+                   config: SynthConfig | None = None, per_class_5x200: int = 200) -> dict[str, Any]:
+    """Write SynthCXR to `out`: images/, manifest.jsonl, images_5x200/, manifest_5x200.jsonl, synthcxr.json.
+
+    Returns a summary (counts, prevalence). The same arguments give byte-identical files whatever
+    `workers` is.
+    """
+    if n < 0 or per_class_5x200 < 0 or size < 16:
+        raise ValueError("n and per_class_5x200 must be >= 0 and size >= 16")
+    cfg = config or SynthConfig()
+    workers = workers or os.cpu_count() or 1
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    n_eval = len(COMPETITION_FINDINGS) * per_class_5x200
+    jobs = [(str(out), "images", seed, size, cfg, MAIN_STREAM, s, e, 1) for s, e in _chunks(n, workers)]
+    jobs += [(str(out), "images_5x200", seed, size, cfg, EVAL_STREAM, s, e, per_class_5x200)
+             for s, e in _chunks(n_eval, workers)]
+    if n_eval:
+        (out / "images_5x200").mkdir(parents=True, exist_ok=True)
+    parts = _map(_chunk_job, jobs, workers)
+    records = [r for part in parts for r in part]
+    main = [r for r in records if r["id"].startswith("synthcxr-")]
+    evals = [r for r in records if r["id"].startswith("synthcxr5x200-")]
+    write_manifest(main, out / "manifest.jsonl")
+    if n_eval:
+        write_manifest(evals, out / "manifest_5x200.jsonl")
+    summary = {
+        "generator": "synthcxr",
+        "version": GENERATOR_VERSION,
+        "seed": seed,
+        "size": size,
+        "n": n,
+        "per_class_5x200": per_class_5x200,
+        "splits": {s: sum(r["split"] == s for r in main) for s in ("train", "val", "test")},
+        "prevalence": {name: _r(np.mean([r["labels"][name] for r in main])) if main else 0.0 for name in FINDINGS},
+        "config": cfg.to_json(),
+    }
+    (out / "synthcxr.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary

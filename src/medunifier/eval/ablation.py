@@ -1,0 +1,173 @@
+"""Objective ablation (paper Table 6): the same run with a subset of ITC / ITM / ITG / TIG.
+
+For every objective set and seed the config is trained for the same number of steps with the other
+loss weights set to zero, then evaluated with retrieval (precision@K), zero-shot classification and a
+linear probe at several label fractions. The table shows mean ± std over seeds, one row per set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from medunifier.config import OBJECTIVES, MedUnifierConfig, load_config
+from medunifier.eval.common import load_model, load_split, print_table, write_results
+from medunifier.eval.finetune import run_finetune
+from medunifier.eval.metrics import format_mean_std, mean_std
+from medunifier.eval.retrieval import run_retrieval
+from medunifier.eval.zeroshot import load_prompts, run_zeroshot
+
+DEFAULT_OBJECTIVE_SETS = ("itc", "itc+itm", "itc+itm+itg", "itc+itm+tig", "all")
+
+
+def parse_objectives(name: str) -> list[str]:
+    """'itc+itm' -> ['itc', 'itm']; 'all' -> every objective."""
+    if name.strip() == "all":
+        return list(OBJECTIVES)
+    parts = [p.strip() for p in name.split("+") if p.strip()]
+    unknown = [p for p in parts if p not in OBJECTIVES]
+    if unknown or not parts:
+        raise ValueError(f"objective set '{name}': use '+'-joined names from {OBJECTIVES} or 'all'")
+    return parts
+
+
+def ablation_config(base: MedUnifierConfig, objectives: Sequence[str], seed: int, steps: int) -> MedUnifierConfig:
+    """`base` with only `objectives` switched on (their weight kept, or 1 when the base had 0), the seed and
+    a schedule of `steps` steps. Curriculum stages with their own loss weights get the same mask."""
+    config = base.model_copy(deep=True)
+    for name in OBJECTIVES:
+        weight = getattr(base.losses, name)
+        setattr(config.losses, name, (weight if weight > 0 else 1.0) if name in objectives else 0.0)
+    for stage in config.train.stages:
+        if stage.losses is not None:
+            for name in OBJECTIVES:
+                if name not in objectives:
+                    setattr(stage.losses, name, 0.0)
+    config.train.seed = seed
+    config.train.max_steps = steps
+    return config
+
+
+def _scalars(retrieval: dict | None, zeroshot: dict | None, probe: dict | None) -> dict[str, float | None]:
+    """The Table 6 numbers of one trained run."""
+    row: dict[str, float | None] = {}
+    if retrieval is not None:
+        for direction, short in (("image_to_text", "i2t"), ("text_to_image", "t2i")):
+            for k, v in retrieval[direction]["precision_at_k"].items():
+                row[f"{short}_p@{k}"] = v
+    if zeroshot is not None:
+        row["zs_acc"] = zeroshot["accuracy"]
+        row["zs_f1"] = zeroshot["macro_f1"]
+        row["zs_auroc"] = zeroshot["auroc"]
+    if probe is not None:
+        metric = probe["primary_metric"]
+        for fraction, stats in probe["per_fraction"].items():
+            row[f"lp_{float(fraction) * 100:g}%_{metric}"] = stats[metric]["mean"]
+    return row
+
+
+def run_ablation(
+    config: str | Path | MedUnifierConfig,
+    data: str | Path,
+    out: str | Path,
+    objectives: Sequence[str] = DEFAULT_OBJECTIVE_SETS,
+    seeds: int | Sequence[int] = 3,
+    steps: int = 1000,
+    eval_data: str | Path | None = None,
+    prompts: str | Path = "chexpert5",
+    fractions: Sequence[float] = (0.01, 0.1, 1.0),
+    overrides: list[str] | None = None,
+    resume: bool = False,
+    batch_size: int = 64,
+    device: str | None = None,
+    train_fn: Callable[..., Any] | None = None,
+    load_fn: Callable[[Path], Any] | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Train every objective set with every seed for `steps` steps, evaluate, print Table 6's layout.
+
+    Training reads the train (and val) split of `data`. Retrieval and zero-shot use `eval_data` (default:
+    the test split of `data`), with the classes of the prompt file; the linear probe uses the train / val /
+    test splits of `data` and is left out (with a note) when `data` lacks one. Run folders are
+    `out/<set>/seed<k>`; with `resume`, a run whose model is already saved is evaluated without training.
+    """
+    if train_fn is None:
+        from medunifier.train.loop import train as train_fn
+    if load_fn is None:
+        def load_fn(run_dir: Path) -> Any:
+            return load_model(run_dir, device)
+    base = config if isinstance(config, MedUnifierConfig) else load_config(config, overrides)
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    sets = {name: parse_objectives(name) for name in objectives}
+    prompt_sets = load_prompts(prompts)
+    classes = list(prompt_sets)
+    out = Path(out)
+    eval_path, eval_split = (Path(eval_data), None) if eval_data is not None else (Path(data), "test")
+    notes: list[str] = []
+    probe_ok = True
+    try:
+        for split in ("train", "val", "test"):
+            load_split(data, split)
+    except ValueError as err:
+        probe_ok = False
+        notes.append(f"linear probe left out: {err}")
+
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for name, objs in sets.items():
+        runs[name] = []
+        for seed in seed_list:
+            run_dir = out / name.replace("+", "_") / f"seed{seed}"
+            cfg = ablation_config(base, objs, seed, steps)
+            if resume and (run_dir / "model" / "config.json").exists():
+                notes.append(f"{run_dir}: model already trained, evaluated as is")
+            else:
+                train_fn(cfg, data, run_dir, max_steps=steps, resume=resume)
+            model = load_fn(run_dir)
+            ev = run_dir / "eval"
+            quiet = Console(quiet=True)
+            retrieval = run_retrieval(model, eval_path, ev / "retrieval", classes=classes, split=eval_split,
+                                      batch_size=batch_size, console=quiet)
+            zeroshot = run_zeroshot(model, eval_path, prompt_sets, ev / "zeroshot", split=eval_split,
+                                    batch_size=batch_size, console=quiet)
+            probe = None
+            if probe_ok:
+                probe = run_finetune(model, data, data, data, ev / "linear", fractions=fractions, seeds=[seed],
+                                     mode="linear", classes=classes, batch_size=batch_size, console=quiet)
+            runs[name].append({"seed": seed, "objectives": objs, "run_dir": str(run_dir),
+                               "metrics": _scalars(retrieval, zeroshot, probe)})
+            del model
+
+    summary: dict[str, dict[str, Any]] = {}
+    for name, seed_runs in runs.items():
+        keys = list(dict.fromkeys(k for r in seed_runs for k in r["metrics"]))
+        summary[name] = {k: mean_std(r["metrics"].get(k) for r in seed_runs) for k in keys}
+    results = {
+        "task": "ablation",
+        "config": str(config) if not isinstance(config, MedUnifierConfig) else base.name,
+        "data": str(data),
+        "eval_data": str(eval_path),
+        "prompts": str(prompts),
+        "steps": steps,
+        "seeds": seed_list,
+        "objective_sets": {n: objs for n, objs in sets.items()},
+        "summary": summary,
+        "runs": runs,
+        "notes": notes,
+    }
+    write_results(results, out)
+    print_ablation_table(results, console)
+    return results
+
+
+def print_ablation_table(results: dict[str, Any], console: Console | None = None) -> None:
+    summary = results["summary"]
+    columns = list(dict.fromkeys(k for row in summary.values() for k in row))
+    rows = [[name, *[format_mean_std(row.get(c)) for c in columns]] for name, row in summary.items()]
+    title = (f"objective ablation ({len(results['seeds'])} seeds x {results['steps']} steps; "
+             f"mean ± std, %)")
+    print_table(title, ["objectives", *columns], rows, console)
+    for note in results.get("notes", []):
+        (console or Console()).print(f"[yellow]note:[/yellow] {note}")

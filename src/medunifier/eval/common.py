@@ -1,0 +1,220 @@
+"""Shared plumbing of the evaluators: loading a model and a manifest, classes, batched encoding, results.
+
+Any object with the MedUnifier inference API works as a model here (`tokenize`, `encode_image`,
+`encode_text`, `similarity`, `image_features`, `query_states`, `generate_report`, `config.image`), so
+the evaluators can be tested with small fakes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from medunifier.data.images import load_image, to_tensor
+from medunifier.data.manifest import Record, load_records
+
+NEGATIVE_CLASS_NAMES = ("normal", "no_finding", "none", "negative")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(ckpt: str | Path, device: str | None = None) -> Any:
+    """A trained MedUnifier from a run folder (or its `model/`), in eval mode."""
+    from medunifier.model.medunifier import MedUnifier
+
+    model = MedUnifier.from_pretrained(ckpt, map_location=device or default_device())
+    model.eval()
+    return model
+
+
+def model_device(model: Any) -> torch.device:
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device
+    return torch.device(getattr(model, "device", "cpu"))
+
+
+# ------------------------------------------------------------------------------------------ records
+
+
+def load_split(path: str | Path, split: str | None = None) -> tuple[list[Record], Path]:
+    """Records of a manifest (and its folder, the root of relative image paths).
+
+    With `split`: a manifest holding several splits keeps only that one (an error if it has none of it);
+    a manifest holding one split is used whole, so a dedicated test manifest needs no split field.
+    """
+    path = Path(path)
+    records = load_records(path)
+    if split is not None:
+        splits = {r.split for r in records}
+        if len(splits) > 1:
+            if split not in splits:
+                raise ValueError(f"{path} holds splits {sorted(splits)} but no '{split}' records")
+            records = [r for r in records if r.split == split]
+    return records, path.parent
+
+
+def assign_class(labels: dict[str, int], classes: Sequence[str]) -> int | None:
+    """Index of the one class a record belongs to, or None when it is ambiguous.
+
+    A class is matched by a positive label of the same name (label 1). A class named like 'normal' or
+    'no_finding' also matches a record with no positive among the other classes.
+    """
+    positives = [i for i, c in enumerate(classes) if labels.get(c) == 1]
+    if len(positives) == 1:
+        return positives[0]
+    if not positives:
+        negatives = [i for i, c in enumerate(classes) if c in NEGATIVE_CLASS_NAMES]
+        if len(negatives) == 1:
+            return negatives[0]
+    return None
+
+
+def classify_records(records: Sequence[Record], classes: Sequence[str]) -> tuple[list[Record], np.ndarray, int]:
+    """Keep records with an image and exactly one class; returns (records, class indices [N], dropped)."""
+    kept, ys = [], []
+    for r in records:
+        y = assign_class(r.labels, classes) if r.image is not None else None
+        if y is not None:
+            kept.append(r)
+            ys.append(y)
+    return kept, np.asarray(ys, dtype=np.int64), len(records) - len(kept)
+
+
+def infer_classes(records: Sequence[Record]) -> list[str]:
+    """The class set a labelled manifest implies: the competition findings for a 5x200-style set (one positive
+    each), otherwise ['normal', X] when a single finding is ever positive, otherwise every positive finding."""
+    from medunifier.data.findings import COMPETITION_FINDINGS, FINDINGS
+
+    if records and all(sum(r.labels.get(f) == 1 for f in COMPETITION_FINDINGS) == 1 for r in records):
+        return list(COMPETITION_FINDINGS)
+    seen = sorted({k for r in records for k, v in r.labels.items() if v == 1},
+                  key=lambda k: (FINDINGS.index(k) if k in FINDINGS else len(FINDINGS), k))
+    if len(seen) == 1:
+        return ["normal", seen[0]]
+    if not seen:
+        raise ValueError("no positive labels in the manifest: cannot infer classes (pass them explicitly)")
+    return seen
+
+
+def record_text(record: Record) -> str:
+    """The report of a record: `text`, else findings + impression."""
+    if record.text.strip():
+        return record.text
+    parts = [p for p in (record.findings, record.impression) if p]
+    return " ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------- images
+
+
+class ImageRecords(Dataset):
+    """Pixel tensors of manifest records, preprocessed as the model expects: (pixel_values [C, S, S], index)."""
+
+    def __init__(self, records: Sequence[Record], root: str | Path, image_config: Any):
+        self.records = list(records)
+        self.root = Path(root)
+        self.cfg = image_config
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        rec = self.records[index]
+        arr = load_image(rec.image_path(self.root))
+        c = self.cfg
+        return to_tensor(arr, c.size, channels=c.channels, mean=c.mean, std=c.std), index
+
+
+def image_batches(
+    records: Sequence[Record], root: str | Path, model: Any, batch_size: int = 64, num_workers: int = 0
+) -> Iterator[Tensor]:
+    """Batches of pixel values [B, C, S, S] on the model's device, in record order."""
+    loader = DataLoader(
+        ImageRecords(records, root, model.config.image), batch_size=batch_size, shuffle=False, num_workers=num_workers
+    )
+    device = model_device(model)
+    for pixels, _ in loader:
+        yield pixels.to(device)
+
+
+@torch.no_grad()
+def encode_images(model: Any, records: Sequence[Record], root: str | Path, batch_size: int = 64,
+                  num_workers: int = 0) -> Tensor:
+    """Normalised per-query image embeddings of every record, on the CPU: [N, Q, E]."""
+    out = [model.encode_image(px).float().cpu() for px in image_batches(records, root, model, batch_size, num_workers)]
+    return torch.cat(out, dim=0)
+
+
+@torch.no_grad()
+def encode_texts(model: Any, texts: Sequence[str], batch_size: int = 256) -> Tensor:
+    """Normalised text embeddings, on the CPU: [N, E]."""
+    out = []
+    for start in range(0, len(texts), batch_size):
+        tok = model.tokenize(list(texts[start : start + batch_size]))
+        out.append(model.encode_text(tok["input_ids"], tok["attention_mask"]).float().cpu())
+    return torch.cat(out, dim=0)
+
+
+@torch.no_grad()
+def chunked_similarity(model: Any, image_emb: Tensor, text_emb: Tensor, chunk: int = 256) -> Tensor:
+    """model.similarity over image chunks (bounds memory of the [Bi, Bt, Q] intermediate): [Ni, Nt]."""
+    rows = [model.similarity(image_emb[i : i + chunk], text_emb) for i in range(0, image_emb.shape[0], chunk)]
+    return torch.cat(rows, dim=0).float()
+
+
+# ------------------------------------------------------------------------------------------ results
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, Tensor):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def write_results(results: dict[str, Any], out: str | Path, name: str = "results.json") -> Path:
+    """Write `results` as JSON into the folder `out` atomically; returns the file path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    tmp = path.with_name(f".{name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(_jsonable(results), indent=2))
+    tmp.replace(path)
+    return path
+
+
+def fmt(value: float | None, scale: float = 100.0, digits: int = 1) -> str:
+    return "-" if value is None else f"{value * scale:.{digits}f}"
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], console: Console | None = None) -> None:
+    table = Table(title=title)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    (console or Console()).print(table)

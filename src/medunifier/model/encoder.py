@@ -1,0 +1,467 @@
+"""Image-text encoder E_Q: a compact BERT-style Q-Former on `F.scaled_dot_product_attention`.
+
+One stack of post-LN BERT layers processes learnable query tokens and text tokens together; the
+attention mask decides who sees whom, which is how one set of weights serves every objective:
+
+    mode            positions        who attends to what                              used by
+    "text"          text             bidirectional over text                          ITC text side
+    "query"         queries          bidirectional over queries                       ITC image side, TIG f_q
+    "bidirectional" queries + text   everything sees everything                       ITM
+    "causal"        queries + text   queries see queries; text t sees queries + text<=t ITG (report generation)
+    "prefix"        queries + text   as causal, but text with index < prefix_lengths[b] VQA
+                                     (the question) sees the whole question
+
+Padding (attention_mask == 0) is always masked as a key. Queries cross-attend to the vision features
+in every `cross_attention_freq`-th layer (layer i when i % k == 0) and have their own feed-forward
+(BLIP-2's intermediate_query/output_query); text never attends to the image directly.
+
+Text position ids count the valid (non-padding) text tokens before each token, offset by the text
+already in the KV cache: with right padding they are 0, 1, 2, ... as in BERT, and a batch of
+questions of different lengths, padded, gets the same positions as the unpadded samples.
+Weights can be initialised from a standard BERT checkpoint (`bert_weights.load_bert_weights`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medunifier.config import EncoderConfig
+
+MODES = ("text", "query", "bidirectional", "causal", "prefix")
+CACHED_MODES = ("causal", "prefix")
+
+
+@dataclass
+class KVCache:
+    """Self-attention keys/values of everything processed so far, for incremental decoding.
+
+    keys/values: one [B, heads, P, head_dim] tensor per layer, P = num_queries + text columns.
+    key_mask:    [B, P] bool, False for padding keys.
+    text_lengths:[B] long, number of valid text tokens so far (the next text position id).
+    num_queries: query positions at the front of the cache (0 when decoding without an image).
+    """
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    key_mask: Tensor
+    text_lengths: Tensor
+    num_queries: int
+
+    def length(self) -> int:
+        """P: cached positions (queries + text columns)."""
+        return self.key_mask.shape[1]
+
+    @property
+    def num_text(self) -> int:
+        return self.length() - self.num_queries
+
+    def reorder(self, index: Tensor) -> KVCache:
+        """Select batch rows (beam search: keep the surviving beams), in place; returns self."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        self.key_mask = self.key_mask.index_select(0, index)
+        self.text_lengths = self.text_lengths.index_select(0, index)
+        return self
+
+    def repeat_interleave(self, n: int) -> KVCache:
+        """Expand each batch row to n consecutive rows (a batch -> its beams), in place; returns self."""
+        self.keys = [k.repeat_interleave(n, dim=0) for k in self.keys]
+        self.values = [v.repeat_interleave(n, dim=0) for v in self.values]
+        self.key_mask = self.key_mask.repeat_interleave(n, dim=0)
+        self.text_lengths = self.text_lengths.repeat_interleave(n, dim=0)
+        return self
+
+
+@dataclass
+class EncoderOutput:
+    query_states: Tensor | None  # [B, Q, H] last-layer states at the query positions (None: no queries)
+    text_states: Tensor | None  # [B, T, H] last-layer states at the text positions (None: no text)
+    past_key_values: KVCache | None
+
+
+def build_attention_mask(
+    mode: str,
+    num_queries: int,
+    text_valid: Tensor,
+    past_key_mask: Tensor | None = None,
+    past_num_queries: int = 0,
+    prefix_lengths: Tensor | None = None,
+) -> Tensor | None:
+    """Boolean self-attention mask [B, 1, S, P + S] (True = may attend), or None when nothing is masked.
+
+    Rows are the S = num_queries + T new positions (queries first); columns are the P cached keys
+    (past_num_queries queries, then past text) followed by the new positions. `text_valid` [B, T] marks
+    non-padding text. Every row may attend to itself so that no row is empty (only padding rows,
+    whose outputs are ignored, can be affected by this).
+    """
+    batch, num_text = text_valid.shape
+    device = text_valid.device
+    past_len = 0 if past_key_mask is None else past_key_mask.shape[1]
+    past_text = past_len - past_num_queries
+    rows = num_queries + num_text
+    key_valid = torch.cat(
+        [
+            past_key_mask if past_key_mask is not None else text_valid.new_ones(batch, 0),
+            text_valid.new_ones(batch, num_queries),
+            text_valid,
+        ],
+        dim=1,
+    )  # [B, K]
+    if mode in ("text", "query", "bidirectional"):
+        if bool(key_valid.all()):
+            return None
+        allowed = key_valid[:, None, :].expand(batch, rows, -1)
+    else:
+        # column/row kinds: query or text with its absolute text index
+        key_is_query = torch.cat(
+            [
+                torch.arange(past_len, device=device) < past_num_queries,
+                torch.ones(num_queries, dtype=torch.bool, device=device),
+                torch.zeros(num_text, dtype=torch.bool, device=device),
+            ]
+        )  # [K]
+        key_text_index = torch.cat(
+            [
+                torch.arange(past_len, device=device) - past_num_queries,
+                torch.full((num_queries,), -1, device=device),
+                past_text + torch.arange(num_text, device=device),
+            ]
+        )  # [K]
+        row_is_query = torch.arange(rows, device=device) < num_queries  # [S]
+        row_text_index = torch.arange(rows, device=device) - num_queries + past_text  # [S]
+        text_sees = key_text_index[None, :] <= row_text_index[:, None]  # [S, K] causal
+        text_sees = text_sees[None].expand(batch, -1, -1)
+        if mode == "prefix":
+            if prefix_lengths is None:
+                raise ValueError("mode='prefix' needs prefix_lengths (question length per sample)")
+            p = prefix_lengths.to(device).view(batch, 1, 1)
+            in_prefix_row = row_text_index.view(1, rows, 1) < p
+            in_prefix_key = key_text_index.view(1, 1, -1) < p
+            text_sees = text_sees | (in_prefix_row & in_prefix_key)
+        # queries see queries only; text sees all queries and the text allowed above
+        allowed = torch.where(
+            row_is_query[None, :, None],
+            key_is_query[None, None, :].expand(batch, rows, -1),
+            key_is_query[None, None, :] | text_sees,
+        )
+        allowed = allowed & key_valid[:, None, :]
+    self_index = past_len + torch.arange(rows, device=device)
+    allowed = allowed.clone()
+    allowed[:, torch.arange(rows, device=device), self_index] = True
+    return allowed[:, None]  # [B, 1, S, K]
+
+
+class Embeddings(nn.Module):
+    """BERT embeddings: text = word + position + token_type[0]; queries prepended; then LayerNorm + dropout."""
+
+    def __init__(self, config: EncoderConfig, vocab_size: int, pad_token_id: int):
+        super().__init__()
+        h = config.hidden_size
+        self.word_embeddings = nn.Embedding(vocab_size, h, padding_idx=pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, h)
+        self.token_type_embeddings = nn.Embedding(2, h)
+        self.layer_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, input_ids: Tensor | None, position_ids: Tensor | None, queries: Tensor | None
+    ) -> Tensor:
+        parts = []
+        if queries is not None:
+            parts.append(queries)  # [B, Q, H]
+        if input_ids is not None:
+            text = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+            parts.append(text + self.token_type_embeddings.weight[0])  # [B, T, H]
+        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return self.dropout(self.layer_norm(x))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with BERT's post-LN residual: LN(x + dropout(W_o attn(x)))."""
+
+    def __init__(self, hidden: int, heads: int, dropout: float, eps: float):
+        super().__init__()
+        self.heads, self.head_dim = heads, hidden // heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)  # BERT's query, key, value stacked
+        self.out = nn.Linear(hidden, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.attn_dropout = dropout
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None, past: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        b, s, h = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, h, S, d]
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # [B, h, P + S, d]
+            v = torch.cat([past[1], v], dim=2)
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0
+        )
+        a = a.transpose(1, 2).reshape(b, s, h)
+        return self.norm(x + self.dropout(self.out(a))), (k, v)
+
+
+class CrossAttention(nn.Module):
+    """Queries attend to the vision features f_v (all of them valid), post-LN residual."""
+
+    def __init__(self, hidden: int, heads: int, vision_width: int, dropout: float, eps: float):
+        super().__init__()
+        self.heads, self.head_dim = heads, hidden // heads
+        self.query = nn.Linear(hidden, hidden)
+        self.key_value = nn.Linear(vision_width, 2 * hidden)
+        self.out = nn.Linear(hidden, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.attn_dropout = dropout
+
+    def forward(self, x: Tensor, image_embeds: Tensor) -> Tensor:
+        b, s, h = x.shape
+        n = image_embeds.shape[1]
+        q = self.query(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # [B, h, Q, d]
+        k, v = self.key_value(image_embeds).view(b, n, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
+        a = a.transpose(1, 2).reshape(b, s, h)
+        return self.norm(x + self.dropout(self.out(a)))
+
+
+class FeedForward(nn.Module):
+    """BERT feed-forward: LN(x + dropout(W_2 gelu(W_1 x)))."""
+
+    def __init__(self, hidden: int, intermediate: int, dropout: float, eps: float):
+        super().__init__()
+        self.up = nn.Linear(hidden, intermediate)
+        self.down = nn.Linear(intermediate, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x + self.dropout(self.down(F.gelu(self.up(x)))))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config: EncoderConfig, vision_width: int, has_cross_attention: bool):
+        super().__init__()
+        h, eps, p = config.hidden_size, config.layer_norm_eps, config.dropout
+        self.self_attention = SelfAttention(h, config.num_heads, p, eps)
+        self.cross_attention = (
+            CrossAttention(h, config.num_heads, vision_width, p, eps) if has_cross_attention else None
+        )
+        self.text_ffn = FeedForward(h, config.intermediate_size, p, eps)
+        self.query_ffn = FeedForward(h, config.intermediate_size, p, eps)
+
+    def forward(
+        self,
+        x: Tensor,
+        num_queries: int,
+        mask: Tensor | None,
+        image_embeds: Tensor | None,
+        past: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        x, kv = self.self_attention(x, mask, past)  # [B, Q + T, H]
+        if num_queries == 0:
+            return self.text_ffn(x), kv
+        queries = x[:, :num_queries]
+        if self.cross_attention is not None and image_embeds is not None:
+            queries = self.cross_attention(queries, image_embeds)
+        queries = self.query_ffn(queries)
+        if x.shape[1] == num_queries:
+            return queries, kv
+        return torch.cat([queries, self.text_ffn(x[:, num_queries:])], dim=1), kv
+
+
+class LMHead(nn.Module):
+    """BERT prediction head transform (dense + gelu + LayerNorm); the decoder is the tied word embedding."""
+
+    def __init__(self, hidden: int, vocab_size: int, eps: float):
+        super().__init__()
+        self.dense = nn.Linear(hidden, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, x: Tensor, word_embeddings: Tensor) -> Tensor:
+        return F.linear(self.norm(F.gelu(self.dense(x))), word_embeddings, self.bias)
+
+
+class ImageTextEncoder(nn.Module):
+    """E_Q: BERT layers over [query tokens | text], queries cross-attending to the image (see module doc)."""
+
+    def __init__(self, config: EncoderConfig, vocab_size: int, vision_width: int, pad_token_id: int = 0):
+        super().__init__()
+        if config.experts == "task":
+            raise NotImplementedError(
+                "encoder.experts='task' (task-routed experts) is not implemented yet; use experts: shared"
+            )
+        self.config = config
+        self.hidden_size = config.hidden_size
+        self.num_queries = config.num_queries
+        self.vocab_size = vocab_size
+        self.vision_width = vision_width
+        self.pad_token_id = pad_token_id
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_queries, config.hidden_size))  # [1, Q, H]
+        self.embeddings = Embeddings(config, vocab_size, pad_token_id)
+        self.layers = nn.ModuleList(
+            EncoderLayer(config, vision_width, has_cross_attention=i % config.cross_attention_freq == 0)
+            for i in range(config.num_layers)
+        )
+        self.lm_head = LMHead(config.hidden_size, vocab_size, config.layer_norm_eps)
+        self.apply(self._init_weights)
+        nn.init.normal_(self.query_tokens, std=0.02)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """BERT initialisation: normal(0, 0.02) weights, zero biases, LayerNorm (1, 0), zero padding row."""
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        image_embeds: Tensor | None = None,
+        mode: str = "text",
+        prefix_lengths: Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        query_embeds: Tensor | None = None,
+    ) -> EncoderOutput:
+        """Encode queries and/or text under `mode` (see the module docstring).
+
+        input_ids [B, T], attention_mask [B, T] (1 = token, 0 = padding), image_embeds [B, N, Dv],
+        query_embeds [B or 1, Q, H] (replaces the learned query tokens), prefix_lengths [B] ("prefix").
+        With `use_cache` ("causal"/"prefix"), the returned KVCache lets the next call pass only new
+        input_ids; cross-attention acts at query positions only, so later calls need no image.
+        """
+        if mode not in MODES:
+            raise ValueError(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")
+        past = past_key_values
+        has_queries = image_embeds is not None or query_embeds is not None
+        if (use_cache or past is not None) and mode not in CACHED_MODES:
+            raise ValueError(f"the KV cache is for modes {CACHED_MODES}, not '{mode}'")
+        if past is not None and has_queries:
+            raise ValueError(
+                "image_embeds/query_embeds must not be given with past_key_values: queries are cached"
+            )
+        if mode == "text" and has_queries:
+            raise ValueError("mode='text' has no queries: do not pass image_embeds/query_embeds")
+        if mode == "query":
+            if input_ids is not None:
+                raise ValueError("mode='query' takes no text (input_ids must be None)")
+            if not has_queries:
+                raise ValueError("mode='query' needs image_embeds or query_embeds")
+        elif input_ids is None:
+            raise ValueError(f"mode='{mode}' needs input_ids")
+
+        ref = (
+            input_ids
+            if input_ids is not None
+            else (image_embeds if image_embeds is not None else query_embeds)
+        )
+        batch, device = ref.shape[0], ref.device
+        dtype = self.query_tokens.dtype
+
+        queries = None
+        if has_queries:
+            queries = query_embeds if query_embeds is not None else self.query_tokens
+            queries = queries.to(dtype).expand(batch, -1, -1)  # [B, Q, H]
+        num_queries = 0 if queries is None else queries.shape[1]
+        if image_embeds is not None:
+            image_embeds = image_embeds.to(dtype)
+
+        if input_ids is not None:
+            text_valid = (
+                attention_mask.bool()
+                if attention_mask is not None
+                else torch.ones_like(input_ids, dtype=torch.bool)
+            )
+            past_lengths = past.text_lengths if past is not None else input_ids.new_zeros(batch)
+            position_ids = (past_lengths[:, None] + text_valid.long().cumsum(1) - 1).clamp(min=0)  # [B, T]
+            if int(position_ids.max()) >= self.config.max_position_embeddings:
+                raise ValueError(
+                    f"text position {int(position_ids.max())} exceeds encoder.max_position_embeddings "
+                    f"({self.config.max_position_embeddings})"
+                )
+        else:
+            text_valid = torch.ones(batch, 0, dtype=torch.bool, device=device)
+            position_ids = None
+
+        mask = build_attention_mask(
+            mode,
+            num_queries,
+            text_valid,
+            past_key_mask=None if past is None else past.key_mask,
+            past_num_queries=0 if past is None else past.num_queries,
+            prefix_lengths=prefix_lengths,
+        )
+        x = self.embeddings(input_ids, position_ids, queries)  # [B, Q + T, H]
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            layer_past = None if past is None else (past.keys[i], past.values[i])
+            x, (k, v) = layer(x, num_queries, mask, image_embeds, layer_past)
+            if use_cache:
+                new_keys.append(k)
+                new_values.append(v)
+
+        cache = None
+        if use_cache:
+            new_key_mask = torch.cat([text_valid.new_ones(batch, num_queries), text_valid], dim=1)
+            cache = KVCache(
+                keys=new_keys,
+                values=new_values,
+                key_mask=new_key_mask if past is None else torch.cat([past.key_mask, new_key_mask], dim=1),
+                text_lengths=(
+                    past.text_lengths if past is not None else text_valid.new_zeros(batch, dtype=torch.long)
+                )
+                + text_valid.long().sum(1),
+                num_queries=past.num_queries if past is not None else num_queries,
+            )
+        return EncoderOutput(
+            query_states=x[:, :num_queries] if num_queries else None,
+            text_states=x[:, num_queries:] if input_ids is not None else None,
+            past_key_values=cache,
+        )
+
+    def lm_logits(self, text_states: Tensor) -> Tensor:
+        """[B, T, H] -> [B, T, V]: BERT prediction head, decoder tied to the word embeddings (+ bias)."""
+        return self.lm_head(text_states, self.embeddings.word_embeddings.weight)
+
+    def resize_token_embeddings(self, n: int) -> None:
+        """Grow (or shrink) the vocabulary to n rows; new rows start at the mean embedding, new biases at 0."""
+        old = self.embeddings.word_embeddings
+        if n == old.num_embeddings:
+            return
+        keep = min(n, old.num_embeddings)
+        pad = self.pad_token_id if self.pad_token_id < n else None
+        new = nn.Embedding(
+            n, old.embedding_dim, padding_idx=pad, device=old.weight.device, dtype=old.weight.dtype
+        )
+        bias = torch.zeros(n, device=old.weight.device, dtype=self.lm_head.bias.dtype)
+        with torch.no_grad():
+            new.weight[:keep] = old.weight[:keep]
+            if n > keep:
+                new.weight[keep:] = old.weight.mean(dim=0)
+            bias[:keep] = self.lm_head.bias[:keep]
+        self.embeddings.word_embeddings = new
+        self.lm_head.bias = nn.Parameter(bias)
+        self.vocab_size = n
+
+    def num_cross_attention_layers(self) -> int:
+        return sum(layer.cross_attention is not None for layer in self.layers)
+
+
+__all__ = ["MODES", "EncoderOutput", "ImageTextEncoder", "KVCache", "build_attention_mask"]

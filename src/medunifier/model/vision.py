@@ -1,0 +1,249 @@
+"""Vision encoder E_I: a transformers vision backbone that returns f_v = [f_cls, f_local].
+
+The backbone is built from `VisionConfig` with random weights, or loaded from a local pretrained
+folder (`vision.pretrained`; never a hub id, nothing is downloaded). Supported backbones:
+
+    vit     transformers.ViTModel (no pooler)           CLS token + patches, final LayerNorm
+    dinov2  transformers.Dinov2Model                    CLS token + patches, final LayerNorm
+    siglip  transformers.SiglipVisionModel              no CLS token: f_cls = attention-pool output
+                                                        (mean of patches when the head is absent)
+    clip    transformers.CLIPVisionModel                CLS + patches, post-LayerNorm applied to all
+    blip2   transformers.Blip2VisionModel (EVA ViT-g)   CLS + patches, post-LayerNorm (paper preset)
+
+By default the backbone is frozen (MedUnifier / BLIP-2): no parameter requires a gradient, it stays
+in eval mode even when the parent model calls `.train()`, and its forward runs under `no_grad`.
+A frozen encoder may cache its features by sample key (`vision.cache_features`), see `FeatureCache`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import transformers
+from torch import Tensor, nn
+
+from medunifier.config import ImageConfig, VisionConfig
+from medunifier.pretrained import resolve_local
+
+BACKBONES = ("vit", "dinov2", "siglip", "clip", "blip2")
+
+
+class FeatureCache:
+    """LRU cache of per-sample vision features on the CPU, bounded in bytes.
+
+    Keys must identify the exact pixels fed to the encoder (e.g. the record id when preprocessing is
+    deterministic; add the augmentation seed when it is not). Values are stored on the CPU in the
+    dtype the backbone produced, so a hit returns exactly the tensor a miss computed. When adding an
+    entry would exceed `max_bytes`, the least recently used entries are evicted.
+    """
+
+    def __init__(self, max_bytes: int = 2 * 1024**3):
+        self.max_bytes = int(max_bytes)
+        self.num_bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._store: OrderedDict[str, Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._store
+
+    def get(self, key: str) -> Tensor | None:
+        value = self._store.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self._store.move_to_end(key)
+        self.hits += 1
+        return value
+
+    def put(self, key: str, value: Tensor) -> None:
+        value = value.detach().to("cpu", copy=True)
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes:
+            return
+        if key in self._store:
+            self.num_bytes -= _nbytes(self._store.pop(key))
+        while self._store and self.num_bytes + size > self.max_bytes:
+            _, evicted = self._store.popitem(last=False)
+            self.num_bytes -= _nbytes(evicted)
+        self._store[key] = value
+        self.num_bytes += size
+
+    def clear(self) -> None:
+        self._store.clear()
+        self.num_bytes = 0
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _backbone_config(vision: VisionConfig, image: ImageConfig) -> transformers.PretrainedConfig:
+    """A random-init transformers config with the sizes of `vision` and the input of `image`."""
+    common = dict(
+        hidden_size=vision.hidden_size,
+        num_hidden_layers=vision.num_layers,
+        num_attention_heads=vision.num_heads,
+        image_size=image.size,
+        patch_size=vision.patch_size,
+        attn_implementation="sdpa",
+    )
+    if vision.backbone == "vit":
+        return transformers.ViTConfig(
+            **common, intermediate_size=vision.intermediate_size, num_channels=image.channels
+        )
+    if vision.backbone == "dinov2":
+        if vision.intermediate_size % vision.hidden_size:
+            raise ValueError(
+                f"dinov2 needs vision.intermediate_size ({vision.intermediate_size}) to be a multiple of "
+                f"vision.hidden_size ({vision.hidden_size}): its MLP width is set by an integer mlp_ratio"
+            )
+        return transformers.Dinov2Config(
+            **common,
+            mlp_ratio=vision.intermediate_size // vision.hidden_size,
+            num_channels=image.channels,
+            drop_path_rate=vision.drop_path,
+        )
+    if vision.backbone == "siglip":
+        return transformers.SiglipVisionConfig(
+            **common, intermediate_size=vision.intermediate_size, num_channels=image.channels
+        )
+    if vision.backbone == "clip":
+        return transformers.CLIPVisionConfig(
+            **common, intermediate_size=vision.intermediate_size, num_channels=image.channels
+        )
+    if vision.backbone == "blip2":
+        # Blip2VisionConfig defaults to initializer_range=1e-10 (weights are meant to be loaded);
+        # use BERT/ViT's 0.02 so that a random-init tower is a usable network.
+        return transformers.Blip2VisionConfig(
+            **common, intermediate_size=vision.intermediate_size, initializer_range=0.02
+        )
+    raise ValueError(f"unknown vision.backbone '{vision.backbone}' (choose from {', '.join(BACKBONES)})")
+
+
+_MODEL_CLASSES = {
+    "vit": "ViTModel",
+    "dinov2": "Dinov2Model",
+    "siglip": "SiglipVisionModel",
+    "clip": "CLIPVisionModel",
+    "blip2": "Blip2VisionModel",
+}
+
+
+def build_backbone(vision: VisionConfig, image: ImageConfig) -> nn.Module:
+    """The transformers vision model: random init from `vision`, or `from_pretrained(local folder)`."""
+    cls = getattr(transformers, _MODEL_CLASSES[vision.backbone])
+    extra = {"add_pooling_layer": False} if vision.backbone == "vit" else {}
+    if vision.pretrained is not None:
+        folder = resolve_local(vision.pretrained)
+        try:
+            return cls.from_pretrained(
+                str(folder), attn_implementation="sdpa", local_files_only=True, **extra
+            )
+        except ValueError as err:  # a backbone without SDPA support
+            if "sdpa" not in str(err).lower():
+                raise
+            return cls.from_pretrained(str(folder), local_files_only=True, **extra)
+    return cls(_backbone_config(vision, image), **extra)
+
+
+class VisionEncoder(nn.Module):
+    """Image -> f_v = [f_cls, f_local]: [B, C, S, S] -> [B, 1 + L, Dv], final LayerNorm applied."""
+
+    def __init__(self, vision: VisionConfig, image: ImageConfig, cache_max_bytes: int = 2 * 1024**3):
+        super().__init__()
+        if vision.cache_features and not vision.frozen:
+            raise ValueError(
+                "vision.cache_features needs vision.frozen: true (a trained encoder's features change every step)"
+            )
+        self.backbone_type = vision.backbone
+        self.backbone = build_backbone(vision, image)
+        cfg = self.backbone.config
+        patch = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0]
+        backbone_size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
+        if image.size % patch:
+            raise ValueError(
+                f"image.size ({image.size}) is not divisible by the backbone patch size ({patch})"
+            )
+        self.hidden_size: int = cfg.hidden_size
+        self.num_patches: int = (image.size // patch) ** 2
+        self.image_size = image.size
+        # resample position embeddings when the input size differs from the backbone's own
+        self.interpolate_pos_encoding = image.size != backbone_size
+        self.in_channels = next(m for m in self.backbone.modules() if isinstance(m, nn.Conv2d)).in_channels
+        if image.channels not in (1, self.in_channels):
+            raise ValueError(
+                f"image.channels is {image.channels} but the {vision.backbone} backbone takes {self.in_channels}"
+            )
+        self.frozen = vision.frozen
+        if self.frozen:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+        self.feature_cache = FeatureCache(cache_max_bytes) if vision.cache_features else None
+
+    def train(self, mode: bool = True) -> VisionEncoder:
+        """Like nn.Module.train, but a frozen backbone always stays in eval mode (no dropout / drop-path)."""
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    def _encode(self, pixel_values: Tensor) -> Tensor:
+        # pixel_values [B, C, S, S] -> [B, 1 + L, Dv]
+        if pixel_values.shape[1] != self.in_channels:
+            if pixel_values.shape[1] != 1:
+                raise ValueError(
+                    f"pixel_values has {pixel_values.shape[1]} channels; the backbone takes {self.in_channels}"
+                )
+            pixel_values = pixel_values.expand(-1, self.in_channels, -1, -1)  # grey -> RGB
+        dtype = next(self.backbone.parameters()).dtype
+        pixel_values = pixel_values.to(dtype)
+        kwargs = {}
+        if self.backbone_type != "dinov2":  # Dinov2 always interpolates its position embeddings
+            kwargs["interpolate_pos_encoding"] = self.interpolate_pos_encoding
+        out = self.backbone(pixel_values=pixel_values, **kwargs)
+        hidden = out.last_hidden_state  # [B, 1 + L, Dv] ([B, L, Dv] for siglip)
+        if self.backbone_type == "clip":
+            # CLIP applies its post-LayerNorm to the pooled token only; apply it to every token
+            hidden = self.backbone.vision_model.post_layernorm(hidden)
+        elif self.backbone_type == "siglip":
+            pooled = out.pooler_output if out.pooler_output is not None else hidden.mean(dim=1)
+            hidden = torch.cat([pooled.unsqueeze(1), hidden], dim=1)
+        return hidden
+
+    def encode(self, pixel_values: Tensor) -> Tensor:
+        """Features without the cache; no gradient when the backbone is frozen."""
+        if self.frozen:
+            with torch.no_grad():
+                return self._encode(pixel_values)
+        return self._encode(pixel_values)
+
+    def forward(self, pixel_values: Tensor, cache_keys: list[str] | None = None) -> Tensor:
+        """[B, C, S, S] -> [B, 1 + L, Dv]; with `cache_keys` (one per sample) known keys skip the backbone."""
+        if self.feature_cache is None or cache_keys is None:
+            return self.encode(pixel_values)
+        if len(cache_keys) != pixel_values.shape[0]:
+            raise ValueError(f"got {len(cache_keys)} cache keys for a batch of {pixel_values.shape[0]}")
+        cached = [self.feature_cache.get(k) for k in cache_keys]
+        missing = [i for i, c in enumerate(cached) if c is None]
+        if missing:
+            fresh = self.encode(pixel_values[missing])  # [M, 1 + L, Dv]
+            for row, i in enumerate(missing):
+                self.feature_cache.put(cache_keys[i], fresh[row])
+                cached[i] = fresh[row]
+        return torch.stack([c.to(pixel_values.device) for c in cached])
+
+    def clear_cache(self) -> None:
+        if self.feature_cache is not None:
+            self.feature_cache.clear()
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = ["BACKBONES", "FeatureCache", "VisionEncoder", "build_backbone", "count_parameters"]

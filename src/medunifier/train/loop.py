@@ -1,0 +1,765 @@
+"""The pre-training loop: Hugging Face Accelerate, curriculum stages, exact resume.
+
+`train(config, data, out)` validates the config and the data before building anything, then runs
+the stages of the curriculum (one stage when the config has none). The same code runs on a CPU,
+one GPU, or several processes (`torchrun --nproc_per_node N -m medunifier.cli pretrain ...`):
+Accelerate wraps the model (DDP) and the optimiser and handles mixed precision and gradient
+accumulation; the model all-gathers its contrastive features itself.
+
+Data is sharded across processes by our own samplers (`ResumableRandomSampler`, the mixture
+sampler of a stage, or `StreamingShardDataset`'s rank split), not by `accelerator.prepare`, so
+that the exact data position can be saved and restored. `train.batch_size` is the micro-batch of
+one process; one optimiser step sees `batch_size x processes x grad_accum` samples.
+
+Steps and schedules: `train.max_steps` (or the sum of the stages' steps) defines the learning-rate
+schedule and the curriculum; `max_steps=` only says where this invocation stops, so a run cut in
+two pieces (`--max-steps 20`, then `--resume`) follows exactly the same trajectory as a straight one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from medunifier.config import ConfigError, MedUnifierConfig, load_config, save_config
+from medunifier.data.manifest import Record, read_manifest
+from medunifier.train.checkpoint import (
+    capture_rng_state,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from medunifier.train.curriculum import Stage, resolve_stages, stage_at, total_steps, validate_stages
+from medunifier.train.metrics import MetricsLogger, plot_loss_curves, truncate_metrics
+from medunifier.train.optim import WarmupCosineSchedule, build_optimizer
+
+SHARD_INDEX = "shards.json"
+MAX_VAL_BATCHES = 50  # validation reads at most this many batches per process
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; raised before any model is built."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN/inf loss or gradient norm stopped the run; the last good state was checkpointed."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    stage: str
+    interrupted: bool = False
+    checkpoint: Path | None = None
+    model_dir: Path | None = None
+    skipped_steps: int = 0
+    dropped_samples: int = 0
+    samples_per_s: float = 0.0
+
+
+# -------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataSource:
+    """A validated `--data`: a manifest (records read) or a folder of tar shards (index read)."""
+
+    path: Path
+    kind: str  # "manifest" | "shards"
+    train_records: list[Record] = field(default_factory=list)
+    val_records: list[Record] = field(default_factory=list)
+    shard_total: int | None = None
+
+
+def resolve_data(path: str | Path) -> DataSource:
+    """Check that `path` is usable training data: a manifest.jsonl, a folder holding one, or shards."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data path not found: {path}")
+    if path.is_dir():
+        if (path / SHARD_INDEX).is_file() or any(path.glob("*.tar")):
+            from medunifier.data.shards import read_index
+
+            index = read_index(path)
+            if not index.get("shards"):
+                raise DataError(f"{path}: the shard index lists no shards")
+            if index.get("total") == 0:
+                raise DataError(f"{path}: the shards hold no samples")
+            return DataSource(path, "shards", shard_total=index.get("total"))
+        if (path / "manifest.jsonl").is_file():
+            path = path / "manifest.jsonl"
+        else:
+            raise DataError(f"{path} is a folder without manifest.jsonl, {SHARD_INDEX} or .tar shards")
+    try:
+        records, report = read_manifest(path)
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read manifest {path}: {err}") from None
+    for err in report.errors[:5]:
+        print(f"warning: {err}", file=sys.stderr)
+    with_image = [r for r in records if r.image is not None]
+    train_records = [r for r in with_image if r.split == "train"]
+    if not train_records:
+        raise DataError(
+            f"{path}: no training records (split 'train' with an image) among {len(records)} valid records"
+            + (f" ({report.skipped} lines skipped as invalid)" if report.skipped else "")
+        )
+    val_records = [r for r in with_image if r.split == "val"]
+    return DataSource(path, "manifest", train_records=train_records, val_records=val_records)
+
+
+def _equalize(batch: dict[str, Any], n: int) -> dict[str, Any]:
+    """The first `n` samples of a batch (tensors and lists alike)."""
+    return {k: v[:n] for k, v in batch.items()}
+
+
+class BatchStream:
+    """Endless batches from a DataLoader, with a data position that can be saved and restored.
+
+    For a map-style dataset the position is the sampler's (epoch, index) computed from the number of
+    batches training has consumed (DataLoader workers read ahead); for a streaming dataset it is
+    (epoch, batches consumed in the epoch) and restoring re-reads and discards those batches.
+    """
+
+    def __init__(self, loader: DataLoader, batch_size: int, seed: int):
+        self.loader = loader
+        self.sampler = getattr(loader, "sampler", None)
+        if not hasattr(self.sampler, "state_dict"):
+            self.sampler = None
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0  # streaming datasets only
+        self.consumed = 0  # batches taken from the current iterator
+        self._it: Iterator[Any] | None = None
+        self._skip = 0
+
+    def _start(self) -> None:
+        if self.loader.generator is not None:  # worker seeds: a function of the epoch, not of the global RNG
+            self.loader.generator.manual_seed(self.seed * 1000 + self.epoch)
+        if self.sampler is None and hasattr(self.loader.dataset, "set_epoch"):
+            self.loader.dataset.set_epoch(self.epoch)
+        self._it = iter(self.loader)
+        self.consumed = 0
+        while self._skip > 0:
+            self._skip -= 1
+            next(self._it)
+            self.consumed += 1
+
+    def next(self) -> dict[str, Any] | None:
+        if self._it is None:
+            self._start()
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            if self.consumed == 0:
+                raise DataError("the training data yielded no full batch in a whole epoch") from None
+            self.epoch += 1
+            self._start()
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                raise DataError("the training data yielded no full batch in a whole epoch") from None
+        self.consumed += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.sampler is not None:
+            if self._it is None:
+                return {"sampler": self.sampler.state_dict()}
+            return {"sampler": self.sampler.state_dict(samples_consumed=self.consumed * self.batch_size)}
+        return {"epoch": self.epoch, "batches": self.consumed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._it = None
+        if self.sampler is not None:
+            self.sampler.load_state_dict(state["sampler"])
+        else:
+            self.epoch, self._skip = int(state["epoch"]), int(state["batches"])
+
+
+# --------------------------------------------------------------------------------------- stopping
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag that the loop checks once per step (it then checkpoints and exits 0)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step", file=sys.stderr)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+
+def build_model(config: MedUnifierConfig) -> nn.Module:
+    """The model a run trains (a function so that tests can substitute it)."""
+    from medunifier.model.medunifier import MedUnifier
+
+    return MedUnifier(config)
+
+
+def weights_checksum(model: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer, in name order (compares processes and runs)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ trainer
+
+
+class Trainer:
+    """One invocation of a run: builds everything, trains stage after stage, saves, logs."""
+
+    def __init__(
+        self,
+        config: MedUnifierConfig,
+        source: DataSource,
+        run_dir: Path,
+        stages: list[Stage],
+        max_steps: int,
+        resume_from: Path | None,
+    ):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+        self.config, self.source, self.run_dir, self.stages = config, source, run_dir, stages
+        self.tc = config.train
+        self.stop_at = max_steps
+        # unused parameters are normal: a zero loss weight skips an objective, a stage freezes modules
+        self.accelerator = Accelerator(
+            mixed_precision=self.tc.mixed_precision,
+            gradient_accumulation_steps=self.tc.grad_accum,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        acc = self.accelerator
+        self.rank, self.world = acc.process_index, acc.num_processes
+        self.is_main = acc.is_main_process
+        if self.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, run_dir / "config.yaml")
+        acc.wait_for_everyone()
+
+        set_seed(self.tc.seed)  # identical initialisation on every process
+        model = build_model(config)
+        model.set_trainable(None)  # the optimiser holds every parameter any stage may train
+        optimizer = build_optimizer(model, self.tc.lr, self.tc.weight_decay, tuple(self.tc.betas))
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.tokenizer = self.unwrapped.tokenizer
+
+        self.step = 0
+        self.skipped_steps = 0
+        self.dropped_samples = 0
+        self.samples_seen = 0
+        self.first_ids: list[str] = []
+        self.stage_index = 0
+        self.stream: BatchStream | None = None
+        self.scheduler: WarmupCosineSchedule | None = None
+        self.last_saved: int | None = None
+        self.last_val: int | None = None
+        saved_data: dict[str, Any] | None = None
+        saved_sched: dict[str, Any] | None = None
+        self.resumed_from = resume_from
+        if resume_from is not None:
+            saved_world = json.loads((resume_from / "trainer_state.json").read_text()).get("world_size", self.world)
+            same_world = saved_world == self.world
+            # another process count: rank 0's data position is re-split by the sampler, RNG starts afresh
+            trainer_state, rank_state = load_checkpoint(
+                resume_from, self.unwrapped, self.optimizer, rank=self.rank if same_world else 0,
+                restore_rng=same_world,
+            )
+            self._check_resume(trainer_state)
+            self.step = int(trainer_state["step"])
+            self.skipped_steps = int(trainer_state.get("skipped_steps", 0))
+            self.dropped_samples = int(trainer_state.get("dropped_samples", 0))
+            self.samples_seen = int(trainer_state.get("samples_seen", 0))
+            if acc.scaler is not None and trainer_state.get("scaler"):
+                acc.scaler.load_state_dict(trainer_state["scaler"])
+            stage_now = stage_at(stages, self.step)[0]
+            if trainer_state.get("stage_index") == stage_now:
+                saved_sched = trainer_state.get("scheduler")
+            if not same_world or rank_state is None:
+                set_seed(self.tc.seed + self.rank + self.step)
+            if rank_state is not None and rank_state.get("stage_index") == stage_now:
+                saved_data = rank_state.get("data")
+            self.last_saved = self.last_val = self.step
+            if self.is_main:
+                dropped = truncate_metrics(run_dir, self.step)
+                print(f"resumed from {resume_from} at step {self.step}"
+                      + (f" (dropped {dropped} metric records logged after it)" if dropped else ""))
+        else:
+            set_seed(self.tc.seed + self.rank)  # dropout and ITM negatives differ across processes
+        self._saved_data, self._saved_sched = saved_data, saved_sched
+        self.logger = MetricsLogger(run_dir, enabled=self.is_main)
+        self.stop = StopFlag()
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def _check_resume(self, trainer_state: dict[str, Any]) -> None:
+        saved = trainer_state.get("stages")
+        now = [[s.name, s.steps] for s in self.stages]
+        if saved is not None and saved != now:
+            raise ConfigError(f"the checkpoint's curriculum {saved} differs from this config's {now}")
+        if trainer_state.get("world_size", self.world) != self.world:
+            print(f"warning: resuming a {trainer_state['world_size']}-process run on {self.world} processes: "
+                  "the data order is re-split (a few samples may repeat)", file=sys.stderr)
+
+    # ------------------------------------------------------------------------------------- data
+
+    def _loader(self, stage: Stage, split: str) -> DataLoader | None:
+        from medunifier.data.dataset import (
+            Collator,
+            ManifestDataset,
+            ResumableRandomSampler,
+            make_mixture_sampler,
+        )
+
+        cfg, tc = self.config, self.tc
+        collate = Collator(self.tokenizer, max_length=cfg.text.max_length)
+        image_kw = {"image_size": cfg.image.size, "channels": cfg.image.channels,
+                    "mean": cfg.image.mean, "std": cfg.image.std}
+        seed = tc.seed + 1000 * stage.index
+        common = {"batch_size": tc.batch_size, "collate_fn": collate, "num_workers": tc.num_workers,
+                  "pin_memory": self.accelerator.device.type == "cuda", "persistent_workers": False}
+        if self.source.kind == "shards":
+            from medunifier.data.shards import StreamingShardDataset
+
+            dataset = StreamingShardDataset(self.source.path, splits=[split], seed=seed,
+                                            shuffle_buffer=256 if split == "train" else 0,
+                                            rank=self.rank, world_size=self.world, **image_kw)
+            return DataLoader(dataset, drop_last=split == "train", generator=torch.Generator(), **common)
+        records = self.source.train_records if split == "train" else self.source.val_records
+        if not records:
+            return None
+        dataset = ManifestDataset(records, root=self.source.path.parent, **image_kw)
+        if split == "train" and stage.mixture:
+            sampler = make_mixture_sampler(dataset, stage.mixture, seed=seed, num_replicas=self.world,
+                                           rank=self.rank)
+        else:
+            sampler = ResumableRandomSampler(len(dataset), seed=seed, num_replicas=self.world, rank=self.rank,
+                                             shuffle=split == "train")
+            if split == "train" and len(sampler) < tc.batch_size:
+                raise DataError(f"the train split has {len(dataset)} samples: fewer than one batch of "
+                                f"{tc.batch_size} per process ({self.world} processes)")
+        return DataLoader(dataset, sampler=sampler, drop_last=split == "train", generator=torch.Generator(),
+                          **common)
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        device = self.accelerator.device
+        return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+    def _agree(self, values: list[float], op: str) -> list[float]:
+        """One small collective: the min or max of each value over processes (no-op on one process)."""
+        if self.world == 1:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
+        return t.tolist()
+
+    def _next_batch(self) -> dict[str, Any]:
+        """The next micro-batch, cut to the same size on every process (unreadable images were dropped)."""
+        assert self.stream is not None
+        empty = 0
+        while True:
+            batch = self.stream.next()
+            n_local = 0 if batch is None else len(batch["ids"])
+            self.dropped_samples += self.tc.batch_size - n_local
+            (n,) = self._agree([float(n_local)], "min")
+            if n > 0:
+                batch = _equalize(batch, int(n)) if n < n_local else batch
+                if len(self.first_ids) < 64:  # which samples this process saw first (ranks/rank-N.json)
+                    self.first_ids.extend(batch["ids"][: 64 - len(self.first_ids)])
+                return self._to_device(batch)
+            empty += 1
+            if empty >= 100:
+                raise DataError("100 batches in a row had no readable image: check the image paths")
+
+    # ------------------------------------------------------------------------------- stage set-up
+
+    def _enter_stage(self, stage: Stage, stage_step: int) -> None:
+        self.stage_index = stage.index
+        self.unwrapped.set_trainable(stage.train_modules)
+        self.scheduler = WarmupCosineSchedule(
+            self.optimizer, peak_lr=stage.lr, total_steps=stage.steps, warmup_ratio=self.tc.warmup_ratio,
+            warmup_start_lr=self.tc.warmup_start_lr, min_lr=self.tc.min_lr,
+        )
+        if self._saved_sched is not None:
+            self.scheduler.load_state_dict(self._saved_sched)
+        elif stage_step:
+            self.scheduler.set_step(stage_step)
+        loader = self._loader(stage, "train")
+        self.stream = BatchStream(loader, self.tc.batch_size, seed=self.tc.seed + 1000 * stage.index + self.rank)
+        if self._saved_data is not None:
+            self.stream.load_state_dict(self._saved_data)
+        self._saved_data = self._saved_sched = None
+        if self.is_main:
+            trainable = sum(p.numel() for p in self.unwrapped.parameters() if p.requires_grad)
+            print(f"stage {stage.index + 1}/{len(self.stages)} '{stage.name}': steps {stage.start}-{stage.end}, "
+                  f"lr {stage.lr:g}, losses {stage.losses.model_dump()}, mixture {stage.mixture or 'all'}, "
+                  f"trainable {trainable:,} parameters" + (f", from step {self.step}" if stage_step else ""))
+
+    # ------------------------------------------------------------------------------------- saving
+
+    def save(self, step: int, rng_state: Any = None, data_state: dict[str, Any] | None = None) -> Path:
+        stage_now = stage_at(self.stages, step)[0]
+        in_stage = stage_now == self.stage_index and self.stream is not None
+        acc = self.accelerator
+        trainer_state = {
+            "stage_index": stage_now,
+            "stage_name": self.stages[stage_now].name if stage_now < len(self.stages) else "done",
+            "stages": [[s.name, s.steps] for s in self.stages],
+            "scheduler": self.scheduler.state_dict() if in_stage and self.scheduler else None,
+            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+            "skipped_steps": self.skipped_steps,
+            "dropped_samples": self.dropped_samples,
+            "samples_seen": self.samples_seen,
+            "world_size": self.world,
+            "config_name": self.config.name,
+            "time": time.time(),
+        }
+        if in_stage and data_state is None:
+            data_state = self.stream.state_dict()
+        rank_state = {"stage_index": stage_now, "data": data_state if in_stage else None}
+        path = save_checkpoint(
+            self.run_dir, step, self.unwrapped, self.optimizer, trainer_state, rank_state, rng_state,
+            rank=self.rank, is_main=self.is_main, barrier=acc.wait_for_everyone, keep_last=self.tc.keep_last,
+        )
+        self.last_saved = step
+        return path
+
+    # ------------------------------------------------------------------------------------ training
+
+    def _train_step(self, stage: Stage) -> dict[str, Any]:
+        """One optimiser step over grad_accum micro-batches; returns what happened."""
+        acc, tc = self.accelerator, self.tc
+        loss_sums: dict[str, float] = defaultdict(float)
+        metric_sums: dict[str, float] = defaultdict(float)
+        samples = 0
+        grad_norm = None
+        for micro in range(tc.grad_accum):
+            batch = self._next_batch()
+            samples += len(batch["ids"])
+            with acc.accumulate(self.model):
+                out = self.model(batch, loss_weights=stage.losses)
+                values = {"loss": out.loss.detach(), **{f"loss_{k}": v.detach() for k, v in out.losses.items()}}
+                finite = bool(torch.isfinite(out.loss.detach()))
+                (bad,) = self._agree([0.0 if finite else 1.0], "max")
+                if bad:
+                    if self.world > 1:  # finish DDP's gradient reduction before throwing the gradients away
+                        acc.backward(out.loss * 0.0)
+                    self.unwrapped.zero_grad(set_to_none=True)
+                    acc.step = 0  # realign gradient accumulation for the next step
+                    return {"finite": False, "ids": batch["ids"], "losses": _floats(values), "micro": micro,
+                            "samples": samples}
+                acc.backward(out.loss)
+                if acc.sync_gradients:
+                    max_norm = tc.grad_clip if tc.grad_clip is not None else float("inf")
+                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+                    if (grad_norm is not None and not torch.isfinite(grad_norm)
+                            and tc.mixed_precision != "fp16"):  # fp16 overflows are the grad scaler's job
+                        self.unwrapped.zero_grad(set_to_none=True)
+                        return {"finite": False, "ids": batch["ids"], "losses": _floats(values),
+                                "micro": micro, "samples": samples, "grad_norm": float(grad_norm)}
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            for k, v in values.items():
+                loss_sums[k] += float(v) / tc.grad_accum
+            for k, v in out.metrics.items():
+                metric_sums[k] += float(v) / tc.grad_accum
+        return {"finite": True, "losses": dict(loss_sums), "metrics": dict(metric_sums), "samples": samples,
+                "grad_norm": None if grad_norm is None else float(grad_norm)}
+
+    @torch.no_grad()
+    def validate(self, stage: Stage) -> dict[str, float]:
+        """Mean losses on the val split (model.eval(), no grad, a fixed RNG: comparable across steps)."""
+        loader = self._loader(stage, "val")
+        if loader is None:
+            return {}
+        model = self.unwrapped
+        model.eval()
+        sums: dict[str, float] = defaultdict(float)
+        batches = 0
+        devices = [self.accelerator.device.index or 0] if self.accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.tc.seed)
+            iterator = iter(loader)
+            for _ in range(MAX_VAL_BATCHES):
+                batch = next(iterator, None)
+                n_local = 0 if batch is None else len(batch["ids"])
+                (n,) = self._agree([float(n_local)], "min")
+                if n == 0:
+                    break
+                batch = self._to_device(_equalize(batch, int(n)))
+                with self.accelerator.autocast():
+                    out = model(batch, loss_weights=stage.losses)
+                sums["loss"] += float(out.loss)
+                for k, v in out.losses.items():
+                    sums[f"loss_{k}"] += float(v)
+                batches += 1
+        model.train()
+        if batches == 0:
+            return {}
+        keys = sorted(sums)
+        totals = torch.tensor([sums[k] / batches for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        if self.world > 1:
+            totals = self.accelerator.reduce(totals, reduction="mean")
+        return dict(zip(keys, totals.tolist()))
+
+    def _log_window(self, window: dict[str, Any], stage: Stage, lr: float) -> dict[str, Any]:
+        keys = sorted(window["losses"])
+        n = max(1, window["steps"])
+        values = [window["losses"][k] / n for k in keys] + [float(window["samples"]), window["time"]]
+        t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        if self.world > 1:
+            t = self.accelerator.reduce(t, reduction="sum")
+            t[: len(keys)] /= self.world
+            t[-1] /= self.world  # mean wall time of a process
+        t = t.tolist()
+        record = {"kind": "train", "step": self.step, "stage": stage.name, "lr": lr}
+        record.update(dict(zip(keys, t[: len(keys)])))
+        record["samples_per_s"] = t[-2] / max(t[-1], 1e-9)
+        record.update({k: v / n for k, v in sorted(window["metrics"].items())})
+        if window["grad_norm"] is not None:
+            record["grad_norm"] = window["grad_norm"]
+        record["skipped_steps"] = self.skipped_steps
+        record["dropped_samples"] = self.dropped_samples
+        record["samples_seen"] = self.samples_seen
+        return record
+
+    def run(self) -> TrainResult:
+        acc, tc = self.accelerator, self.tc
+        total = total_steps(self.stages)
+        progress = _progress(self.is_main, self.step, self.stop_at)
+        throughput: list[float] = []
+        result = TrainResult(self.run_dir, self.step, "")
+        self.stop.install()
+        try:
+            self.model.train()
+            while self.step < self.stop_at:
+                stage_idx, stage_step = stage_at(self.stages, self.step)
+                stage = self.stages[stage_idx]
+                self._enter_stage(stage, stage_step)
+                window = _new_window()
+                while self.step < min(stage.end, self.stop_at):
+                    (stop,) = self._agree([1.0 if self.stop.requested else 0.0], "max")
+                    if stop:
+                        result.interrupted = True
+                        break
+                    lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
+                    data_before = self.stream.state_dict()
+                    rng_before = capture_rng_state()
+                    t0 = time.perf_counter()
+                    outcome = self._train_step(stage)
+                    if not outcome["finite"]:
+                        self._nonfinite(stage, outcome, data_before, rng_before)
+                    self.scheduler.step()
+                    self.step += 1
+                    dt = time.perf_counter() - t0
+                    self.samples_seen += outcome["samples"] * self.world
+                    window["steps"] += 1 if outcome["finite"] else 0
+                    window["samples"] += outcome["samples"]
+                    window["time"] += dt
+                    if outcome["finite"]:
+                        for k, v in outcome["losses"].items():
+                            window["losses"][k] += v
+                        for k, v in outcome["metrics"].items():
+                            window["metrics"][k] += v
+                        window["grad_norm"] = outcome["grad_norm"]
+                    if self.step % tc.log_every == 0:
+                        record = self._log_window(window, stage, lr)
+                        throughput.append(record["samples_per_s"])
+                        self.logger.log(record)
+                        _progress_update(progress, self.step, record)
+                        window = _new_window()
+                    elif progress is not None:
+                        progress.update(self.step - progress.n)
+                    if self.step % tc.val_every == 0:
+                        self._run_validation(stage)
+                    if self.step == stage.end and self.step < total:
+                        self.save(self.step)  # stage boundary
+                    elif self.step % tc.save_every == 0:
+                        self.save(self.step)
+                if result.interrupted:
+                    break
+            final_stage = self.stages[min(stage_at(self.stages, self.step)[0], len(self.stages) - 1)]
+            if self.last_saved != self.step:
+                result.checkpoint = self.save(self.step)
+            else:
+                result.checkpoint = latest_checkpoint(self.run_dir)
+            if not result.interrupted:
+                if self.last_val != self.step:
+                    self._run_validation(final_stage)
+                if self.is_main:
+                    result.model_dir = self.unwrapped.save_pretrained(self.run_dir / "model")
+            if self.world > 1:
+                self._write_rank_summary()
+            acc.wait_for_everyone()
+            result.stage = final_stage.name
+        finally:
+            self.stop.restore()
+            if progress is not None:
+                progress.close()
+            self.logger.close()
+            if self.is_main:
+                plot_loss_curves(self.run_dir)
+        result.step = self.step
+        result.skipped_steps = self.skipped_steps
+        result.dropped_samples = self.dropped_samples
+        result.samples_per_s = sum(throughput[1:] or throughput) / max(1, len(throughput[1:] or throughput))
+        if result.interrupted and self.is_main:
+            print(f"stopped by {signal.Signals(self.stop.signal).name} at step {self.step}; "
+                  f"checkpoint {result.checkpoint}; continue with --resume")
+        return result
+
+    def _run_validation(self, stage: Stage) -> None:
+        val = self.validate(stage)
+        self.last_val = self.step
+        if val:
+            self.logger.log({"kind": "val", "step": self.step, "stage": stage.name, **val})
+            if self.is_main:
+                print(f"step {self.step} val " + " ".join(f"{k}={v:.4f}" for k, v in val.items()))
+
+    def _nonfinite(self, stage: Stage, outcome: dict[str, Any], data_before: Any, rng_before: Any) -> None:
+        what = "gradient norm" if "grad_norm" in outcome else "loss"
+        detail = (f"non-finite {what} at step {self.step + 1} (stage '{stage.name}', micro-batch "
+                  f"{outcome['micro']}); losses {outcome['losses']}"
+                  + (f", grad_norm {outcome['grad_norm']}" if "grad_norm" in outcome else "")
+                  + f"; batch ids {outcome['ids']}")
+        if self.tc.skip_nonfinite:
+            self.skipped_steps += 1
+            print(f"warning: skipped {detail}", file=sys.stderr)
+            return
+        path = self.save(self.step, rng_state=rng_before, data_state=data_before)
+        raise NonFiniteLossError(f"{detail}. Saved the last good state as {path}; set train.skip_nonfinite=true "
+                                 "to skip such steps, or lower train.lr")
+
+    def _write_rank_summary(self) -> None:
+        folder = self.run_dir / "ranks"
+        folder.mkdir(exist_ok=True)
+        summary = {"rank": self.rank, "world_size": self.world, "step": self.step,
+                   "weights_sha256": weights_checksum(self.unwrapped), "dropped_samples": self.dropped_samples,
+                   "first_sample_ids": self.first_ids}
+        (folder / f"rank-{self.rank}.json").write_text(json.dumps(summary, indent=1))
+
+
+def _floats(values: dict[str, Tensor]) -> dict[str, float]:
+    return {k: float(v) for k, v in values.items()}
+
+
+def _new_window() -> dict[str, Any]:
+    return {"steps": 0, "samples": 0, "time": 0.0, "losses": defaultdict(float), "metrics": defaultdict(float),
+            "grad_norm": None}
+
+
+def _progress(enabled: bool, start: int, total: int) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="pretrain", unit="step", dynamic_ncols=True,
+                disable=os.environ.get("MEDUNIFIER_NO_PROGRESS") == "1", file=sys.stderr)
+
+
+def _progress_update(progress: Any, step: int, record: dict[str, Any]) -> None:
+    if progress is None:
+        return
+    shown = {"loss": record.get("loss")}
+    for key in ("loss_itc", "loss_itm", "loss_itg", "loss_tig"):
+        if key in record:
+            shown[key[5:]] = record[key]
+    postfix = {k: f"{v:.3f}" for k, v in shown.items() if isinstance(v, float) and math.isfinite(v)}
+    postfix["samples/s"] = f"{record['samples_per_s']:.1f}"
+    progress.set_postfix(postfix, refresh=False)
+    progress.update(step - progress.n)
+
+
+# -------------------------------------------------------------------------------------- entry point
+
+
+def train(
+    config: str | Path | MedUnifierConfig,
+    data: str | Path,
+    out: str | Path,
+    max_steps: int | None = None,
+    resume: bool = False,
+    overrides: list[str] | None = None,
+) -> TrainResult:
+    """Pre-train MedUnifier on `data` (manifest or shards) into the run folder `out`.
+
+    `config` is a preset name, a YAML path or a config object; `overrides` are `key=value` strings.
+    `max_steps` stops this invocation early (the schedule still spans the config's steps);
+    `resume` continues from the last checkpoint in `out`. Everything that can be checked without the
+    model (config, data path, curriculum against the data, the run folder) is checked first.
+    """
+    if isinstance(config, MedUnifierConfig):
+        cfg = config
+        if overrides:
+            from medunifier.config import apply_overrides, config_from_dict
+
+            cfg = config_from_dict(apply_overrides(config.to_dict(), overrides), "<config + overrides>")
+    else:
+        cfg = load_config(config, overrides)
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError(f"max_steps must be >= 1, got {max_steps}")
+    stages = resolve_stages(cfg)
+    source = resolve_data(data)
+    if source.kind == "shards" and any(s.mixture for s in stages):
+        raise ConfigError("curriculum mixtures need a manifest: shards are read as a stream in file order")
+    from medunifier.model.medunifier import MedUnifier
+
+    validate_stages(stages, source.train_records, getattr(MedUnifier, "MODULE_PREFIXES", None))
+
+    run_dir = Path(out)
+    existing = list_checkpoints(run_dir)
+    resume_from = None
+    if resume:
+        resume_from = latest_checkpoint(run_dir)
+        if resume_from is None:
+            print(f"warning: --resume given but {run_dir} has no checkpoint: starting a new run", file=sys.stderr)
+    elif existing:
+        raise ConfigError(f"{run_dir} already holds checkpoints (latest {existing[-1].name}): pass --resume to "
+                          "continue it, or choose another --out")
+    total = total_steps(stages)
+    stop_at = total if max_steps is None else min(max_steps, total)
+    trainer = Trainer(cfg, source, run_dir, stages, stop_at, resume_from)
+    return trainer.run()

@@ -1,0 +1,119 @@
+"""Optimiser and learning-rate schedule of a run (paper: AdamW (0.9, 0.95), wd 0.05, 5% warm-up, cosine).
+
+`WarmupCosineSchedule` is a small stateful scheduler: the learning rate of optimiser step `s`
+(0-based) is a pure function of `s`, so a resumed run sees exactly the rates of an uninterrupted
+one. Linear warm-up from `warmup_start_lr` to `peak_lr` over `warmup_steps`, then a half cosine
+from `peak_lr` down to `min_lr` at `total_steps`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95)
+) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameter groups (no decay on norms, biases, embeddings, queries).
+
+    Uses `model.trainable_parameter_groups(weight_decay)` when the model defines it, else a generic
+    split: parameters with fewer than 2 dimensions, or named like a norm or an embedding, get no decay.
+    """
+    if hasattr(model, "trainable_parameter_groups"):
+        groups = model.trainable_parameter_groups(weight_decay)
+    else:
+        groups = default_parameter_groups(model, weight_decay)
+    groups = [g for g in groups if len(g["params"]) > 0]
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+
+
+def default_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        lowered = name.lower()
+        if param.ndim < 2 or "norm" in lowered or "embed" in lowered:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine_lr(
+    step: int, peak_lr: float, total_steps: int, warmup_steps: int, warmup_start_lr: float, min_lr: float
+) -> float:
+    """Learning rate of optimiser step `step` (0-based)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return warmup_start_lr + (peak_lr - warmup_start_lr) * step / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class WarmupCosineSchedule:
+    """Sets every param group's `lr` from the step count; `state_dict` is a JSON-able dict."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        peak_lr: float,
+        total_steps: int,
+        warmup_ratio: float = 0.05,
+        warmup_start_lr: float = 0.0,
+        min_lr: float = 0.0,
+    ):
+        self.optimizer = optimizer
+        self.peak_lr = float(peak_lr)
+        self.total_steps = int(total_steps)
+        self.warmup_steps = round(warmup_ratio * total_steps)
+        self.warmup_start_lr = float(min(warmup_start_lr, peak_lr))
+        self.min_lr = float(min(min_lr, peak_lr))
+        self.step_count = 0
+        self._apply()
+
+    def lr_at(self, step: int) -> float:
+        return warmup_cosine_lr(
+            step, self.peak_lr, self.total_steps, self.warmup_steps, self.warmup_start_lr, self.min_lr
+        )
+
+    def _apply(self) -> None:
+        lr = self.lr_at(self.step_count)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    def step(self) -> None:
+        self.step_count += 1
+        self._apply()
+
+    def set_step(self, step: int) -> None:
+        self.step_count = int(step)
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step_count": self.step_count,
+            "peak_lr": self.peak_lr,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "warmup_start_lr": self.warmup_start_lr,
+            "min_lr": self.min_lr,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = int(state["step_count"])
+        self.peak_lr = float(state["peak_lr"])
+        self.total_steps = int(state["total_steps"])
+        self.warmup_steps = int(state["warmup_steps"])
+        self.warmup_start_lr = float(state["warmup_start_lr"])
+        self.min_lr = float(state["min_lr"])
+        self._apply()

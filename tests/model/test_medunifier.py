@@ -1,0 +1,200 @@
+"""The top-level model: objectives, gradient routing, ITC reference, hard negatives, save/load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medunifier.config import LossWeights, load_config
+from medunifier.model.medunifier import MedUnifier, itc_similarity, sample_hard_negatives
+
+SMALL = [
+    "image.size=32",
+    "vision.hidden_size=64",
+    "vision.num_layers=2",
+    "vision.num_heads=2",
+    "vision.intermediate_size=128",
+    "vision.patch_size=8",
+    "encoder.hidden_size=64",
+    "encoder.num_layers=2",
+    "encoder.num_heads=2",
+    "encoder.intermediate_size=128",
+    "encoder.num_queries=4",
+    "encoder.max_position_embeddings=64",
+    "encoder.embed_dim=32",
+    "encoder.dropout=0.0",
+    "text.max_length=32",
+    "generator.top_size=4",
+    "generator.bottom_size=8",
+    "generator.codebook_size=32",
+    "generator.codebook_dim=16",
+    "generator.adapter_hidden=32",
+    "generator.decoder_channels=16",
+    "generator.kmeans_init=false",
+]
+
+TEXTS = [
+    "FINDINGS: Mild cardiomegaly. No pleural effusion. IMPRESSION: Enlarged heart.",
+    "FINDINGS: Small left pleural effusion. IMPRESSION: Left effusion.",
+    "FINDINGS: The lungs are clear. IMPRESSION: No acute cardiopulmonary process.",
+    "FINDINGS: Right upper lobe consolidation. IMPRESSION: Pneumonia.",
+]
+
+
+def small_model(*extra: str) -> MedUnifier:
+    torch.manual_seed(0)
+    return MedUnifier(load_config("tiny", [*SMALL, *extra]))
+
+
+def make_batch(model: MedUnifier, n: int = 4) -> dict:
+    torch.manual_seed(1)
+    c = model.config.image
+    texts = [TEXTS[i % len(TEXTS)] for i in range(n)]
+    batch = model.tokenize(texts)
+    batch["pixel_values"] = torch.randn(n, c.channels, c.size, c.size)
+    batch["ids"] = [f"s{i}" for i in range(n)]
+    batch["prefix_lengths"] = torch.zeros(n, dtype=torch.long)
+    return batch
+
+
+def grads_by_module(model: MedUnifier) -> dict[str, bool]:
+    """For each top-level module: did any parameter receive a non-zero gradient?"""
+    seen: dict[str, bool] = {}
+    for name, param in model.named_parameters():
+        top = name.split(".")[0]
+        got = param.grad is not None and bool(param.grad.abs().sum() > 0)
+        seen[top] = seen.get(top, False) or got
+    return seen
+
+
+def test_forward_returns_every_loss_and_their_weighted_sum() -> None:
+    model = small_model()
+    out = model(make_batch(model))
+    assert set(out.losses) >= {"itc", "itm", "itg", "tig"}
+    assert all(torch.isfinite(v) for v in out.losses.values())
+    weighted = sum(out.losses[k] for k in ("itc", "itm", "itg", "tig"))
+    assert torch.allclose(out.loss, weighted)
+    for key in ("itc_acc", "itm_acc", "codebook_usage_top", "perplexity_bottom", "psnr", "itc_global_batch"):
+        assert key in out.metrics
+    assert out.metrics["itc_global_batch"] == 4
+
+
+def test_frozen_vision_gets_no_gradient() -> None:
+    model = small_model("vision.frozen=true")
+    model.train()
+    assert not model.vision.training  # stays in eval mode
+    model(make_batch(model)).loss.backward()
+    assert all(p.grad is None for p in model.vision.parameters())
+    assert grads_by_module(model)["encoder"]
+
+
+def test_tig_off_generator_untouched_and_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = small_model()
+
+    def boom(*args, **kwargs):
+        raise AssertionError("generator ran with TIG off")
+
+    monkeypatch.setattr(model.generator, "forward", boom)
+    out = model(make_batch(model), loss_weights=LossWeights(tig=0))
+    out.loss.backward()
+    assert "tig" not in out.losses
+    assert all(p.grad is None for p in model.generator.parameters())
+
+
+@pytest.mark.parametrize(
+    ("objective", "trains", "untouched"),
+    [
+        ("itc", {"encoder", "image_proj", "text_proj", "temperature"}, {"itm_head", "generator"}),
+        ("itm", {"encoder", "itm_head"}, {"image_proj", "text_proj", "temperature", "generator"}),
+        ("itg", {"encoder"}, {"image_proj", "text_proj", "itm_head", "temperature", "generator"}),
+        ("tig", {"encoder", "generator"}, {"image_proj", "text_proj", "itm_head", "temperature"}),
+    ],
+)
+def test_each_objective_alone_trains_only_its_modules(objective: str, trains: set, untouched: set) -> None:
+    model = small_model("vision.frozen=true")
+    weights = LossWeights(**{k: float(k == objective) for k in ("itc", "itm", "itg", "tig")})
+    out = model(make_batch(model), loss_weights=weights)
+    assert set(out.losses) & {"itc", "itm", "itg", "tig"} == {objective}
+    out.loss.backward()
+    got = grads_by_module(model)
+    for name in trains:
+        assert got.get(name), f"{objective}: {name} received no gradient"
+    for name in untouched:
+        assert not got.get(name), f"{objective}: {name} received a gradient"
+
+
+def test_itc_matches_reference_loops() -> None:
+    torch.manual_seed(0)
+    image = F.normalize(torch.randn(3, 5, 8), dim=-1)
+    text = F.normalize(torch.randn(3, 8), dim=-1)
+    sim_i2t, sim_t2i = itc_similarity(image, text, 0.07)
+    expected = torch.empty(3, 3)
+    for i in range(3):
+        for t in range(3):
+            expected[i, t] = max(float(image[i, q] @ text[t]) for q in range(5)) / 0.07
+    assert torch.allclose(sim_i2t, expected, atol=1e-5)
+    assert torch.allclose(sim_t2i, expected.t(), atol=1e-5)
+
+
+def test_hard_negatives_never_positive_or_duplicate() -> None:
+    torch.manual_seed(0)
+    sim = torch.randn(6, 6) * 5
+    sim.fill_diagonal_(100.0)  # the positive would always win without the mask
+    forbidden = torch.eye(6, dtype=torch.bool)
+    forbidden[0, 3] = forbidden[3, 0] = True  # samples 0 and 3 are duplicates
+    sim[0, 3] = 100.0
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_hard_negatives(sim, forbidden, gen) for _ in range(300)])  # [300, 6]
+    rows = torch.arange(6).expand_as(draws)
+    assert not forbidden[rows, draws].any()
+    # hard: the most similar allowed candidate is drawn most often
+    sim_allowed = sim.masked_fill(forbidden, -1e9)
+    best = sim_allowed.argmax(1)
+    mode = torch.mode(draws, dim=0).values
+    assert (mode == best).float().mean() >= 0.8
+
+
+def test_hard_negative_fallback_when_everything_is_a_duplicate() -> None:
+    forbidden = torch.ones(3, 3, dtype=torch.bool)
+    idx = sample_hard_negatives(torch.zeros(3, 3), forbidden)
+    assert idx.shape == (3,) and (idx >= 0).all() and (idx < 3).all()
+
+
+def test_save_load_round_trip_is_exact(tmp_path: Path) -> None:
+    model = small_model()
+    batch = make_batch(model)
+    model(batch)  # initialise codebooks
+    model.eval()
+    with torch.no_grad():
+        before = model(batch)
+    model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "config.json").exists()
+    loaded = MedUnifier.from_pretrained(tmp_path / "m").eval()
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        after = loaded(batch)
+    for key in before.losses:
+        assert torch.allclose(before.losses[key], after.losses[key]), key
+
+
+def test_public_api_shapes() -> None:
+    model = small_model().eval()
+    batch = make_batch(model, 2)
+    img = model.encode_image(batch["pixel_values"])
+    txt = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    q, e = model.config.encoder.num_queries, model.config.encoder.embed_dim
+    assert img.shape == (2, q, e) and txt.shape == (2, e)
+    assert torch.allclose(img.norm(dim=-1), torch.ones(2, q), atol=1e-5)
+    assert model.similarity(img, txt).shape == (2, 2)
+    scores = model.itm_score(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    assert scores.shape == (2,) and ((scores >= 0) & (scores <= 1)).all()
+    top, bottom = model.encode_codes(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    assert top.shape == (2, 4, 4) and bottom.shape == (2, 8, 8)
+    recon = model.decode_codes(top, bottom)
+    assert recon.shape == batch["pixel_values"].shape
+    reports = model.generate_report(batch["pixel_values"], num_beams=2, max_length=8)
+    assert len(reports) == 2 and all(isinstance(r, str) for r in reports)

@@ -1,0 +1,139 @@
+"""VisionEncoder: every backbone builds and returns [B, 1 + L, Dv]; frozen vs trainable; feature cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medunifier.config import ImageConfig, VisionConfig, load_config
+from medunifier.model.vision import BACKBONES, FeatureCache, VisionEncoder, count_parameters
+
+
+def tiny(backbone: str = "vit", **kw) -> VisionConfig:
+    base = dict(
+        backbone=backbone, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, patch_size=8
+    )
+    return VisionConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_backbone_shapes(backbone, channels):
+    torch.manual_seed(0)
+    enc = VisionEncoder(tiny(backbone), ImageConfig(size=32, channels=channels))
+    x = torch.randn(2, channels, 32, 32)
+    out = enc(x)
+    assert enc.num_patches == 16 and enc.hidden_size == 32
+    assert out.shape == (2, 1 + 16, 32)
+    assert torch.isfinite(out).all()
+    # final LayerNorm: patch tokens are normalised (zero mean, unit variance before the affine, which is 1/0)
+    patches = out[:, 1:]
+    assert patches.mean(-1).abs().max() < 1e-4
+    assert (patches.var(-1, unbiased=False) - 1).abs().max() < 1e-2
+    # the two samples differ: features depend on the input
+    assert (out[0] - out[1]).abs().max() > 1e-3
+    if backbone in ("vit", "dinov2", "siglip", "clip"):
+        assert enc.backbone.config._attn_implementation == "sdpa"
+
+
+def test_grey_input_repeated_for_a_three_channel_backbone():
+    torch.manual_seed(0)
+    enc = VisionEncoder(tiny("blip2"), ImageConfig(size=32, channels=1))  # EVA's patch conv takes RGB
+    assert enc.in_channels == 3
+    grey = torch.randn(2, 1, 32, 32)
+    assert torch.allclose(enc(grey), enc(grey.expand(-1, 3, -1, -1)))
+
+
+def test_frozen_no_grad_and_eval_kept():
+    enc = VisionEncoder(tiny("vit"), ImageConfig(size=32, channels=1))
+    assert all(not p.requires_grad for p in enc.parameters())
+    enc.train()
+    assert enc.training and not enc.backbone.training
+    assert not any(m.training for m in enc.backbone.modules())
+    out = enc(torch.randn(2, 1, 32, 32))
+    assert not out.requires_grad and out.grad_fn is None
+
+
+def test_trainable_gets_gradients_and_train_mode():
+    enc = VisionEncoder(tiny("dinov2", frozen=False), ImageConfig(size=32, channels=1))
+    enc.train()
+    assert enc.backbone.training
+    out = enc(torch.randn(2, 1, 32, 32))
+    out.pow(2).mean().backward()
+    grads = [p.grad for p in enc.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads[:5])
+    assert enc.backbone.embeddings.patch_embeddings.projection.weight.grad.abs().sum() > 0
+
+
+def test_feature_cache_hit_skips_backbone():
+    enc = VisionEncoder(tiny("vit", cache_features=True), ImageConfig(size=32, channels=1))
+    calls = []
+    enc.backbone.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    x = torch.randn(3, 1, 32, 32)
+    first = enc(x, cache_keys=["a", "b", "c"])
+    assert calls == [3]
+    again = enc(torch.zeros_like(x), cache_keys=["a", "b", "c"])  # other pixels, same keys: cached features
+    assert calls == [3]
+    assert torch.equal(first, again)
+    mixed = enc(torch.cat([x[1:2], torch.randn(1, 1, 32, 32)]), cache_keys=["b", "d"])
+    assert calls == [3, 1]  # only the unknown key went through the backbone
+    assert torch.equal(mixed[0], first[1])
+    uncached = enc(x)  # no keys: plain forward
+    assert calls == [3, 1, 3] and torch.allclose(uncached, first, atol=1e-6)
+
+
+def test_feature_cache_is_lru_bounded():
+    cache = FeatureCache(max_bytes=3 * 4 * 10)  # three float32 tensors of 10 values
+    for key in "abc":
+        cache.put(key, torch.zeros(10))
+    assert cache.get("a") is not None  # "a" becomes most recently used
+    cache.put("d", torch.zeros(10))
+    assert "b" not in cache and {"a", "c", "d"} <= {k for k in "abcd" if k in cache}
+    assert cache.num_bytes == 120 and len(cache) == 3
+
+
+def test_cache_needs_frozen_encoder():
+    with pytest.raises(ValueError, match="frozen"):
+        VisionEncoder(tiny("vit", cache_features=True, frozen=False), ImageConfig(size=32, channels=1))
+
+
+def test_pretrained_local_folder(tmp_path):
+    """A saved backbone reloads from its folder (never from a hub); grey input feeds an RGB backbone."""
+    torch.manual_seed(0)
+    source = VisionEncoder(tiny("vit"), ImageConfig(size=32, channels=3))
+    source.backbone.save_pretrained(tmp_path / "vit")
+    loaded = VisionEncoder(
+        VisionConfig(backbone="vit", pretrained=str(tmp_path / "vit"), patch_size=8),
+        ImageConfig(size=32, channels=1),
+    )
+    assert loaded.hidden_size == 32  # from the folder, not from VisionConfig's default 192
+    grey = torch.randn(2, 1, 32, 32)
+    assert torch.allclose(loaded(grey), source(grey.expand(-1, 3, -1, -1)), atol=1e-6)
+    # a different input size resamples the position embeddings
+    bigger = VisionEncoder(
+        VisionConfig(backbone="vit", pretrained=str(tmp_path / "vit"), patch_size=8),
+        ImageConfig(size=48, channels=3),
+    )
+    assert bigger(torch.randn(1, 3, 48, 48)).shape == (1, 1 + 36, 32)
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        VisionEncoder(VisionConfig(backbone="vit", pretrained="google/vit-base-patch16-224"), ImageConfig())
+
+
+def test_paper_preset_architecture_on_meta_device():
+    """EVA ViT-g/14 as in the paper: 39 layers of width 1408, ~1B parameters (no memory allocated here)."""
+    config = load_config("paper")
+    with torch.device("meta"):
+        enc = VisionEncoder(config.vision, config.image)
+    assert enc.hidden_size == 1408 and enc.num_patches == 256
+    assert len(enc.backbone.encoder.layers) == 39
+    assert 0.95e9 < count_parameters(enc) < 1.05e9
+
+
+@pytest.mark.slow
+def test_paper_preset_builds_on_cpu():
+    """The real random-init build (~1B params, ~4 GB, ~20 s on 2 cores) and one forward on a single image."""
+    config = load_config("paper")
+    enc = VisionEncoder(config.vision, config.image)
+    assert count_parameters(enc) == 985_952_256
+    out = enc(torch.randn(1, 3, 224, 224))
+    assert out.shape == (1, 257, 1408) and torch.isfinite(out).all()
