@@ -80,7 +80,8 @@ def data_convert(
     root: Path = typer.Option(..., help="the dataset in its official layout (folder; the .npz for medmnist; "
                               "the folder or the reports .tgz for iu-xray)"),
     out: Path = typer.Option(..., help="output folder: manifest.jsonl, images/, conversion.json"),
-    image_size: int | None = typer.Option(None, help="resize so the short side (both with --square) is this"),
+    image_size: int | None = typer.Option(None, help="resize to PNG so the short side (both with --square) is "
+                                          "this; without it PNG/JPEG files are copied as they are"),
     square: bool = typer.Option(False, "--square", help="resize to image-size x image-size"),
     min_size: int | None = typer.Option(None, help="drop images whose short side is below this (default 32; "
                                         "0 for medmnist)"),
@@ -172,6 +173,37 @@ def data_shards(
         console.print(f"[yellow]skipped[/yellow] {reason}")
     console.print(f"wrote {index['total']} samples in {len(paths)} shards to {out} "
                   f"({len(index['skipped'])} records left out); index: {out / INDEX_NAME}")
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(..., help="output folder: images/, manifest.jsonl, images_5x200/, manifest_5x200.jsonl"),
+    n: int = typer.Option(10_000, help="images in the main set (split 80/10/10 train/val/test)"),
+    size: int = typer.Option(128, help="image side in pixels"),
+    seed: int = typer.Option(0, help="the same seed gives byte-identical files"),
+    workers: int | None = typer.Option(None, help="worker processes (default: all CPU cores)"),
+    per_class_5x200: int = typer.Option(200, "--per-class-5x200",
+                                        help="images per competition finding in the 5x200 set (0: none)"),
+) -> None:
+    """Generate SynthCXR: chest-radiograph-like images with reports and labels, seeded and offline."""
+    import time
+
+    from medunifier.data.synthcxr import write_synthcxr
+
+    if n < 0 or per_class_5x200 < 0:
+        _fail("--n and --per-class-5x200 must be >= 0")
+    if size < 16:
+        _fail("--size must be at least 16")
+    if workers is not None and workers < 1:
+        _fail("--workers must be at least 1")
+    start = time.perf_counter()
+    summary = write_synthcxr(out, n=n, size=size, seed=seed, workers=workers, per_class_5x200=per_class_5x200)
+    seconds = time.perf_counter() - start
+    total = n + 5 * per_class_5x200
+    console.print(f"wrote {total} images of {size}x{size} to {out} in {seconds:.1f} s "
+                  f"({total / max(seconds, 1e-9):.0f} images/s); splits: "
+                  + ", ".join(f"{k}={v}" for k, v in summary["splits"].items()))
+    console.print("prevalence: " + ", ".join(f"{k}={v:.3f}" for k, v in summary["prevalence"].items()))
 
 
 # --------------------------------------------------------------------------------------------- eval
@@ -278,6 +310,7 @@ def eval_report(
     no_repeat_ngram_size: int = typer.Option(3, help="block repeated n-grams (3 = R2Gen's trigram blocking)"),
     limit: int | None = typer.Option(None, help="score only the first N images"),
     meteor: bool = typer.Option(True, help="compute METEOR (runs Java)"),
+    round_trip_refs: bool = typer.Option(True, help="score references decoded from their tokens, as R2Gen does"),
     batch_size: int = typer.Option(16, help="images per generation batch"),
     device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
 ) -> None:
@@ -290,7 +323,7 @@ def eval_report(
         run_report(ckpt, data, _eval_out(out, ckpt, "report"), split=split, target=target, num_beams=num_beams,
                    max_length=max_length, repetition_penalty=repetition_penalty,
                    no_repeat_ngram_size=no_repeat_ngram_size, limit=limit, meteor=None if meteor else False,
-                   batch_size=batch_size, device=device, console=console)
+                   round_trip_refs=round_trip_refs, batch_size=batch_size, device=device, console=console)
     except _EVAL_ERRORS as err:
         _fail(str(err))
 
@@ -330,12 +363,31 @@ def pretrain(
     config: str = typer.Option("tiny", help="preset name (tiny, base, paper, ...) or a YAML file"),
     data: Path = typer.Option(..., help="a manifest.jsonl or a folder of shards"),
     out: Path = typer.Option(..., help="run folder (config, checkpoints, metrics, samples)"),
-    max_steps: int | None = typer.Option(None, help="stop after this many optimiser steps"),
+    max_steps: int | None = typer.Option(
+        None, help="stop this invocation after this many optimiser steps (the learning-rate schedule and "
+        "the curriculum still span train.max_steps / the stages; continue later with --resume)"),
     resume: bool = typer.Option(False, help="continue from the last checkpoint in --out"),
     overrides: list[str] | None = typer.Argument(None, help="config overrides such as train.lr=3e-4"),
 ) -> None:
-    """Pre-train MedUnifier (ITC, ITM, ITG, TIG) with Hugging Face Accelerate; resumable."""
-    _fail("the training engine is not available in this version yet (see the training issue)", 3)
+    """Pre-train MedUnifier (ITC, ITM, ITG, TIG) with Hugging Face Accelerate; resumable.
+
+    Several processes: `torchrun --nproc_per_node N -m medunifier.cli pretrain ...`. SIGINT/SIGTERM
+    save a checkpoint and exit 0.
+    """
+    from medunifier.config import ConfigError
+    from medunifier.train.loop import DataError, NonFiniteLossError, train
+
+    try:
+        result = train(config, data, out, max_steps=max_steps, resume=resume, overrides=overrides or [])
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        _fail(str(err))
+    except NonFiniteLossError as err:
+        _fail(str(err), 1)
+    if result.interrupted:
+        console.print(f"interrupted at step {result.step}; checkpoint {result.checkpoint}")
+        return
+    console.print(f"done: step {result.step} ({result.samples_per_s:.1f} samples/s), model in {result.model_dir}, "
+                  f"run folder {result.run_dir}")
 
 
 @app.command("serve")

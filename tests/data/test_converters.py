@@ -88,6 +88,8 @@ def test_vqa_modality_from_its_own_questions():
         return {"question": question, "answer": answer}
     assert infer_modality([qa("Is this a CT image?", "yes")], "head") == "ct"
     assert infer_modality([qa("Is this a CT image?", "no")], "head") == "radiology"
+    assert infer_modality([qa("Is there a pneumothorax?", "no")], "chest") == "cxr"  # VQA-RAD's chest images
+    assert infer_modality([], "abdomen") == "ct"
     assert infer_modality([qa("What type of imaging is this?", "MRI Diffusion Weighted")], "head") == "mri"
     assert infer_modality([qa("What is the modality?", "CXR")], "chest") == "cxr"
     assert infer_modality([qa("How was this image taken?", "X-ray")], "abdomen") == "xray"
@@ -286,8 +288,12 @@ def test_covidx_classes_duplicates_and_tiny_images(tmp_path: Path):
     assert records["d"]["labels"]["no_finding"] == 1 and records["d"]["split"] == "test"
     assert "covid-19" in records["a"]["text"].lower()
     assert summary.filtered == {"duplicate_id": 1, "unknown_class": 1, "bad_line": 1, "tiny_image": 1}
-    with Image.open(tmp_path / "out" / records["b"]["image"]) as img:
-        assert img.mode == "L"  # an RGB file with equal channels is stored grey
+    # Without resizing a readable file is copied as is; with it, an RGB file with equal channels becomes grey.
+    assert records["b"]["image"] == "images/b.jpg"
+    assert (tmp_path / "out/images/b.jpg").read_bytes() == (root / "train/b.jpg").read_bytes()
+    convert("covidx", root, tmp_path / "small", image_size=32)
+    with Image.open(tmp_path / "small" / load(tmp_path / "small")["b"]["image"]) as img:
+        assert img.mode == "L" and img.size == (38, 32) and img.format == "PNG"
 
 
 # -------------------------------------------------------------------------------------- VQA-RAD
@@ -326,6 +332,8 @@ def test_vqa_rad_real(shared_data: Path, tmp_path: Path):
     assert record["organ"] == "head" and record["image"] == "images/synpic54610.png"
     assert min(png_size(tmp_path / "out", record)) == 32
     assert Counter(r["organ"] for r in records.values()) == {"chest": 1088, "abdomen": 999, "head": 977}
+    head_modalities = Counter(r["modality"] for r in records.values() if r["organ"] == "head")
+    assert set(head_modalities) == {"ct", "mri", "radiology"} and head_modalities["mri"] > head_modalities["ct"]
 
 
 # ---------------------------------------------------------------------------------------- SLAKE
@@ -339,7 +347,7 @@ def test_slake_english_by_default(tmp_path: Path):
     assert summary.filtered == {"other_language": 2}
     assert records["slake-train-0"]["modality"] == "cxr" and records["slake-train-2"]["modality"] == "ct"
     assert records["slake-val-3"]["modality"] == "mri" and records["slake-val-3"]["split"] == "val"
-    assert records["slake-train-2"]["image"] == records["slake-test-4"]["image"] == "images/xmlab1_source.png"
+    assert records["slake-train-2"]["image"] == records["slake-test-4"]["image"] == "images/xmlab1_source.jpg"
     assert convert("slake", root, tmp_path / "all", lang="all").records == 6
 
 

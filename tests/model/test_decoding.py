@@ -150,7 +150,7 @@ def repetitive_encoder() -> ImageTextEncoder:
 
 
 def bigrams(seq: list[int]) -> list[tuple[int, int]]:
-    return list(zip(seq, seq[1:]))
+    return list(itertools.pairwise(seq))
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])

@@ -85,7 +85,7 @@ def test_forward_returns_every_loss_and_their_weighted_sum() -> None:
 def test_frozen_vision_gets_no_gradient() -> None:
     model = small_model("vision.frozen=true")
     model.train()
-    assert not model.vision.training  # stays in eval mode
+    assert not model.vision.backbone.training  # stays in eval mode
     model(make_batch(model)).loss.backward()
     assert all(p.grad is None for p in model.vision.parameters())
     assert grads_by_module(model)["encoder"]
@@ -169,6 +169,7 @@ def test_save_load_round_trip_is_exact(tmp_path: Path) -> None:
     model(batch)  # initialise codebooks
     model.eval()
     with torch.no_grad():
+        torch.manual_seed(5)  # ITM draws its hard negatives at random
         before = model(batch)
     model.save_pretrained(tmp_path / "m")
     assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "config.json").exists()
@@ -176,6 +177,7 @@ def test_save_load_round_trip_is_exact(tmp_path: Path) -> None:
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     with torch.no_grad():
+        torch.manual_seed(5)
         after = loaded(batch)
     for key in before.losses:
         assert torch.allclose(before.losses[key], after.losses[key]), key

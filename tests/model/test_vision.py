@@ -60,15 +60,18 @@ def test_trainable_gets_gradients_and_train_mode():
     assert enc.backbone.training
     out = enc(torch.randn(2, 1, 32, 32))
     out.pow(2).mean().backward()
-    grads = [p.grad for p in enc.parameters() if p.requires_grad]
-    assert grads and all(g is not None for g in grads[:5])
+    assert all(p.requires_grad for p in enc.parameters())
+    with_grad = [n for n, p in enc.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert len(with_grad) >= len(list(enc.parameters())) - 1  # all but Dinov2's unused mask token
     assert enc.backbone.embeddings.patch_embeddings.projection.weight.grad.abs().sum() > 0
 
 
 def test_feature_cache_hit_skips_backbone():
     enc = VisionEncoder(tiny("vit", cache_features=True), ImageConfig(size=32, channels=1))
     calls = []
-    enc.backbone.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    enc.backbone.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append(kwargs["pixel_values"].shape[0]), with_kwargs=True
+    )
     x = torch.randn(3, 1, 32, 32)
     first = enc(x, cache_keys=["a", "b", "c"])
     assert calls == [3]
@@ -126,14 +129,6 @@ def test_paper_preset_architecture_on_meta_device():
         enc = VisionEncoder(config.vision, config.image)
     assert enc.hidden_size == 1408 and enc.num_patches == 256
     assert len(enc.backbone.encoder.layers) == 39
-    assert 0.95e9 < count_parameters(enc) < 1.05e9
-
-
-@pytest.mark.slow
-def test_paper_preset_builds_on_cpu():
-    """The real random-init build (~1B params, ~4 GB, ~20 s on 2 cores) and one forward on a single image."""
-    config = load_config("paper")
-    enc = VisionEncoder(config.vision, config.image)
     assert count_parameters(enc) == 985_952_256
-    out = enc(torch.randn(1, 3, 224, 224))
-    assert out.shape == (1, 257, 1408) and torch.isfinite(out).all()
+    # the real CPU build (random init, ~4 GB, 20-30 s on 2 cores) runs in benchmarks/bench_model.py --paper-vision
+

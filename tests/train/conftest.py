@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 # the `tiny` preset made smaller still: 32 px images, 2-layer width-64 vision and encoder, 8 queries,
 # a 32 x 16 codebook; batch 8, a log line and a metrics record every step
@@ -44,8 +45,13 @@ SMALL = [
 
 
 @pytest.fixture(autouse=True)
-def _quiet_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+def _quiet_single_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No progress bar; one intra-op thread (these tiny ops run several times faster on a busy machine)."""
     monkeypatch.setenv("MEDUNIFIER_NO_PROGRESS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # a ~150-word WordPiece vocabulary instead of MiniLM's 30k: the LM head dominated the step time

@@ -86,14 +86,20 @@ POST_NEGATION = [
     r"\b(?:has|have) resolved\b", r"\bresolved\b", r"\b(?:is|are) absent\b", r"\bexcluded\b", r"\bruled out\b",
     r"\bremoved\b", r"\bunlikely\b",
 ]
-UNCERTAINTY = [
+PRE_UNCERTAINTY = [
     r"\bpossib(?:le|ly)\b", r"\bprobabl[ey]\b", r"\blikely\b", r"\bquestionabl[ey]\b", r"\bquestion of\b",
     r"\bsuspicious (?:for|of)\b", r"\bsuspect\w*\b", r"\bconcern\w* (?:for|of)\b",
     r"\bmay (?:be|represent|reflect|indicate|relate|have|include)\b", r"\bmight\b",
     r"\bcould (?:be|represent|reflect|indicate)\b", r"\bcan ?not (?:be )?(?:excluded?|ruled out|rule out)\b",
-    r"\bnot (?:be )?(?:excluded|ruled out)\b", r"\bdifficult to exclude\b", r"\brule out\b", r"\br/o\b",
-    r"\bevaluate for\b", r"\bto exclude\b", r"\bsuggest\w*\b", r"\bborderline\b", r"\bequivocal\b",
-    r"\bindeterminate\b", r"\bversus\b", r"\bvs\b", r"\bdifferential\b", r"\bpresum\w*\b", r"\bpotential\b",
+    r"\bdifficult to exclude\b", r"\brule out\b", r"\br/o\b", r"\bevaluate for\b", r"\bto exclude\b",
+    r"\bsuggest\w*\b", r"\bborderline\b", r"\bequivocal\b", r"\bindeterminate\b", r"\bversus\b", r"\bvs\b",
+    r"\bdifferential\b", r"\bpresum\w*\b", r"\bpotential\b",
+]
+# after the mention: only phrases that hedge what precedes them ("effusion cannot be excluded")
+POST_UNCERTAINTY = [
+    r"\bcan ?not (?:be )?(?:excluded|ruled out)\b", r"\bnot (?:be )?(?:excluded|ruled out)\b",
+    r"\b(?:is|are) (?:possible|possibly|probable|suspected|questionable|likely|not excluded)\b",
+    r"\bversus\b", r"\bvs\b", r"\bor less likely\b", r"\bmay be present\b",
 ]
 TERMINATION = [r"\bbut\b", r"\bhowever\b", r"\balthough\b", r"\bthough\b", r"\bexcept\b", r"\baside from\b",
                r"\bapart from\b", r"\bwhich\b", r"\bwhereas\b", r"\bwhile\b", r"\byet\b",
@@ -109,7 +115,8 @@ _PSEUDO = _compile(PSEUDO_NEGATION)
 _PRE_NEG = _compile(PRE_NEGATION)
 _SHORT_NEG = _compile(SHORT_PRE_NEGATION)
 _POST_NEG = _compile(POST_NEGATION)
-_UNCERTAIN = _compile(UNCERTAINTY)
+_PRE_UNCERTAIN = _compile(PRE_UNCERTAINTY)
+_POST_UNCERTAIN = _compile(POST_UNCERTAINTY)
 _TERMINATION = _compile(TERMINATION)
 # clause ends: . ! ? (not inside a number), ; : and line breaks
 _CLAUSE_SPLIT = re.compile(r"(?<!\d)\.(?!\d)|\.(?=\s|$)|[!?;:\n]")
@@ -166,8 +173,8 @@ def label_mentions(text: str) -> list[Mention]:
         if not found:
             continue
         stops = _spans(_TERMINATION, clause)
-        uncertain = _spans(_UNCERTAIN, clause)
-        masked = _spans(_PSEUDO, clause) + uncertain  # negation words inside these do not negate
+        pre_uncertain, post_uncertain = _spans(_PRE_UNCERTAIN, clause), _spans(_POST_UNCERTAIN, clause)
+        masked = _spans(_PSEUDO, clause) + pre_uncertain + post_uncertain  # "cannot be excluded" does not negate
         pre = [s for s in _spans(_PRE_NEG, clause) if not _overlaps(s, masked)]
         short = [s for s in _spans(_SHORT_NEG, clause) if not _overlaps(s, masked)]
         post = [s for s in _spans(_POST_NEG, clause) if not _overlaps(s, masked)]
@@ -177,8 +184,8 @@ def label_mentions(text: str) -> list[Mention]:
                        or _governs_after(post, end, stops))
             if negated:
                 value = 0
-            elif (_governs_before(uncertain, start, end, stops, None, clause)
-                  or _governs_after(uncertain, end, stops)):
+            elif (_governs_before(pre_uncertain, start, end, stops, None, clause)
+                  or _governs_after(post_uncertain, end, stops)):
                 value = -1
             else:
                 value = 1

@@ -56,10 +56,10 @@ def _cap(sentence: str) -> str:
 
 
 def _join_list(items: Sequence[str], rng: np.random.Generator) -> str:
-    """'a', 'a or b', 'a, b, or c' / 'a, b or c'."""
+    """'a', 'a or b', 'a, b, or c' / 'a, b or c' (negated lists read naturally with 'or')."""
     if len(items) == 1:
         return items[0]
-    conj = _pick(rng, ("or", "or", "and"))
+    conj = "or"
     comma = "," if rng.random() < 0.5 and len(items) > 2 else ""
     return ", ".join(items[:-1]) + f"{comma} {conj} {items[-1]}"
 
@@ -101,7 +101,7 @@ def _location_noun(side: str | None, zone: str | None, rng: np.random.Generator)
     options = {
         "lower": (f"the {side} lower lobe", f"the {side} lung base", f"the {side} lower lung zone"),
         "middle": ((f"the {side} middle lobe", f"the {side} mid lung zone", f"the {side} perihilar region")
-                   if side == "right" else (f"the lingula", f"the {side} mid lung zone",
+                   if side == "right" else ("the lingula", f"the {side} mid lung zone",
                                             f"the {side} perihilar region")),
         "upper": (f"the {side} upper lobe", f"the {side} lung apex", f"the {side} upper lung zone"),
     }[zone]
@@ -341,7 +341,8 @@ NEGATION_NOUNS = {
     "pneumothorax": ("pneumothorax",),
     "nodule": ("pulmonary nodules", "suspicious nodules"),
 }
-NEGATION_LISTS = ("No {}.", "There is no {}.", "No evidence of {}.", "Negative for {}.", "There is no evidence of {}.")
+NEGATION_LISTS = ("No {}.", "No radiographic evidence of {}.", "No evidence of {}.", "Negative for {}.",
+                  "There is no evidence of {}.")
 WITHOUT_TAILS = (", without {}.", " without evidence of {}.", "; no {}.")
 
 NORMAL_STATEMENTS = {

@@ -183,9 +183,11 @@ class StreamingShardDataset(IterableDataset):
     """Iterate tar shards once per epoch, split across ranks and DataLoader workers.
 
     Yields the same item dicts as `ManifestDataset`. With `shuffle_buffer > 0`, the shard order
-    is shuffled per (seed, epoch) and samples pass through a shuffle buffer of that size. Each pass
-    moves to the next epoch by itself (also inside persistent DataLoader workers, which never see
-    a later `set_epoch`); `set_epoch(e)` pins the next pass to epoch e. Ranks may
+    is shuffled per (seed, epoch) and samples pass through a shuffle buffer of that size. Call
+    `set_epoch(e)` before each epoch: non-persistent DataLoader workers copy the dataset from the
+    main process every epoch, so only `set_epoch` changes their order. Inside one process (no
+    workers, or persistent workers, which never see a later `set_epoch`) each pass also moves to
+    the next epoch by itself. Ranks may
     see slightly different sample counts when shards are uneven; a training loop should count
     steps, not exhaust the stream in lock-step.
     """

@@ -36,6 +36,7 @@ gives byte-identical files. Stream 0 is the main set; stream 1 is the 5x200 eval
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -276,7 +277,7 @@ def _ellipse(x: np.ndarray, y: np.ndarray, cx: float, cy: float, rx: float, ry: 
 def _polyline(x: np.ndarray, y: np.ndarray, points: Sequence[tuple[float, float]], half_width: float) -> np.ndarray:
     """Soft line along a polyline: exp(-(distance / half_width)^2)."""
     d2 = None
-    for (ax, ay), (bx, by) in zip(points[:-1], points[1:]):
+    for (ax, ay), (bx, by) in itertools.pairwise(points):
         vx, vy = bx - ax, by - ay
         t = np.clip(((x - ax) * vx + (y - ay) * vy) / max(vx * vx + vy * vy, 1e-9), 0.0, 1.0)
         seg = (x - ax - t * vx) ** 2 + (y - ay - t * vy) ** 2
@@ -467,8 +468,8 @@ def _paint_findings(a: _Anatomy, case: Case, atten: np.ndarray, markings: np.nda
             limit = _ramp(a.top + extent - y, 0.15)
             rim = _ramp(depth - dist, a.px) * a.lung[side] * limit
             pleura = np.exp(-(((dist - depth) / (0.8 * line_w)) ** 2)) * a.lung[side] * limit
-            atten -= 0.08 * c * rim
-            atten += 0.12 * c * pleura * (1 - rim) + 0.03 * sev * c * a.lung[side] * (1 - rim)
+            atten -= 0.06 * c * rim
+            atten += 0.16 * c * pleura * (1 - rim) + 0.04 * (1 + sev) * c * a.lung[side] * (1 - rim)
             markings *= 1.0 - rim
 
         elif f.name == "consolidation":
@@ -566,16 +567,17 @@ def _paint_devices(a: _Anatomy, case: Case, f: FindingSpec, atten: np.ndarray, l
 def render(case: Case, size: int, rng: np.random.Generator) -> np.ndarray:
     """The radiograph of `case` as float32 (size, size) in [0, 1]."""
     p = case.patient
+    noise_rng = np.random.default_rng(int(rng.integers(2**62)))  # same noise with or without findings
     a = _Anatomy(p, size)
     atten, markings = _draw_anatomy(a, p, rng)
     atten, markings = _paint_findings(a, case, atten, markings, rng)
     lungs = a.lung["right"] + a.lung["left"]
-    atten = atten + 0.07 * markings * lungs
+    atten = atten + 0.1 * markings * lungs
     # exposure, contrast, quantum noise and a faint large-scale non-uniformity
     img = (atten - 0.35) * p["exposure"] + 0.42 + p["brightness"]
-    img += 0.02 * smooth_noise(rng, size, 3)
+    img += 0.02 * smooth_noise(noise_rng, size, 3)
     img = np.clip(img, 0.0, 1.0) ** p["gamma"]
-    img += p["noise"] * rng.standard_normal((size, size)).astype(np.float32)
+    img += p["noise"] * noise_rng.standard_normal((size, size)).astype(np.float32)
     return np.clip(img, 0.0, 1.0).astype(np.float32)
 
 
@@ -589,7 +591,7 @@ def _rngs(seed: int, stream: int, index: int) -> list[np.random.Generator]:
 
 
 def _split(index: int, fractions: tuple[float, float, float]) -> str:
-    u = ((index * 0.6180339887498949) % 1.0)  # low-discrepancy: exact proportions on any prefix
+    u = ((index * 7) % 10 + 0.5) / 10.0  # each block of 10 consecutive images splits 8/1/1 exactly
     return "train" if u < fractions[0] else "val" if u < fractions[0] + fractions[1] else "test"
 
 

@@ -16,7 +16,7 @@ from rich.console import Console
 from medunifier.config import OBJECTIVES, MedUnifierConfig, load_config
 from medunifier.eval.common import load_model, load_split, print_table, write_results
 from medunifier.eval.finetune import run_finetune
-from medunifier.eval.metrics import format_mean_std, mean_std
+from medunifier.eval.metrics import mean_std
 from medunifier.eval.retrieval import run_retrieval
 from medunifier.eval.zeroshot import load_prompts, run_zeroshot
 
@@ -107,13 +107,12 @@ def run_ablation(
     out = Path(out)
     eval_path, eval_split = (Path(eval_data), None) if eval_data is not None else (Path(data), "test")
     notes: list[str] = []
-    probe_ok = True
-    try:
-        for split in ("train", "val", "test"):
-            load_split(data, split)
-    except ValueError as err:
-        probe_ok = False
-        notes.append(f"linear probe left out: {err}")
+    splits = {r.split for r in load_split(data)[0]}
+    if eval_data is None and "test" not in splits:
+        raise ValueError(f"{data} has no test split: pass eval_data (a held-out manifest for retrieval and zero-shot)")
+    probe_ok = {"train", "val", "test"} <= splits
+    if not probe_ok:
+        notes.append(f"linear probe left out: {data} holds splits {sorted(splits)}, not train, val and test")
 
     runs: dict[str, list[dict[str, Any]]] = {}
     for name, objs in sets.items():
@@ -162,12 +161,38 @@ def run_ablation(
     return results
 
 
+def _short(stat: dict[str, Any] | None) -> str:
+    if not stat or stat.get("mean") is None:
+        return "-"
+    return f"{stat['mean'] * 100:.1f}±{stat['std'] * 100:.1f}"
+
+
+ABLATION_HEADERS = {"i2t_p@": "I2T P@", "t2i_p@": "T2I P@", "zs_acc": "ZS acc", "zs_f1": "ZS F1",
+                    "zs_auroc": "ZS AUROC", "lp_": "LP "}
+
+
+def _header(key: str) -> str:
+    for prefix, label in ABLATION_HEADERS.items():
+        if key.startswith(prefix):
+            return label + key[len(prefix):].replace("_", " ")
+    return key
+
+
 def print_ablation_table(results: dict[str, Any], console: Console | None = None) -> None:
+    """Paper Table 6's layout (rows: objective sets; columns: metrics; mean±std over seeds, in %), printed as
+    two tables, retrieval and classification, so that each fits a terminal."""
     summary = results["summary"]
-    columns = list(dict.fromkeys(k for row in summary.values() for k in row))
-    rows = [[name, *[format_mean_std(row.get(c)) for c in columns]] for name, row in summary.items()]
-    title = (f"objective ablation ({len(results['seeds'])} seeds x {results['steps']} steps; "
-             f"mean ± std, %)")
-    print_table(title, ["objectives", *columns], rows, console)
+    keys = list(dict.fromkeys(k for row in summary.values() for k in row))
+    groups = {
+        "retrieval, precision@K": [k for k in keys if k.startswith(("i2t_", "t2i_"))],
+        "zero-shot and linear probe": [k for k in keys if k.startswith(("zs_", "lp_")) and k != "zs_auroc"],
+    }
+    for name, columns in groups.items():
+        if not columns:
+            continue
+        rows = [[objs, *[_short(row.get(c)) for c in columns]] for objs, row in summary.items()]
+        title = (f"objective ablation: {name} ({len(results['seeds'])} seeds x {results['steps']} steps, "
+                 "mean±std, %)")
+        print_table(title, ["objectives", *[_header(c) for c in columns]], rows, console)
     for note in results.get("notes", []):
         (console or Console()).print(f"[yellow]note:[/yellow] {note}")

@@ -94,19 +94,30 @@ def classify_records(records: Sequence[Record], classes: Sequence[str]) -> tuple
 
 
 def infer_classes(records: Sequence[Record]) -> list[str]:
-    """The class set a labelled manifest implies: the competition findings for a 5x200-style set (one positive
-    each), otherwise ['normal', X] when a single finding is ever positive, otherwise every positive finding."""
+    """The single-label class set a labelled manifest implies (pass classes explicitly to override).
+
+    1. Every record has exactly one positive competition finding (a 5x200-style set): those findings.
+    2. Every record has exactly one positive label: the labels seen (e.g. no_finding / pneumonia).
+    3. A single label is ever positive: ['normal', that label] (e.g. RSNA's pneumonia).
+    Anything else is multi-label, which these single-label evaluators do not infer.
+    """
     from medunifier.data.findings import COMPETITION_FINDINGS, FINDINGS
 
-    if records and all(sum(r.labels.get(f) == 1 for f in COMPETITION_FINDINGS) == 1 for r in records):
-        return list(COMPETITION_FINDINGS)
-    seen = sorted({k for r in records for k, v in r.labels.items() if v == 1},
-                  key=lambda k: (FINDINGS.index(k) if k in FINDINGS else len(FINDINGS), k))
+    def ordered(names: set[str]) -> list[str]:
+        return sorted(names, key=lambda k: (FINDINGS.index(k) if k in FINDINGS else len(FINDINGS), k))
+
+    if not records:
+        raise ValueError("no records: cannot infer classes")
+    positives = [{k for k, v in r.labels.items() if v == 1} for r in records]
+    competition = [p & set(COMPETITION_FINDINGS) for p in positives]
+    if all(len(p) == 1 for p in competition):
+        return ordered(set().union(*competition))
+    seen = set().union(*positives)
+    if all(len(p) == 1 for p in positives) and len(seen) > 1:
+        return ordered(seen)
     if len(seen) == 1:
-        return ["normal", seen[0]]
-    if not seen:
-        raise ValueError("no positive labels in the manifest: cannot infer classes (pass them explicitly)")
-    return seen
+        return ["normal", *seen]
+    raise ValueError(f"cannot infer single-label classes from the labels {ordered(seen)} (pass the classes)")
 
 
 def record_text(record: Record) -> str:

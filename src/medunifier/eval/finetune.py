@@ -190,7 +190,7 @@ def train_full(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         val = classification_metrics(y_val, _predict(classifier, val_loader, device))
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), f"val_{metric}": val[metric]})
         if _score(val, metric) > best_score or best_state is None:

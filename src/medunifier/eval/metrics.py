@@ -213,6 +213,12 @@ def clean_report(text: str) -> str:
     return " . ".join(cleaned) + " ."
 
 
+def r2gen_text(text: str) -> str:
+    """The string R2Gen scores: `clean_report`, split on whitespace (its tokenizer) and joined by single spaces
+    (its decoder)."""
+    return " ".join(clean_report(text).split())
+
+
 def java_available() -> bool:
     return shutil.which("java") is not None
 
@@ -235,7 +241,7 @@ def nlg_metrics(
 ) -> dict[str, float | None]:
     """BLEU_1..BLEU_4, METEOR and ROUGE_L as R2Gen's compute_scores: pycocoevalcap on {i: [text]} dicts.
 
-    Both sides go through `clean_report` (R2Gen scores its tokenizer's decoded, cleaned text). METEOR runs
+    Both sides go through `r2gen_text` (R2Gen scores its tokenizer's decoded, cleaned text). METEOR runs
     the pycocoevalcap jar in a JVM: `meteor=None` runs it when `java` is on PATH and otherwise reports None.
     """
     try:
@@ -247,7 +253,7 @@ def nlg_metrics(
         raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
     if not refs:
         raise ValueError("no reports to score")
-    prep = clean_report if clean else (lambda s: s)
+    prep = r2gen_text if clean else (lambda s: s)
     gts = {i: [prep(r)] for i, r in enumerate(refs)}
     res = {i: [prep(h)] for i, h in enumerate(hyps)}
     out: dict[str, float | None] = {}
@@ -282,7 +288,8 @@ def clinical_efficacy(
     Both texts are labelled by the rule-based, negation-aware labeler (`medunifier.data.labeler.label_report`
     unless one is given). A finding is positive when labelled 1; an uncertain mention (-1) counts as
     negative by default (`uncertain="positive"` counts it as present), and how many -1 labels occurred is
-    reported. Micro sums TP/FP/FN over findings; macro averages each finding's P/R/F1 over `findings`.
+    reported. Micro sums TP/FP/FN over findings; macro averages each finding's P/R/F1 over the `findings`
+    present in the references or the generated reports (a finding absent from both is undefined).
     """
     if labeler is None:
         from medunifier.data.labeler import label_report as labeler
@@ -305,11 +312,14 @@ def clinical_efficacy(
         tp, fp, fn = int((y & p).sum()), int((~y & p).sum()), int((y & ~p).sum())
         totals += (tp, fp, fn)
         per_finding[name] = {**_prf(tp, fp, fn), "support": int(y.sum()), "predicted": int(p.sum())}
-    macro = {m: float(np.mean([v[m] for v in per_finding.values()])) if per_finding else 0.0
+    # a finding absent from both sides has no defined P/R/F1: it is left out of the macro mean
+    scored = [name for name, v in per_finding.items() if v["support"] or v["predicted"]]
+    macro = {m: float(np.mean([per_finding[n][m] for n in scored])) if scored else 0.0
              for m in ("precision", "recall", "f1")}
     return {
         "micro": _prf(*(int(t) for t in totals)),
         "macro": macro,
+        "macro_findings": scored,
         "per_finding": per_finding,
         "uncertain_labels": uncertain_counts,
         "uncertain_as": uncertain,

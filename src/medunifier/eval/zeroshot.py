@@ -150,9 +150,8 @@ def print_zeroshot_table(results: dict[str, Any], console: Console | None = None
         support = int(cm[i].sum())
         recall = cm[i, i] / support if support else None
         rows.append([c, str(support), str(results["num_prompts"][c]), fmt(recall), fmt(results["auroc_per_class"][c])])
-    rows.append(["overall", str(results["n"]), "", f"acc {fmt(results['accuracy'])}",
-                 fmt(results["auroc"])])
-    title = (f"zero-shot ({results['ensemble']} ensemble): accuracy {fmt(results['accuracy'])}, "
-             f"macro-F1 {fmt(results['macro_f1'])}, AUROC {fmt(results['auroc'])} (%)")
-    print_table(title, ["class", "n", "prompts", "recall", "AUROC"], rows, console)
-
+    rows.append(["all", str(results["n"]), "", "", fmt(results["auroc"])])
+    print_table(f"zero-shot ({results['ensemble']} ensemble), %",
+                ["class", "n", "prompts", "recall", "AUROC"], rows, console)
+    (console or Console()).print(f"accuracy {fmt(results['accuracy'])}  macro-F1 {fmt(results['macro_f1'])}  "
+                                 f"AUROC {fmt(results['auroc'])}")

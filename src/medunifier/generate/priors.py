@@ -75,18 +75,21 @@ class HierarchicalPrior(nn.Module):
         init_codes: tuple[Tensor, Tensor] | None = None,
         edit_mask: Tensor | None = None,
         use_cache: bool = True,
+        confidence_noise: float = 0.0,
     ) -> tuple[Tensor, Tensor]:
         """Sample (top [B, t, t], bottom [B, b, b]) codes for the text (unconditional if text_states is None).
 
         Editing: init_codes = (top, bottom) of an encoded image and edit_mask bool [B, h, w] at any resolution
         (e.g. the image's): it is resized to each level (a code is re-sampled if any covered cell is True);
         the other codes are kept, and the bottom is re-sampled conditioned on the edited top.
-        steps: masked prior only (per level). use_cache: autoregressive prior only.
+        steps, confidence_noise: masked prior only (per level). use_cache: autoregressive prior only.
         """
         kwargs = dict(
             guidance=guidance, steps=steps, temperature=temperature, top_k=top_k, top_p=top_p,
             generator=generator, use_cache=use_cache,
         )  # fmt: skip
+        if isinstance(self.top, MaskedCodePrior):
+            kwargs["confidence_noise"] = confidence_noise
         init_top, init_bottom = init_codes if init_codes is not None else (None, None)
         edit_top = edit_bottom = None
         if edit_mask is not None:

@@ -162,19 +162,22 @@ class BatchStream:
             self.consumed += 1
 
     def next(self) -> dict[str, Any] | None:
+        """The next batch (None when the collator dropped every sample), moving on to new epochs as needed."""
         if self._it is None:
             self._start()
-        try:
-            batch = next(self._it)
-        except StopIteration:
-            if self.consumed == 0:
-                raise DataError("the training data yielded no full batch in a whole epoch") from None
-            self.epoch += 1
-            self._start()
+        empty_epochs = 0
+        while True:
             try:
                 batch = next(self._it)
+                break
             except StopIteration:
-                raise DataError("the training data yielded no full batch in a whole epoch") from None
+                # a process's share of a streamed epoch may be smaller than a batch; many in a row is an error
+                empty_epochs += self.consumed == 0
+                if empty_epochs >= 10:
+                    raise DataError("the training data yielded no full batch in 10 epochs in a row: fewer "
+                                    "samples than batch_size for this process?") from None
+                self.epoch += 1
+                self._start()
         self.consumed += 1
         return batch
 
@@ -225,6 +228,20 @@ class StopFlag:
         return self.signal is not None
 
 
+def _cpu_only_multiprocess() -> bool:
+    """Several processes (torchrun) on a machine without accelerators.
+
+    Accelerate only sets up its CPU multi-process mode (gloo) when told `cpu=True`; without it each
+    torchrun process would silently train alone.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    from accelerate import utils
+
+    probes = ("is_xpu_available", "is_npu_available", "is_mlu_available", "is_musa_available", "is_hpu_available")
+    return not (torch.cuda.is_available() or any(getattr(utils, p, lambda: False)() for p in probes))
+
+
 def build_model(config: MedUnifierConfig) -> nn.Module:
     """The model a run trains (a function so that tests can substitute it)."""
     from medunifier.model.medunifier import MedUnifier
@@ -264,6 +281,7 @@ class Trainer:
         self.stop_at = max_steps
         # unused parameters are normal: a zero loss weight skips an objective, a stage freezes modules
         self.accelerator = Accelerator(
+            cpu=_cpu_only_multiprocess(),
             mixed_precision=self.tc.mixed_precision,
             gradient_accumulation_steps=self.tc.grad_accum,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],

@@ -1,6 +1,6 @@
 """Converters from public datasets' official layouts to the manifest format (design.md section 3).
 
-`CONVERTERS[name](root, out, **options)` writes `out/manifest.jsonl`, `out/images/*.png` and
+`CONVERTERS[name](root, out, **options)` writes `out/manifest.jsonl`, `out/images/` and
 `out/conversion.json`, and returns a `ConversionSummary`. `convert` checks the options against
 the converter first, so that an option that does not apply to a format is an error, not ignored.
 """

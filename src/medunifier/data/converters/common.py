@@ -1,7 +1,8 @@
 """Shared pieces of the dataset converters: the summary, image writing, splits, labels, report text.
 
 Every converter reads one public dataset in its official layout and writes `OUT/manifest.jsonl`,
-`OUT/images/*.png` and `OUT/conversion.json` (the summary). Quality control (design.md section 3)
+`OUT/images/` (PNG; or the original PNG/JPEG files when no resizing is asked) and
+`OUT/conversion.json` (the summary). Quality control (design.md section 3)
 is applied on the way and every dropped sample is counted under a reason, so nothing disappears
 silently: missing and unreadable images are listed with their paths.
 """
@@ -13,6 +14,7 @@ import gzip
 import json
 import random
 import re
+import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from medunifier.data.manifest import Record, write_manifest
 
 UNCERTAIN_POLICIES = ("keep", "zeros", "ones", "ignore")
 FRONTAL_VIEWS = {"PA", "AP"}
+COPY_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 # The 14 CheXpert label columns (also the MIMIC-CXR chexpert.csv columns), in their file order.
 CHEXPERT_LABELS = (
@@ -91,10 +94,11 @@ class ConversionSummary:
 class ImageWriter:
     """Convert source images to PNG under `out/images/`, once per source file.
 
-    `image_size` resizes so the short side equals it (aspect kept), or both sides with `square`;
-    None keeps the size. Images whose short side is below `min_size` are dropped as tiny. Colour
-    images whose three channels are equal are stored as grey. Missing, unreadable and tiny images
-    are recorded in the summary and give None.
+    `image_size` resizes so the short side equals it (aspect kept), or both sides with `square`,
+    and writes PNG (grey when the three channels of a colour image are equal). Without it, a
+    PNG/JPEG source is copied as is once it has been read successfully, and a DICOM becomes a PNG.
+    Images whose short side is below `min_size` are dropped as tiny. Missing, unreadable and tiny
+    images are recorded in the summary and give None.
     """
 
     def __init__(self, out: Path, summary: ConversionSummary, image_size: int | None = None,
@@ -124,6 +128,15 @@ class ImageWriter:
         except ImageLoadError as err:
             self.summary.unreadable_images.append((str(source), err.reason))
             return None
+        if self.image_size is None and source.suffix.lower() in COPY_SUFFIXES:
+            # No resizing asked: a readable PNG/JPEG is copied as is (re-encoding a large PNG is slow).
+            if min(arr.shape[:2]) < self.min_size:
+                self.summary.filtered["tiny_image"] += 1
+                return None
+            relative = f"images/{safe_name(name)}{source.suffix.lower()}"
+            self.images_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, self.images_dir.parent / relative)
+            return relative
         return self.write_array(arr, name)
 
     def write_array(self, arr: np.ndarray, name: str) -> str | None:

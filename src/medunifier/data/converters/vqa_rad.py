@@ -5,9 +5,11 @@ Layout under ROOT (the MEVF release): `trainset.json` (and `testset.json` when p
 images in `images/` (or the original `VQA_RAD Image Folder/`). Splits: the train set is "train"
 (optionally split BY IMAGE into train/val with `val_fraction`), the test set is "test".
 
-VQA-RAD does not record the imaging modality. It is read from the image's own questions where
-they say it ("Is this a CT image?" yes; "What type of imaging is this?" MRI), else "radiology";
-a chest X-ray is "cxr". The organ (chest / head / abdomen) is kept in the field `organ`.
+VQA-RAD records the organ, not the modality. The dataset paper describes its images as head CT or
+MRI, chest X-rays and abdominal CT, so the modality is read from the image's own questions where
+they say it ("Is this a CT image?" yes; "What type of imaging is this?" MRI), else from the organ
+(chest -> "cxr", abdomen -> "ct"), else "radiology" (a head image whose questions do not say).
+The organ (chest / head / abdomen) is kept in the field `organ`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from medunifier.data.converters.common import (
 from medunifier.data.manifest import Record
 
 ORGANS = {"CHEST": "chest", "HEAD": "head", "ABD": "abdomen"}
+ORGAN_MODALITY = {"chest": "cxr", "abdomen": "ct"}  # VQA-RAD: chest X-rays, abdominal CT, head CT or MRI
 _MODALITY_WORDS = {
     "mri": re.compile(r"\bmri?\b|\bt1\b|\bt2\b|flair|diffusion|\bdwi\b|\badc\b"),
     "ct": re.compile(r"\bct\b|\bcat scan\b|computed tomography"),
@@ -46,7 +49,7 @@ def _modality_votes(text: str) -> list[str]:
 
 def infer_modality(items: list[dict[str, Any]], organ: str) -> str:
     """Modality of one image from its QA pairs: open answers to "what modality" questions and
-    closed "is this a ..." questions answered yes. "radiology" when they do not say."""
+    closed "is this a ..." questions answered yes; when they do not say, from the organ."""
     votes: Counter[str] = Counter()
     for item in items:
         question, answer = str(item["question"]).lower(), str(item["answer"]).lower().strip()
@@ -56,11 +59,9 @@ def infer_modality(items: list[dict[str, Any]], organ: str) -> str:
             found = _modality_votes(question)
             if len(found) == 1:
                 votes.update(found)
-    if not votes:
-        return "radiology"
-    best, count = votes.most_common(1)[0]
-    if sum(v == count for v in votes.values()) > 1:
-        return "radiology"  # a tie: the questions disagree
+    best, count = votes.most_common(1)[0] if votes else ("", 0)
+    if not votes or sum(v == count for v in votes.values()) > 1:  # silent, or the questions disagree
+        return ORGAN_MODALITY.get(organ, "radiology")
     return "cxr" if best == "xray" and organ == "chest" else best
 
 
@@ -83,7 +84,7 @@ def convert_vqa_rad(root: Path, out: Path, *, val_fraction: float = 0.0, image_s
             by_image[item["image_name"]].append(item)
     modality = {name: infer_modality(items, ORGANS.get(str(items[0].get("image_organ", "")).strip(), ""))
                 for name, items in by_image.items()}
-    summary.notes.append("modality from the questions: " + ", ".join(
+    summary.notes.append("modality (from the questions, else the organ): " + ", ".join(
         f"{k}={v}" for k, v in sorted(Counter(modality.values()).items())) + " (images)")
 
     writer = ImageWriter(out, summary, image_size, square, min_size)
