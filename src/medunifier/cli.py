@@ -383,6 +383,8 @@ def pretrain(
         _fail(str(err))
     except NonFiniteLossError as err:
         _fail(str(err), 1)
+    if not result.is_main:
+        return
     if result.interrupted:
         console.print(f"interrupted at step {result.step}; checkpoint {result.checkpoint}")
         return

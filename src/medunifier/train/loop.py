@@ -72,6 +72,7 @@ class TrainResult:
     skipped_steps: int = 0
     dropped_samples: int = 0
     samples_per_s: float = 0.0
+    is_main: bool = True  # False on the other processes of a multi-process run
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -589,7 +590,7 @@ class Trainer:
         total = total_steps(self.stages)
         progress = _progress(self.is_main, self.step, self.stop_at)
         throughput: list[float] = []
-        result = TrainResult(self.run_dir, self.step, "")
+        result = TrainResult(self.run_dir, self.step, "", is_main=self.is_main)
         self.stop.install()
         try:
             self.model.train()
