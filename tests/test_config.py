@@ -44,12 +44,12 @@ def test_wrong_type_is_named(tmp_path: Path) -> None:
 
 
 def test_image_size_not_divisible_by_patch(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="not divisible by vision.patch_size"):
+    with pytest.raises(ConfigError, match=r"not divisible by vision\.patch_size"):
         load_config(write(tmp_path, "image: {size: 60}\nvision: {patch_size: 8}\n"))
 
 
 def test_heads_must_divide_width() -> None:
-    with pytest.raises(ConfigError, match="divisible by encoder.num_heads"):
+    with pytest.raises(ConfigError, match=r"divisible by encoder\.num_heads"):
         load_config("tiny", ["encoder.num_heads=3"])
 
 
@@ -62,7 +62,7 @@ def test_overrides_apply_and_validate() -> None:
 
 
 def test_missing_preset_lists_presets() -> None:
-    with pytest.raises(ConfigError, match="presets: .*tiny"):
+    with pytest.raises(ConfigError, match=r"presets: .*tiny"):
         load_config("huge")
 
 

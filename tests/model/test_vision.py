@@ -131,4 +131,3 @@ def test_paper_preset_architecture_on_meta_device():
     assert len(enc.backbone.encoder.layers) == 39
     assert count_parameters(enc) == 985_952_256
     # the real CPU build (random init, ~4 GB, 20-30 s on 2 cores) runs in benchmarks/bench_model.py --paper-vision
-

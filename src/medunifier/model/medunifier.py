@@ -401,7 +401,7 @@ class MedUnifier(nn.Module):
             pad_id=self.special["pad"],
             max_length=max_length or self.config.text.max_length,
             min_length=min_length,
-            num_beams=num_beams,
+            num_beams=1 if top_p is not None else num_beams,  # nucleus sampling draws one sequence per image
             top_p=top_p,
             temperature=temperature,
             repetition_penalty=repetition_penalty,
