@@ -29,6 +29,9 @@ generate_app = typer.Typer(help="Generate images from text, reconstruct and edit
 app.add_typer(data_app, name="data")
 app.add_typer(eval_app, name="eval")
 app.add_typer(generate_app, name="generate")
+index_app = typer.Typer(help="Similar-case index: embed a manifest's cases (safetensors + JSON), query it.",
+                        no_args_is_help=True)
+app.add_typer(index_app, name="index")
 
 console = Console()
 
@@ -392,14 +395,205 @@ def pretrain(
                   f"run folder {result.run_dir}")
 
 
+# ------------------------------------------------------------------------- serving (report, classify, index)
+
+
+def _load_copilot(ckpt: Path, device: str | None, index: Path | None = None, generator: str | None = "auto"):
+    from medunifier.serve.api import Copilot
+
+    try:
+        return Copilot.from_pretrained(ckpt, index=index, device=device, generator=generator)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        _fail(str(err))
+
+
+def _read_inputs(copilot, images: list[Path]) -> list:
+    from medunifier.data.images import ImageLoadError
+
+    arrays = []
+    for path in images:
+        try:
+            arrays.append(copilot.to_array(path))
+        except (ImageLoadError, ValueError) as err:
+            _fail(str(err))
+    return arrays
+
+
+@app.command("report")
+def report_cmd(
+    images: list[Path] = typer.Argument(..., help="PNG, JPEG or DICOM files"),
+    ckpt: Path = typer.Option(..., help="a run folder or a saved model folder"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON: [{image, report}]"),
+    num_beams: int = typer.Option(3, help="beam width"),
+    max_length: int | None = typer.Option(None, help="maximum generated tokens (default: the model's)"),
+    batch_size: int = typer.Option(8, help="images per forward pass"),
+    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+) -> None:
+    """Draft a report for each image (a machine draft for a radiologist to review)."""
+    if num_beams < 1 or batch_size < 1:
+        _fail("--num-beams and --batch-size must be at least 1")
+    copilot = _load_copilot(ckpt, device, generator=None)
+    arrays = _read_inputs(copilot, images)
+    reports = []
+    for start in range(0, len(arrays), batch_size):
+        reports += copilot.report(arrays[start : start + batch_size], num_beams=num_beams, max_length=max_length)
+    if as_json:
+        print(json.dumps([{"image": str(p), "report": r} for p, r in zip(images, reports)], indent=2))
+        return
+    for path, text in zip(images, reports):
+        console.print(f"[bold]{path}[/bold]\n{text}\n")
+
+
+@app.command("classify")
+def classify_cmd(
+    images: list[Path] = typer.Argument(..., help="PNG, JPEG or DICOM files"),
+    ckpt: Path = typer.Option(..., help="a run folder or a saved model folder"),
+    labels: str | None = typer.Option(None, help="comma-separated labels or prompts (default: the five "
+                                      "competition findings); known findings use the shipped prompt ensembles"),
+    prompts: str = typer.Option("chexpert5", help="prompt YAML file or shipped set for known finding names"),
+    ensemble: str = typer.Option("mean", help="prompt ensembling: mean, max or embedding"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON: [{image, probabilities, top}]"),
+    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+) -> None:
+    """Zero-shot classification: probability of each label for each image."""
+    from medunifier.serve.api import Copilot
+
+    if ensemble not in ("mean", "max", "embedding"):
+        _fail(f"--ensemble must be mean, max or embedding, got {ensemble}")
+    names = _csv(labels)
+    if names is not None and not names:
+        _fail("--labels is empty")
+    try:
+        copilot = Copilot.from_pretrained(ckpt, device=device, prompts=prompts, generator=None)
+        arrays = _read_inputs(copilot, images)
+        results = copilot.classify(arrays, names, ensemble=ensemble)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        _fail(str(err))
+    if as_json:
+        print(json.dumps([{"image": str(p), "probabilities": r.as_dict(), "top": r.top()[0]}
+                          for p, r in zip(images, results)], indent=2))
+        return
+    table = Table(title=f"zero-shot probabilities ({ensemble} ensemble)")
+    table.add_column("image")
+    for name in results[0].labels:
+        table.add_column(name, justify="right")
+    for path, r in zip(images, results):
+        table.add_row(str(path), *[f"{p:.3f}" for p in r.probabilities])
+    console.print(table)
+
+
+@index_app.command("build")
+def index_build(
+    ckpt: Path = typer.Option(..., help="a run folder or a saved model folder"),
+    data: Path = typer.Option(..., help="a manifest.jsonl (records with an image are indexed)"),
+    out: Path = typer.Option(..., help="index folder: embeddings.safetensors + index.json"),
+    split: str | None = typer.Option(None, help="index only this split of a multi-split manifest"),
+    batch_size: int = typer.Option(64, help="images per forward pass"),
+    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+) -> None:
+    """Embed a manifest's cases (images and reports) for similar-case retrieval."""
+    import time
+
+    from medunifier.serve.api import model_checksum, resolve_model_dir
+    from medunifier.serve.index import build_index
+
+    copilot = _load_copilot(ckpt, device, generator=None)
+    model_dir = resolve_model_dir(ckpt).resolve()
+    start = time.perf_counter()
+    try:
+        index = build_index(copilot.model, data, out, split=split, batch_size=batch_size,
+                            model_meta={"dir": str(model_dir), "checksum": model_checksum(model_dir)})
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    seconds = time.perf_counter() - start
+    console.print(f"indexed {len(index)} cases of {data} in {seconds:.1f} s "
+                  f"({len(index) / max(seconds, 1e-9):.0f} cases/s) into {out}")
+
+
+@index_app.command("query")
+def index_query(
+    index: Path = typer.Argument(..., help="an index folder from `medunifier index build`"),
+    image: Path | None = typer.Option(None, help="query image (PNG, JPEG or DICOM)"),
+    text: str | None = typer.Option(None, help="query text"),
+    k: int = typer.Option(5, "-k", "--k", help="number of cases"),
+    mode: str = typer.Option("auto", help="compare with the indexed reports (text) or images (image); auto: "
+                             "an image query against reports, a text query against images"),
+    ckpt: Path | None = typer.Option(None, help="the model (default: the one that built the index)"),
+    as_json: bool = typer.Option(False, "--json", help="print the hits as JSON"),
+    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+) -> None:
+    """The k indexed cases most similar to an image or a text (cosine similarity)."""
+    from medunifier.serve.index import EmbeddingIndex
+
+    if (image is None) == (text is None):
+        _fail("give exactly one of --image and --text")
+    if k < 1:
+        _fail("-k must be at least 1")
+    if mode not in ("auto", "text", "image"):
+        _fail(f"--mode must be auto, text or image, got {mode}")
+    try:
+        idx = EmbeddingIndex.load(index)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    model_dir = ckpt or (idx.meta.get("model") or {}).get("dir")
+    if model_dir is None:
+        _fail(f"{index} does not record its model: pass --ckpt")
+    copilot = _load_copilot(Path(model_dir), device, generator=None)
+    try:
+        copilot.set_index(idx)
+        query = text if text is not None else copilot.to_array(image)
+        hits = copilot.retrieve(query, k=k, mode=mode)
+    except (ValueError, RuntimeError) as err:
+        _fail(str(err))
+    if as_json:
+        print(json.dumps([h.to_dict() for h in hits], indent=2))
+        return
+    table = Table(title=f"{len(hits)} most similar of {len(idx)} cases")
+    for col in ("rank", "score", "id", "image", "text"):
+        table.add_column(col, justify="right" if col in ("rank", "score") else "left")
+    for h in hits:
+        table.add_row(str(h.rank), f"{h.score:.3f}", h.id, h.image or "", h.text[:100])
+    console.print(table)
+
+
 @app.command("serve")
 def serve(
     ckpt: Path = typer.Option(..., help="a run folder or a saved model folder"),
     host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)"),
     port: int = typer.Option(8000, help="TCP port"),
+    token_file: Path | None = typer.Option(None, help="file whose first line is the bearer token clients must send"),
+    index: Path | None = typer.Option(None, help="an index folder for similar-case retrieval"),
+    settings: Path | None = typer.Option(None, help="YAML/JSON file of limits (see medunifier.serve.settings)"),
+    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+    overrides: list[str] | None = typer.Argument(None, help="limit overrides such as max_upload_bytes=5000000"),
 ) -> None:
-    """Serve a trained model over REST with a web co-pilot page."""
-    _fail("the REST service is not available in this version yet (see the serving issue)", 3)
+    """Serve a trained model over REST (FastAPI) with the web co-pilot page at /."""
+    import ipaddress
+    import logging
+
+    import uvicorn
+
+    from medunifier.serve.app import create_app
+    from medunifier.serve.settings import SettingsError, load_settings
+
+    try:
+        limits = load_settings(settings, overrides or [], token_file)
+    except SettingsError as err:
+        _fail(str(err))
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and limits.token is None:
+        console.print(f"[yellow]warning:[/yellow] binding to {host} without --token-file: anyone who can reach "
+                      "this port can use the model")
+    copilot = _load_copilot(ckpt, device, index=index)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not copilot.can_generate:
+        console.print(f"[yellow]note:[/yellow] synthesis and editing are off ({copilot.generation_reason})")
+    console.print(f"serving {copilot.model_dir} ({copilot.checksum}) on http://{host}:{port}/ "
+                  + (f"with {len(copilot.index)} indexed cases" if copilot.index is not None else "without an index"))
+    uvicorn.run(create_app(copilot, limits), host=host, port=port, log_level="info", workers=1)
 
 
 @app.command("demo")

@@ -109,6 +109,33 @@ class GeneratorConfig(_Strict):
     rotation_trick: bool = True
 
 
+class PriorConfigModel(_Strict):
+    """Text-conditioned code priors (medunifier.generate): architecture (defaults = `PriorConfig`) and training."""
+
+    kind: Literal["masked", "autoregressive"] = "masked"
+    width: int = Field(256, ge=8)
+    layers: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1)
+    mlp_ratio: int = Field(4, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    cond_dropout: float = Field(0.1, ge=0, lt=1, description="P(text -> null token) in training (guidance)")
+    steps: int = Field(8, ge=1, description="masked prior: parallel-decoding steps per level")
+    guidance: float = Field(3.0, ge=0, description="default classifier-free guidance scale at sampling")
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.05, ge=0)
+    max_steps: int = Field(2000, ge=1)
+    save_every: int = Field(500, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> PriorConfigModel:
+        if self.width % self.heads:
+            raise ValueError(f"prior.width ({self.width}) must be divisible by prior.heads ({self.heads})")
+        return self
+
+
 class LossWeights(_Strict):
     itc: float = Field(1.0, ge=0)
     itm: float = Field(1.0, ge=0)
@@ -179,6 +206,7 @@ class MedUnifierConfig(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     itc_temperature: float = Field(0.07, gt=0)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    prior: PriorConfigModel = Field(default_factory=PriorConfigModel)
 
     @model_validator(mode="after")
     def _consistent(self) -> MedUnifierConfig:

@@ -87,10 +87,10 @@ def _nan_on_call(monkeypatch: pytest.MonkeyPatch, bad_call: int) -> None:
 def test_nan_loss_stops_with_details_after_saving_the_last_good_state(
     tiny_manifest: Path, tmp_path: Path, small, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _nan_on_call(monkeypatch, 3)
     run = tmp_path / "run"
     overrides = small("train.max_steps=4")
-    with pytest.raises(NonFiniteLossError) as info:
+    with monkeypatch.context() as patch, pytest.raises(NonFiniteLossError) as info:
+        _nan_on_call(patch, 3)
         train("tiny", tiny_manifest, run, overrides=overrides)
     message = str(info.value)
     assert "non-finite loss at step 3" in message
@@ -102,7 +102,7 @@ def test_nan_loss_stops_with_details_after_saving_the_last_good_state(
     assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
     assert [r["step"] for r in read_metrics(run, "train")] == [1, 2]
 
-    monkeypatch.undo()  # the bad batch was transient: resuming finishes the run
+    # the bad batch was transient: resuming finishes the run
     result = train("tiny", tiny_manifest, run, resume=True, overrides=overrides)
     assert result.step == 4 and [r["step"] for r in read_metrics(run, "train")] == [1, 2, 3, 4]
 
@@ -137,8 +137,18 @@ def test_unreadable_image_mid_run_is_skipped_and_logged(
     assert "0002.png" in capfd.readouterr().err
 
 
-def test_existing_run_needs_resume(tiny_manifest: Path, tmp_path: Path, small) -> None:
+def test_existing_run_needs_resume_and_a_compatible_curriculum(
+    tiny_manifest: Path, tmp_path: Path, small, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run = tmp_path / "run"
     train("tiny", tiny_manifest, run, overrides=small("train.max_steps=1"))
-    with pytest.raises(ConfigError, match="pass --resume"):
-        train("tiny", tiny_manifest, run, overrides=small("train.max_steps=2"))
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "build_model", lambda config: pytest.fail("model built before the check"))
+        with pytest.raises(ConfigError, match="pass --resume"):
+            train("tiny", tiny_manifest, run, overrides=small("train.max_steps=2"))
+        stages = "train.stages=[{name: other, steps: 2}]"
+        with pytest.raises(ConfigError, match=r"trained with stages \['pretrain'\]"):
+            train("tiny", tiny_manifest, run, resume=True, overrides=small(stages))
+    # a longer schedule is allowed: the run continues where it stopped
+    result = train("tiny", tiny_manifest, run, resume=True, overrides=small("train.max_steps=2"))
+    assert result.step == 2 and [r["step"] for r in read_metrics(run, "train")] == [1, 2]

@@ -1,11 +1,16 @@
 """SynthCXR: a seeded, fast procedural generator of chest-radiograph-like images with reports.
 
-Each image is a frontal (PA) chest film drawn in an attenuation-like space with vectorised numpy
+Each image is a frontal chest film drawn in an attenuation-like space with vectorised numpy
 (coordinate grids, soft ellipses, smooth noise upsampled from a coarse grid, distance fields for
-lines), then tone-mapped: dark aerated lungs, bright mediastinum, heart, spine, ribs, clavicles
-and abdomen under the diaphragm domes. Patients vary in body habitus (thorax width, soft-tissue
-thickness, breast shadows), lung shape and diaphragm height, heart size, rotation, position,
+lines), then tone-mapped: dark aerated lungs with vessel markings radiating from the hila, bright
+mediastinum, heart, spine, ribs, clavicles and abdomen under the diaphragm domes. Patients vary in
+body habitus (thorax width, soft-tissue thickness, breast shadows), lung shape and diaphragm
+height, heart size, PA or portable AP projection (AP magnifies the heart), rotation, position,
 exposure, contrast and noise.
+
+API: `write_synthcxr(out, n, size, seed, workers)` writes a dataset (what `medunifier data synth`
+runs); `synthesize(n, size, seed)` returns images and records in memory; `generate_sample`,
+`sample_case` and `render` are the steps of one image.
 
 Findings (names from `data/findings.py`) carry laterality (patient side: "right" is the image's
 left), zone (upper/middle/lower) and severity (mild/moderate/severe):
@@ -21,8 +26,8 @@ left), zone (upper/middle/lower) and severity (mild/moderate/severe):
 - support_devices: ET tube, central line, PICC, pacemaker box with leads, enteric tube.
 - no_finding: 1 iff no other finding is present (support devices included).
 
-Difficulty knobs live in `SynthConfig`: `prevalence` (per finding; no finding comes out at about
-35%), `chf_boost` (edema raises the chance of cardiomegaly and effusion), `severity_weights`,
+Difficulty knobs live in `SynthConfig`: `prevalence` (per finding, missing names take the default;
+no finding comes out at about 37%), `chf_boost` (edema raises the chance of cardiomegaly and effusion), `severity_weights`,
 `subtle_fraction` and `subtle_contrast` (a fraction of positives drawn mild at reduced contrast, so
 some lesions are really hard), `finding_contrast` (global opacity scale), `noise_std`, anatomy
 ranges (`habitus`, `max_rotation_deg`, `normal_ctr`, `cardiomegaly_ctr`) and `mention_absent`
@@ -59,14 +64,14 @@ MAIN_STREAM, EVAL_STREAM = 0, 1
 SIDE_SIGN = {"right": -1.0, "left": 1.0}  # patient right is the image's left (x < 0)
 
 DEFAULT_PREVALENCE = {
-    "atelectasis": 0.14,
-    "cardiomegaly": 0.13,
-    "consolidation": 0.10,
+    "atelectasis": 0.15,
+    "cardiomegaly": 0.14,
+    "consolidation": 0.11,
     "edema": 0.09,
-    "pleural_effusion": 0.13,
+    "pleural_effusion": 0.14,
     "pneumothorax": 0.06,
-    "nodule": 0.08,
-    "support_devices": 0.14,
+    "nodule": 0.09,
+    "support_devices": 0.15,
 }
 
 
@@ -83,10 +88,10 @@ class SynthConfig:
     noise_std: tuple[float, float] = (0.012, 0.035)  # per-pixel quantum noise range
     habitus: tuple[float, float] = (0.72, 0.9)  # half-width of the rib cage (image half-width = 1)
     max_rotation_deg: float = 5.0
-    normal_ctr: tuple[float, float] = (0.38, 0.5)
+    normal_ctr: tuple[float, float] = (0.38, 0.515)
     cardiomegaly_ctr: dict[str, tuple[float, float]] = field(default_factory=lambda: {
-        "mild": (0.53, 0.58), "moderate": (0.58, 0.64), "severe": (0.64, 0.72)})
-    subtle_ctr: tuple[float, float] = (0.52, 0.55)
+        "mild": (0.525, 0.57), "moderate": (0.57, 0.63), "severe": (0.63, 0.72)})
+    subtle_ctr: tuple[float, float] = (0.52, 0.545)
     mention_absent: float = 0.6  # probability that a report states a given absent finding
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train, val, test
 
@@ -145,10 +150,12 @@ def _sample_patient(rng: np.random.Generator, cfg: SynthConfig) -> dict[str, Any
         "gamma": _r(rng.uniform(0.8, 1.25)),
         "noise": _r(rng.uniform(*cfg.noise_std)),
         "breast_shadows": False,
+        "projection": "PA",
+        "heart_magnification": _r(rng.uniform(0.95, 1.05)),
     }
 
 
-def _sample_finding(name: str, rng: np.random.Generator, cfg: SynthConfig, patient: dict[str, Any]) -> FindingSpec:
+def _sample_finding(name: str, rng: np.random.Generator, cfg: SynthConfig) -> FindingSpec:
     subtle = bool(rng.random() < cfg.subtle_fraction)
     severity = "mild" if subtle else _choice(rng, SEVERITIES, cfg.severity_weights)
     contrast = cfg.finding_contrast * (cfg.subtle_contrast if subtle else 1.0) * rng.uniform(0.85, 1.15)
@@ -189,6 +196,7 @@ def _sample_finding(name: str, rng: np.random.Generator, cfg: SynthConfig, patie
             "pacemaker": "left" if rng.random() < 0.8 else "right",
         }
         spec.params["central_line_route"] = "jugular" if rng.random() < 0.6 else "subclavian"
+        spec.params["contrast"] = _r(cfg.finding_contrast * rng.uniform(0.3, 0.9))  # faint lines are easy to miss
         spec.severity = "moderate"  # severity has no meaning for devices
         spec.subtle = False
     return spec
@@ -216,7 +224,11 @@ def sample_case(rng: np.random.Generator, config: SynthConfig | None = None, onl
                 p = min(1.0, p + cfg.chf_boost)
             if draws[i] < p:
                 present.append(name)
-    findings = [_sample_finding(name, rng, cfg, patient) for name in present]
+    findings = [_sample_finding(name, rng, cfg) for name in present]
+    # portable AP films (more common with lines and tubes) magnify the heart: a real confounder of CTR
+    if rng.random() < (0.7 if "support_devices" in present else 0.2):
+        patient["projection"] = "AP"
+        patient["heart_magnification"] = _r(rng.uniform(1.04, 1.16))
     for f in findings:  # findings that change the anatomy
         if f.name == "cardiomegaly":
             patient["ctr"] = f.params["ctr"]
@@ -384,7 +396,7 @@ def _draw_anatomy(a: _Anatomy, p: dict[str, Any], rng: np.random.Generator) -> t
     atten -= 0.14 * bubble * abdomen
 
     # heart: an ellipse sitting on the diaphragm; its horizontal extent gives the cardiothoracic ratio
-    half = p["ctr"] * a.w
+    half = p["ctr"] * a.w * p.get("heart_magnification", 1.0)
     ry, tilt = p["heart_height"] + 0.1, 0.5 * p["heart_tilt"]
     rx = math.sqrt(max(half * half - (ry * math.sin(tilt)) ** 2, (0.6 * half) ** 2)) / math.cos(tilt)
     hx = a.mshift + 0.35 * half - 0.04
@@ -475,12 +487,12 @@ def _paint_findings(a: _Anatomy, case: Case, atten: np.ndarray, markings: np.nda
         elif f.name == "consolidation":
             for side in sides:
                 cx, cy = a.zone_point(rng, side, f.zone, (0.2, 0.75))
-                sx = (rng.uniform(0.06, 0.09), rng.uniform(0.1, 0.15), rng.uniform(0.15, 0.22))[sev]
+                sx = (rng.uniform(0.08, 0.11), rng.uniform(0.12, 0.17), rng.uniform(0.17, 0.24))[sev]
                 sy = sx * rng.uniform(0.8, 1.4)
                 blob = np.exp(-0.5 * (((x - cx) / sx) ** 2 + ((y - cy) / sy) ** 2))
                 patchy = np.clip(0.55 + 0.6 * smooth_noise(rng, size, 10), 0.0, 1.0)
                 patch = np.clip(blob * 1.4 - 0.2, 0.0, 1.0) * patchy * a.lung[side]
-                dens = (0.2, 0.28, 0.36)[sev] * c
+                dens = (0.29, 0.39, 0.48)[sev] * c
                 if f.params.get("air_bronchograms"):
                     bronch = np.clip(1.0 - np.abs(smooth_noise(rng, size, 12)) * 3.0, 0.0, 1.0) ** 2
                     patch = patch * (1.0 - 0.45 * bronch * (blob > 0.4))
@@ -510,8 +522,8 @@ def _paint_findings(a: _Anatomy, case: Case, atten: np.ndarray, markings: np.nda
             sx = (0.18, 0.24, 0.3)[sev]
             haze = np.exp(-0.5 * (((a.ax - a.med0 - 0.12) / sx) ** 2 + ((y + 0.02) / 0.32) ** 2))
             patchy = 1.0 if sev < 2 else np.clip(0.7 + 0.5 * smooth_noise(rng, size, 8), 0.0, 1.2)
-            atten += (0.07, 0.12, 0.22)[sev] * c * haze * patchy * lungs
-            markings *= 1.0 + (0.8, 1.3, 1.6)[sev] * c
+            atten += (0.06, 0.1, 0.18)[sev] * c * haze * patchy * lungs
+            markings *= 1.0 + (0.5, 0.9, 1.3)[sev] * c
             near_wall = _ramp(0.1 - (a.half_width - np.abs(x)), 0.03)
             bases = _ramp(y - (max(a.dome.values()) - 0.35), 0.1)
             kerley = np.clip((np.cos(2 * math.pi * y / 0.045) - 0.7) / 0.3, 0.0, 1.0)
@@ -520,10 +532,10 @@ def _paint_findings(a: _Anatomy, case: Case, atten: np.ndarray, markings: np.nda
         elif f.name == "nodule":
             side = sides[0]
             cx, cy = a.zone_point(rng, side, f.zone, (0.2, 0.85))
-            radius = f.params.get("diameter_mm", 10) / 250.0
+            radius = f.params.get("diameter_mm", 10) / 200.0
             dist = np.sqrt((x - cx) ** 2 + (y - cy) ** 2)
             disc = _ramp(radius - dist, max(a.px, 0.3 * radius))
-            atten += 0.24 * c * disc * a.lung[side]
+            atten += 0.3 * c * disc * a.lung[side]
 
         elif f.name == "support_devices":
             atten = _paint_devices(a, case, f, atten, line_w)
@@ -532,35 +544,36 @@ def _paint_findings(a: _Anatomy, case: Case, atten: np.ndarray, markings: np.nda
 
 def _paint_devices(a: _Anatomy, case: Case, f: FindingSpec, atten: np.ndarray, line_w: float) -> np.ndarray:
     x, y, m = a.x, a.y, a.mshift
+    c = f.params.get("contrast", 1.0)
     sides = f.params.get("device_sides", {})
     svc = (m - 0.07, -0.12)
     for kind in f.params.get("devices", []):
         if kind == "ett":
-            atten = atten + 0.28 * _polyline(x, y, [(m, -1.1), (m + 0.005, -0.52)], 1.4 * line_w)
+            atten = atten + 0.2 * c * _polyline(x, y, [(m, -1.1), (m + 0.005, -0.52)], 1.4 * line_w)
         elif kind == "central_line":
             s = SIDE_SIGN[sides.get("central_line", "right")]
             if f.params.get("central_line_route") == "subclavian":
                 pts = [(m + s * 0.8, -0.82), (m + s * 0.4, -0.74), (m + s * 0.12, -0.6), (svc[0], -0.35), svc]
             else:
                 pts = [(m + s * 0.25, -1.1), (m + s * 0.15, -0.75), (m + s * 0.08, -0.5), (svc[0], -0.3), svc]
-            atten = atten + 0.25 * _polyline(x, y, pts, line_w)
+            atten = atten + 0.18 * c * _polyline(x, y, pts, line_w)
         elif kind == "picc":
             s = SIDE_SIGN[sides.get("picc", "right")]
             pts = [(m + s * 1.1, -0.5), (m + s * 0.85, -0.7), (m + s * 0.4, -0.76), (m + s * 0.12, -0.6), svc]
-            atten = atten + 0.22 * _polyline(x, y, pts, line_w)
+            atten = atten + 0.16 * c * _polyline(x, y, pts, line_w)
         elif kind == "pacemaker":
             s = SIDE_SIGN[sides.get("pacemaker", "left")]
             bx, by = m + s * 0.58 * a.w, -0.62
             box = _ramp(0.075 - np.abs(x - bx), a.px) * _ramp(0.05 - np.abs(y - by), a.px)
-            atten = atten + 0.55 * box
+            atten = atten + 0.4 * c * box
             apex = (m + 0.25 * case.patient["ctr"] * a.w + 0.1, 0.5 * (a.dome["right"] + a.dome["left"]))
             for tip in ((m - 0.12, -0.02), apex):
                 pts = [(bx - s * 0.05, by), (m + s * 0.1, -0.72), (m - 0.05, -0.45), (m - 0.08, -0.15), tip]
-                atten = atten + 0.3 * _polyline(x, y, pts, line_w)
+                atten = atten + 0.2 * c * _polyline(x, y, pts, line_w)
         elif kind == "enteric_tube":
             pts = [(m + 0.01, -1.1), (m + 0.02, -0.3), (m + 0.05, a.dome["left"] - 0.05),
                    (m + 0.3 * a.w, a.dome["left"] + 0.15), (m + 0.45 * a.w, a.dome["left"] + 0.2)]
-            atten = atten + 0.22 * _polyline(x, y, pts, line_w)
+            atten = atten + 0.16 * c * _polyline(x, y, pts, line_w)
     return atten
 
 

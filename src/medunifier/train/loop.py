@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -273,9 +274,10 @@ class Trainer:
         stages: list[Stage],
         max_steps: int,
         resume_from: Path | None,
+        schedule_changed: bool = False,
     ):
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+        from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 
         self.config, self.source, self.run_dir, self.stages = config, source, run_dir, stages
         self.tc = config.train
@@ -293,7 +295,16 @@ class Trainer:
         if self.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, run_dir / "config.yaml")
+            for stale in (run_dir / "checkpoints").glob(".tmp-*"):  # left by a crash mid-save
+                shutil.rmtree(stale, ignore_errors=True)
         acc.wait_for_everyone()
+        if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            if self.is_main:
+                print("warning: checkpoints hold each process's local (possibly sharded) model and optimiser "
+                      "state; exact resume is only tested for single-process and DDP runs", file=sys.stderr)
+            deepspeed = getattr(acc.state, "deepspeed_plugin", None)
+            if deepspeed is not None and deepspeed.deepspeed_config.get("train_micro_batch_size_per_gpu") == "auto":
+                deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = self.tc.batch_size
 
         set_seed(self.tc.seed)  # identical initialisation on every process
         model = build_model(config)
@@ -323,7 +334,9 @@ class Trainer:
                 resume_from, self.unwrapped, self.optimizer, rank=self.rank if same_world else 0,
                 restore_rng=same_world,
             )
-            self._check_resume(trainer_state)
+            if not same_world:
+                print(f"warning: resuming a {saved_world}-process run on {self.world} processes: the data "
+                      "order is re-split (a few samples may repeat)", file=sys.stderr)
             self.step = int(trainer_state["step"])
             self.skipped_steps = int(trainer_state.get("skipped_steps", 0))
             self.dropped_samples = int(trainer_state.get("dropped_samples", 0))
@@ -331,7 +344,7 @@ class Trainer:
             if acc.scaler is not None and trainer_state.get("scaler"):
                 acc.scaler.load_state_dict(trainer_state["scaler"])
             stage_now = stage_at(stages, self.step)[0]
-            if trainer_state.get("stage_index") == stage_now:
+            if trainer_state.get("stage_index") == stage_now and not schedule_changed:
                 saved_sched = trainer_state.get("scheduler")
             if not same_world or rank_state is None:
                 set_seed(self.tc.seed + self.rank + self.step)
@@ -351,15 +364,6 @@ class Trainer:
     @property
     def unwrapped(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
-
-    def _check_resume(self, trainer_state: dict[str, Any]) -> None:
-        saved = trainer_state.get("stages")
-        now = [[s.name, s.steps] for s in self.stages]
-        if saved is not None and saved != now:
-            raise ConfigError(f"the checkpoint's curriculum {saved} differs from this config's {now}")
-        if trainer_state.get("world_size", self.world) != self.world:
-            print(f"warning: resuming a {trainer_state['world_size']}-process run on {self.world} processes: "
-                  "the data order is re-split (a few samples may repeat)", file=sys.stderr)
 
     # ------------------------------------------------------------------------------------- data
 
@@ -779,6 +783,23 @@ def train(
         raise ConfigError(f"{run_dir} already holds checkpoints (latest {existing[-1].name}): pass --resume to "
                           "continue it, or choose another --out")
     total = total_steps(stages)
+    schedule_changed = resume_from is not None and _check_resumable(resume_from, stages)
     stop_at = total if max_steps is None else min(max_steps, total)
-    trainer = Trainer(cfg, source, run_dir, stages, stop_at, resume_from)
+    trainer = Trainer(cfg, source, run_dir, stages, stop_at, resume_from, schedule_changed)
     return trainer.run()
+
+
+def _check_resumable(checkpoint: Path, stages: list[Stage]) -> bool:
+    """Fail when the checkpoint's curriculum cannot continue under this config; True when stage lengths changed."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    saved = state.get("stages") or []
+    if [name for name, _ in saved] != [s.name for s in stages]:
+        raise ConfigError(f"{checkpoint} was trained with stages {[n for n, _ in saved]}, this config has "
+                          f"{[s.name for s in stages]}")
+    if state["step"] > total_steps(stages):
+        raise ConfigError(f"{checkpoint} is at step {state['step']}, past this config's {total_steps(stages)} steps")
+    changed = [list(x) for x in saved] != [[s.name, s.steps] for s in stages]
+    if changed:
+        print(f"warning: stage lengths changed from {saved} to {[[s.name, s.steps] for s in stages]}: the "
+              "learning-rate schedule follows the new lengths", file=sys.stderr)
+    return changed
