@@ -7,7 +7,11 @@ guidance (2B rows per forward) is on by default, as in real sampling. Prints one
 taken in this run. Targets (issue 6): masked >= 10x faster than cached AR at batch 1; cached >= 5x faster
 than uncached.
 
-    python benchmarks/bench_generate.py [--device cuda] [--steps 8] [--guidance 3.0]
+End to end (`--end-to-end`, on by default): time per image of the whole text-to-image path of a randomly
+initialised `tiny` MedUnifier with such priors (`Synthesizer.synthesize`: report -> text encoder -> top and
+bottom priors -> VQ decoder -> image), at the same batch sizes, for the masked prior and the cached AR prior.
+
+    python benchmarks/bench_generate.py [--device cuda] [--steps 8] [--guidance 3.0] [--no-end-to-end]
 """
 
 from __future__ import annotations
@@ -43,6 +47,45 @@ def time_per_image(model: HierarchicalPrior, batch: int, args: argparse.Namespac
     return min(times) / batch
 
 
+def time_end_to_end(synth, batch: int, args: argparse.Namespace) -> float:
+    """Seconds per image of Synthesizer.synthesize (text encoding + both priors + decoding), best of repeats."""
+    device = torch.device(args.device)
+    texts = ["FINDINGS: Moderate right pleural effusion. Enlarged cardiac silhouette. IMPRESSION: Effusion."] * batch
+    times = []
+    for _ in range(args.repeats):
+        sync(device)
+        start = time.perf_counter()
+        images = synth.synthesize(texts, 1, guidance=args.guidance, steps=args.steps, seed=0)
+        sync(device)
+        times.append(time.perf_counter() - start)
+        assert images.shape[0] == batch
+    return min(times) / batch
+
+
+def end_to_end(args: argparse.Namespace) -> None:
+    from medunifier.config import load_config
+    from medunifier.generate.sampling import Synthesizer
+    from medunifier.generate.train_prior import prior_config
+    from medunifier.model.medunifier import MedUnifier
+
+    torch.manual_seed(0)
+    config = load_config("tiny")
+    model = MedUnifier(config).to(args.device).eval()
+    print(f"\nend to end (tiny MedUnifier: {config.image.size}x{config.image.size} images; text encoder + priors + "
+          f"decoder), guidance={args.guidance}")
+    print(f"{'method':<26}" + "".join(f"{f'batch {b} (ms/img)':>20}" for b in args.batch_sizes))
+    for kind, label in (("masked", f"masked ({args.steps} steps/level)"), ("autoregressive", "AR + KV cache")):
+        settings = config.prior.model_copy(update={"kind": kind, "width": args.width, "layers": args.layers,
+                                                   "heads": args.heads, "steps": args.steps})
+        prior = HierarchicalPrior(prior_config(config, settings)).to(args.device).eval()
+        synth = Synthesizer(model, prior)
+        time_end_to_end(synth, 1, argparse.Namespace(**{**vars(args), "repeats": 1}))  # warm-up
+        row = f"{label:<26}"
+        for batch in args.batch_sizes:
+            row += f"{time_end_to_end(synth, batch, args) * 1e3:>20.2f}"
+        print(row, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -61,6 +104,8 @@ def main() -> None:
     parser.add_argument("--text-width", type=int, default=256)
     parser.add_argument("--text-len", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    parser.add_argument("--end-to-end", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time text -> image with a tiny MedUnifier (prior + decoder)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,6 +153,8 @@ def main() -> None:
         ok2 = results[uncached, 1] / results[cached, 1] >= 5
         print(f"targets at batch 1: masked >= 10x cached: {'PASS' if ok1 else 'FAIL'}; "
               f"cached >= 5x uncached: {'PASS' if ok2 else 'FAIL'}")  # fmt: skip
+    if args.end_to_end:
+        end_to_end(args)
 
 
 if __name__ == "__main__":

@@ -358,6 +358,183 @@ def eval_ablation(
         _fail(str(err))
 
 
+@eval_app.command("synthesis")
+def eval_synthesis(
+    ckpt: Path = typer.Option(..., help="a run folder with a trained prior (medunifier generate train-prior)"),
+    data: Path = typer.Option(..., help="manifest with train/val/test splits: trains the consistency classifier; "
+                              "its normal test images are the edit sources"),
+    eval_data: Path | None = typer.Option(None, help="reference images and prompts (default: manifest_5x200.jsonl "
+                                           "beside --data, else the test split of --data)"),
+    out: Path | None = typer.Option(None, help="output folder (default <ckpt>/eval/synthesis)"),
+    prompts_per_finding: int = typer.Option(20, help="prompts (reports) per competition finding"),
+    samples_per_prompt: int = typer.Option(2, help="images generated per prompt (>= 2 for diversity)"),
+    guidance: float | None = typer.Option(None, help="classifier-free guidance (default: the prior's)"),
+    steps: int | None = typer.Option(None, help="masked prior: decoding steps per level (default: the prior's)"),
+    seed: int = typer.Option(0, help="seed of prompt choice, sampling, classifier training"),
+    classifier: str = typer.Option("cnn", help="consistency classifier: cnn (pixels, independent of the model) or "
+                                   "probe (linear probe on the model's query features)"),
+    edits_per_finding: int = typer.Option(10, help="counterfactual edits per finding (0: none)"),
+    strength: float = typer.Option(1.0, help="share of the codes re-sampled inside the edit region"),
+    fid: bool = typer.Option(True, help="compute Inception FID (the slowest part)"),
+    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+) -> None:
+    """Synthesis: FID (Inception + domain) with references, finding consistency, diversity, edit metrics."""
+    from medunifier.eval.synthesis import run_synthesis
+
+    if classifier not in ("cnn", "probe"):
+        _fail(f"--classifier must be cnn or probe, got {classifier}")
+    if prompts_per_finding < 1 or samples_per_prompt < 1:
+        _fail("--prompts-per-finding and --samples-per-prompt must be >= 1")
+    try:
+        run_synthesis(ckpt, data, _eval_out(out, ckpt, "synthesis"), eval_data=eval_data,
+                      prompts_per_finding=prompts_per_finding, samples_per_prompt=samples_per_prompt,
+                      guidance=guidance, steps=steps, seed=seed, classifier=classifier,
+                      edits_per_finding=edits_per_finding, edit_strength=strength, fid=fid, device=device,
+                      console=console)
+    except _EVAL_ERRORS as err:
+        _fail(str(err))
+
+
+# ----------------------------------------------------------------------------------------- generate
+
+
+def _synthesizer(ckpt: Path, device: str | None):
+    from medunifier.generate.sampling import Synthesizer
+
+    try:
+        return Synthesizer.from_run(ckpt, device=device)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+
+
+@generate_app.command("train-prior")
+def generate_train_prior(
+    ckpt: Path = typer.Option(..., help="a run folder (its model/ is frozen; the prior goes to <ckpt>/prior)"),
+    data: Path = typer.Option(..., help="a manifest.jsonl (train split: training; val split: validation loss)"),
+    max_steps: int | None = typer.Option(None, help="stop this invocation after this many steps (the schedule "
+                                         "spans prior.max_steps; continue with --resume)"),
+    resume: bool = typer.Option(False, help="continue from the last prior checkpoint"),
+    minutes: float | None = typer.Option(None, help="stop (with a checkpoint) after this many minutes"),
+    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+    overrides: list[str] | None = typer.Argument(None, help="prior settings such as width=128 steps=8 kind=masked "
+                                                 "max_steps=3000 (also prior.width=128)"),
+) -> None:
+    """Train the text-conditioned top and bottom code priors of a run (frozen model; resumable)."""
+    from medunifier.config import ConfigError
+    from medunifier.generate.train_prior import train_prior
+    from medunifier.train.loop import DataError
+
+    try:
+        result = train_prior(ckpt, data, overrides=overrides or [], max_steps=max_steps, resume=resume,
+                             time_limit_s=None if minutes is None else minutes * 60, device=device,
+                             log=console.print)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    console.print(f"prior step {result.step}/{result.total_steps} ({result.samples_per_s:.0f} samples/s) in "
+                  f"{result.prior_dir}" + (" (stopped early: continue with --resume)" if result.interrupted else ""))
+
+
+@generate_app.command("image")
+def generate_image(
+    text: str = typer.Argument(..., help="the report to draw, e.g. 'Moderate right pleural effusion.'"),
+    ckpt: Path = typer.Option(..., help="a run folder with a trained prior"),
+    n: int = typer.Option(8, help="number of images"),
+    guidance: float | None = typer.Option(None, help="classifier-free guidance scale (0: unconditional)"),
+    steps: int | None = typer.Option(None, help="masked prior: decoding steps per level"),
+    seed: int = typer.Option(0, help="the same seed gives the same images"),
+    temperature: float = typer.Option(1.0, help="sampling temperature (0: greedy)"),
+    out: Path = typer.Option(Path("generated"), help="output folder"),
+    dicom: bool = typer.Option(False, "--dicom", help="also write DICOM Secondary Capture files marked synthetic"),
+    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+) -> None:
+    """Text-to-image: sample n images for a report and write them as PNG (and DICOM with --dicom)."""
+    from medunifier.data.images import save_png
+
+    if n < 1 or not text.strip():
+        _fail("need a non-empty text and --n >= 1")
+    synth = _synthesizer(ckpt, device)
+    images = synth.generate(text, n=n, guidance=guidance, steps=steps, seed=seed, temperature=temperature)
+    out.mkdir(parents=True, exist_ok=True)
+    study_uid = series_uid = None
+    for i, image in enumerate(images):
+        save_png(image, out / f"sample_{i:03d}.png")
+        if dicom:
+            from pydicom.uid import generate_uid
+
+            from medunifier.generate.dicom import write_secondary_capture
+
+            study_uid, series_uid = study_uid or generate_uid(), series_uid or generate_uid()
+            write_secondary_capture(image, out / f"sample_{i:03d}.dcm", prompt=text, seed=seed, study_uid=study_uid,
+                                    series_uid=series_uid, instance_number=i + 1)
+    (out / "prompt.json").write_text(json.dumps({"text": text, "n": n, "seed": seed, "guidance": synth.default_guidance
+                                                 if guidance is None else guidance, "steps": steps or
+                                                 synth.default_steps, "temperature": temperature, "synthetic": True}))
+    console.print(f"wrote {n} synthetic images to {out}" + (" (PNG + DICOM)" if dicom else ""))
+
+
+@generate_app.command("edit")
+def generate_edit(
+    image: Path = typer.Argument(..., help="the source image (PNG/JPEG/DICOM)"),
+    text: str = typer.Argument(..., help="the report the edited image should match"),
+    ckpt: Path = typer.Option(..., help="a run folder with a trained prior"),
+    strength: float = typer.Option(0.5, help="share (0..1) of the codes re-sampled inside the edit region"),
+    mask: Path | None = typer.Option(None, help="PNG whose non-zero pixels are the edit region (default: all)"),
+    source_text: str | None = typer.Option(None, help="the source image's own report (grounds its encoding)"),
+    guidance: float | None = typer.Option(None, help="classifier-free guidance scale"),
+    steps: int | None = typer.Option(None, help="masked prior: decoding steps per level"),
+    seed: int = typer.Option(0, help="the same seed gives the same edit"),
+    out: Path = typer.Option(Path("edited.png"), help="output PNG; the difference map goes to <out>_diff.png"),
+    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+) -> None:
+    """Counterfactual edit: encode, re-mask a share of the codes (inside --mask), re-sample under TEXT."""
+    from medunifier.data.images import ImageLoadError, save_png
+
+    if not 0.0 <= strength <= 1.0:
+        _fail(f"--strength must be in [0, 1], got {strength}")
+    synth = _synthesizer(ckpt, device)
+    try:
+        edited, diff = synth.edit_image(image, text, strength=strength, mask=mask, seed=seed, guidance=guidance,
+                                        steps=steps, source_text=source_text)
+    except (ImageLoadError, FileNotFoundError) as err:
+        _fail(str(err))
+    save_png(edited, out)
+    diff_path = out.with_name(f"{out.stem}_diff.png")
+    save_png(diff, diff_path)
+    console.print(f"wrote {out} (synthetic edit) and the difference map {diff_path} "
+                  f"(mean |difference| {diff.mean() / 255:.4f})")
+
+
+@generate_app.command("reconstruct")
+def generate_reconstruct(
+    image: Path = typer.Argument(..., help="the image (PNG/JPEG/DICOM)"),
+    ckpt: Path = typer.Option(..., help="a run folder or a saved model folder"),
+    text: str | None = typer.Option(None, help="its report (grounds the bottom codes; default: empty)"),
+    out: Path = typer.Option(Path("reconstruction.png"), help="output PNG"),
+    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+) -> None:
+    """Image -> VQ codes -> image (no prior needed); prints the PSNR to the input."""
+    import numpy as np
+
+    from medunifier.data.images import ImageLoadError, as_array, resize_array, save_png, to_tensor
+    from medunifier.eval.common import load_model
+    from medunifier.generate.sampling import grey_uint8
+    from medunifier.generate.train_prior import model_dir_of
+
+    try:
+        model = load_model(model_dir_of(ckpt), device)
+        arr = as_array(image)
+    except (FileNotFoundError, ValueError, ImageLoadError) as err:
+        _fail(str(err))
+    c = model.config.image
+    pixels = to_tensor(arr, c.size, c.channels, c.mean, c.std)[None].to(next(model.parameters()).device)
+    tokens = model.tokenize([text]) if text else {"input_ids": None, "attention_mask": None}
+    recon = grey_uint8(model.reconstruct(pixels, tokens["input_ids"], tokens["attention_mask"])[0], c.mean, c.std)
+    save_png(recon, out)
+    grey = arr if arr.ndim == 2 else arr.mean(-1)
+    mse = float(((recon / 255.0 - resize_array(grey, c.size)) ** 2).mean())
+    console.print(f"wrote {out}: PSNR {10 * np.log10(1.0 / max(mse, 1e-10)):.2f} dB to the input at {c.size}x{c.size}")
+
+
 # ------------------------------------------------------------------------------------- top level
 
 
@@ -474,11 +651,11 @@ def classify_cmd(
                           for p, r in zip(images, results)], indent=2))
         return
     table = Table(title=f"zero-shot probabilities ({ensemble} ensemble)")
-    table.add_column("image")
-    for name in results[0].labels:
-        table.add_column(name, justify="right")
-    for path, r in zip(images, results):
-        table.add_row(str(path), *[f"{p:.3f}" for p in r.probabilities])
+    table.add_column("label", no_wrap=True)
+    for path in images:
+        table.add_column(path.name, justify="right", overflow="fold")
+    for i, name in enumerate(results[0].labels):
+        table.add_row(name, *[f"{r.probabilities[i]:.3f}" for r in results])
     console.print(table)
 
 
@@ -565,12 +742,14 @@ def serve(
     index: Path | None = typer.Option(None, help="an index folder for similar-case retrieval"),
     settings: Path | None = typer.Option(None, help="YAML/JSON file of limits (see medunifier.serve.settings)"),
     device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+    threads: int | None = typer.Option(None, help="torch intra-op threads (default: torch's choice)"),
     overrides: list[str] | None = typer.Argument(None, help="limit overrides such as max_upload_bytes=5000000"),
 ) -> None:
     """Serve a trained model over REST (FastAPI) with the web co-pilot page at /."""
     import ipaddress
     import logging
 
+    import torch
     import uvicorn
 
     from medunifier.serve.app import create_app
@@ -587,6 +766,10 @@ def serve(
     if not loopback and limits.token is None:
         console.print(f"[yellow]warning:[/yellow] binding to {host} without --token-file: anyone who can reach "
                       "this port can use the model")
+    if threads is not None:
+        if threads < 1:
+            _fail("--threads must be at least 1")
+        torch.set_num_threads(threads)
     copilot = _load_copilot(ckpt, device, index=index)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not copilot.can_generate:

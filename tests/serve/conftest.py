@@ -6,11 +6,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from serve_helpers import FakeGenerator, build_model_dir, write_cases
 
 from medunifier.serve.api import Copilot
 from medunifier.serve.index import EmbeddingIndex, build_index
 from medunifier.serve.settings import ServeSettings
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The serving tests run tiny models: one intra-op thread avoids OpenMP oversubscription, which makes a
+    40 ms report take seconds on a 2-core machine busy with other work. Restored after each test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -70,5 +81,21 @@ def make_client(make_copilot: Callable[..., Copilot]) -> Callable[..., object]:
 
     def make(index: bool = True, generator: bool = True, **settings) -> TestClient:
         return TestClient(create_app(make_copilot(index=index, generator=generator), ServeSettings(**settings)))
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def make_client_module(base_copilot: Copilot, case_index: EmbeddingIndex) -> Callable[..., object]:
+    """Like make_client, for module-scoped fixtures."""
+    from fastapi.testclient import TestClient
+
+    from medunifier.serve.app import create_app
+
+    def make(**settings) -> TestClient:
+        c = base_copilot.image_config
+        copilot = Copilot(base_copilot.model, model_dir=base_copilot.model_dir, checksum=base_copilot.checksum,
+                          index=case_index, generator=FakeGenerator(c.channels, c.size))
+        return TestClient(create_app(copilot, ServeSettings(**settings)))
 
     return make

@@ -262,7 +262,7 @@ def test_malformed_json_too_many_images_and_limits_follow_settings(make_client) 
     client = make_client(max_images=2, max_n=2, max_text_chars=10)
     assert_error(client.post("/v1/synthesize", content=b"{not json", headers={"Content-Type": "application/json"}),
                  422)
-    assert_error(client.post("/v1/report", files=[image_part()] * 3), 422, "too_many_images")
+    assert_error(client.post("/v1/report", files=[image_part()] * 3), 422, contains="at most 2")
     assert_error(client.post("/v1/synthesize", json={"text": "x", "n": 3}), 422)
     assert client.post("/v1/synthesize", json={"text": "x", "n": 2}).status_code == 200
     assert_error(client.post("/v1/synthesize", json={"text": "x" * 11}), 422)

@@ -44,6 +44,8 @@ def test_manifest_without_train_records_fails_before_the_model(tiny_manifest: Pa
     val_only.write_text("".join(json.dumps({**r, "split": "val"}) + "\n" for r in lines))
     with pytest.raises(DataError, match="no training records"):
         train("tiny", val_only, tmp_path / "run", overrides=small())
+    with pytest.raises(DataError, match="fewer than one batch of 9"):  # 8 train records
+        train("tiny", tiny_manifest, tmp_path / "run", overrides=small("train.batch_size=9"))
 
 
 def test_wrong_config_fails_before_the_model(tiny_manifest: Path, tmp_path: Path, small, no_model) -> None:

@@ -73,38 +73,24 @@ class ImageGenerator(Protocol):
 
 
 def load_generator(model: Any, model_dir: str | Path | None) -> tuple[ImageGenerator | None, str]:
-    """An ImageGenerator for this model from `medunifier.generate`, or (None, the reason there is none).
+    """`medunifier.generate.Synthesizer` for this model and the prior trained for it, or (None, why not).
 
-    Looks for, in order: a `Synthesizer` class with `from_pretrained(model_dir, model=model)` whose objects
-    implement `ImageGenerator`; a `load_generator(model, model_dir)` function. Anything else (no trained prior
-    in the run, no sampler in this version) leaves generation off with the reason.
+    The prior is looked up beside the model (`RUN/prior`, see `generate.train_prior.find_prior_dir`); a run
+    without one leaves synthesis and editing off, with the reason (e.g. how to train the prior).
     """
     try:
-        import medunifier.generate as generate
-    except ImportError as err:  # pragma: no cover - the package ships it
-        return None, f"medunifier.generate cannot be imported ({err})"
-    factories = []
-    synth_cls = getattr(generate, "Synthesizer", None)
-    if synth_cls is not None and hasattr(synth_cls, "from_pretrained"):
-        factories.append(lambda: synth_cls.from_pretrained(model_dir, model=model))
-    if callable(getattr(generate, "load_generator", None)):
-        factories.append(lambda: generate.load_generator(model, model_dir))
-    if not factories:
-        return None, ("this version of medunifier.generate provides no text-to-image sampler "
-                      "(Synthesizer / load_generator); synthesis and editing are off")
+        from medunifier.generate import Synthesizer
+    except ImportError as err:
+        return None, f"this version of medunifier.generate provides no text-to-image sampler ({err})"
     if model_dir is None:
         return None, "no model folder to look for a trained image prior in"
-    reasons = []
-    for factory in factories:
-        try:
-            generator = factory()
-        except (FileNotFoundError, ValueError, RuntimeError, TypeError, KeyError) as err:
-            reasons.append(str(err))
-            continue
-        if isinstance(generator, ImageGenerator):
-            return generator, ""
-        reasons.append(f"{type(generator).__name__} lacks synthesize/edit")
-    return None, "no trained image prior for this model: " + "; ".join(reasons)
+    try:
+        generator = Synthesizer.from_pretrained(model_dir, model=model)
+    except (FileNotFoundError, ValueError, RuntimeError, TypeError, KeyError) as err:
+        return None, str(err)
+    if not isinstance(generator, ImageGenerator):
+        return None, f"{type(generator).__name__} lacks synthesize/edit"
+    return generator, ""
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -165,9 +151,11 @@ class SyntheticImage:
 
 @dataclass
 class EditResult:
-    """A counterfactual edit: the source as the model sees it, the edited image and |edited - source|."""
+    """A counterfactual edit: the source as the model sees it, its reconstruction (the same codes, nothing
+    re-sampled), the edited image and |edited - reconstruction|."""
 
     source: np.ndarray  # uint8 [S, S] (or [S, S, 3])
+    reconstruction: np.ndarray
     edited: SyntheticImage
     difference: np.ndarray  # uint8 [S, S, 3] heat map, scaled to the largest change
     mean_abs_difference: float  # on the [0, 1] intensity scale
@@ -436,7 +424,11 @@ class Copilot:
 
     def edit(self, image: Any, text: str, strength: float = 0.5, guidance: float = 3.0, steps: int = 8,
              seed: int | None = None) -> EditResult:
-        """Counterfactual edit of one image toward `text` (e.g. a finding); strength = share of codes re-sampled."""
+        """Counterfactual edit of one image toward `text` (e.g. a finding); strength = share of codes re-sampled.
+
+        The difference map is |edited - reconstruction|, where the reconstruction is the generator's edit at
+        strength 0 (the image's own codes decoded).
+        """
         generator = self._require_generator()
         if not text.strip():
             raise ValueError("empty text")
@@ -448,12 +440,17 @@ class Copilot:
         seed = new_seed() if seed is None else int(seed)
         with self._lock, torch.no_grad():
             edited = generator.edit(pixels, [text], strength=strength, guidance=guidance, steps=steps, seed=seed)
+            # strength 0 re-samples nothing: the source's own reconstruction, the baseline of the difference, so
+            # that the map shows the edit and not the autoencoder's reconstruction error
+            baseline = generator.edit(pixels, [text], strength=0.0, guidance=guidance, steps=steps, seed=seed)
         source = self.to_display(pixels[0])
+        reconstruction = self.to_display(baseline[0])
         result = self.to_display(edited[0])
-        diff = np.abs(result.astype(np.float32) - source.astype(np.float32)) / 255.0
+        diff = np.abs(result.astype(np.float32) - reconstruction.astype(np.float32)) / 255.0
         diff_grey = diff.mean(-1) if diff.ndim == 3 else diff
         peak = float(diff_grey.max())
-        return EditResult(source=source, edited=SyntheticImage(result, text, seed, kind="edit"),
+        return EditResult(source=source, reconstruction=reconstruction,
+                          edited=SyntheticImage(result, text, seed, kind="edit"),
                           difference=heat_map(diff_grey / peak if peak > 0 else diff_grey),
                           mean_abs_difference=float(diff_grey.mean()), max_abs_difference=peak)
 

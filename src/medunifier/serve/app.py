@@ -221,7 +221,8 @@ class EditResponse(BaseModel):
     seed: int | None
     source: str = Field(description="PNG data URL of the source as the model sees it")
     edited: str = Field(description="PNG data URL of the edited (synthetic) image")
-    difference: str = Field(description="PNG data URL: |edited - source| as a heat map scaled to its maximum")
+    reconstruction: str = Field(description="PNG data URL of the source's own reconstruction (nothing re-sampled)")
+    difference: str = Field(description="PNG data URL: |edited - reconstruction| as a heat map scaled to its maximum")
     mean_abs_difference: float
     max_abs_difference: float
 
@@ -279,6 +280,17 @@ def preview_png(arr: np.ndarray, side: int = 256) -> str:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return data_url(buf.getvalue())
+
+
+def _mark_binary(node: Any) -> None:
+    if isinstance(node, dict):
+        if node.get("contentMediaType") == "application/octet-stream" and node.get("type") == "string":
+            node.setdefault("format", "binary")
+        for value in node.values():
+            _mark_binary(value)
+    elif isinstance(node, list):
+        for value in node:
+            _mark_binary(value)
 
 
 def _clean_text(text: str, what: str) -> str:
@@ -368,7 +380,8 @@ def create_app(copilot: Copilot, settings: ServeSettings | None = None) -> FastA
     # ---------------------------------------------------------------------------- the endpoints
 
     s = settings
-    Images = Annotated[list[UploadFile], File(description="PNG, JPEG or DICOM files (repeat the field for several)")]
+    Images = Annotated[list[UploadFile], File(min_length=1, max_length=s.max_images,
+                                              description="PNG, JPEG or DICOM files (repeat the field for several)")]
     OneImage = Annotated[UploadFile, File(description="a PNG, JPEG or DICOM file")]
 
     def read_images(uploads: list[UploadFile]) -> list[np.ndarray]:
@@ -393,7 +406,8 @@ def create_app(copilot: Copilot, settings: ServeSettings | None = None) -> FastA
     def report(
         image: Images,
         num_beams: Annotated[int, Form(ge=1, le=s.max_beams)] = s.default_num_beams,
-        max_length: Annotated[int | None, Form(ge=1, le=s.max_report_tokens)] = None,
+        max_length: Annotated[int, Form(ge=1, le=s.max_report_tokens, description="maximum tokens (the model's "
+                                        "own text length caps it)")] = s.max_report_tokens,
         preview: Annotated[bool, Form()] = False,
     ) -> ReportResponse:
         """A draft report for each uploaded image."""
@@ -511,9 +525,25 @@ def create_app(copilot: Copilot, settings: ServeSettings | None = None) -> FastA
         return EditResponse(
             notice=SYNTHETIC_NOTICE, text=text, strength=strength, seed=result.edited.seed,
             source=data_url(png_bytes(result.source)), edited=data_url(result.edited.png()),
+            reconstruction=data_url(png_bytes(result.reconstruction)),
             difference=data_url(png_bytes(result.difference)),
             mean_abs_difference=result.mean_abs_difference, max_abs_difference=result.max_abs_difference,
         )
+
+    # ------------------------------------------------------------------------------- the spec
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's spec, with uploads also marked `format: binary` (OpenAPI 3.0 style), which client
+        generators and fuzzers read as 'a file'."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            _mark_binary(spec)
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     # ------------------------------------------------------------------------------------ the page
 

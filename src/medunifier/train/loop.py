@@ -360,6 +360,14 @@ class Trainer:
         self._saved_data, self._saved_sched = saved_data, saved_sched
         self.logger = MetricsLogger(run_dir, enabled=self.is_main)
         self.stop = StopFlag()
+        self.progress: Any = None
+
+    def _say(self, message: str, err: bool = False) -> None:
+        """Print without breaking the progress bar."""
+        if self.progress is not None:
+            self.progress.write(message, file=sys.stderr if err else sys.stdout)
+        else:
+            print(message, file=sys.stderr if err else sys.stdout, flush=True)
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -457,7 +465,7 @@ class Trainer:
         self._saved_data = self._saved_sched = None
         if self.is_main:
             trainable = sum(p.numel() for p in self.unwrapped.parameters() if p.requires_grad)
-            print(f"stage {stage.index + 1}/{len(self.stages)} '{stage.name}': steps {stage.start}-{stage.end}, "
+            self._say(f"stage {stage.index + 1}/{len(self.stages)} '{stage.name}': steps {stage.start}-{stage.end}, "
                   f"lr {stage.lr:g}, losses {stage.losses.model_dump()}, mixture {stage.mixture or 'all'}, "
                   f"trainable {trainable:,} parameters" + (f", from step {self.step}" if stage_step else ""))
 
@@ -592,7 +600,7 @@ class Trainer:
     def run(self) -> TrainResult:
         acc, tc = self.accelerator, self.tc
         total = total_steps(self.stages)
-        progress = _progress(self.is_main, self.step, self.stop_at)
+        progress = self.progress = _progress(self.is_main, self.step, self.stop_at)
         throughput: list[float] = []
         result = TrainResult(self.run_dir, self.step, "", is_main=self.is_main)
         self.stop.install()
@@ -662,6 +670,7 @@ class Trainer:
             self.stop.restore()
             if progress is not None:
                 progress.close()
+                self.progress = None
             self.logger.close()
             if self.is_main:
                 plot_loss_curves(self.run_dir)
@@ -680,7 +689,7 @@ class Trainer:
         if val:
             self.logger.log({"kind": "val", "step": self.step, "stage": stage.name, **val})
             if self.is_main:
-                print(f"step {self.step} val " + " ".join(f"{k}={v:.4f}" for k, v in val.items()))
+                self._say(f"step {self.step} val " + " ".join(f"{k}={v:.4f}" for k, v in val.items()))
 
     def _nonfinite(self, stage: Stage, outcome: dict[str, Any], data_before: Any, rng_before: Any) -> None:
         what = "gradient norm" if "grad_norm" in outcome else "loss"
@@ -690,7 +699,7 @@ class Trainer:
                   + f"; batch ids {outcome['ids']}")
         if self.tc.skip_nonfinite:
             self.skipped_steps += 1
-            print(f"warning: skipped {detail}", file=sys.stderr)
+            self._say(f"warning: skipped {detail}", err=True)
             return
         path = self.save(self.step, rng_state=rng_before, data_state=data_before)
         raise NonFiniteLossError(f"{detail}. Saved the last good state as {path}; set train.skip_nonfinite=true "
@@ -768,6 +777,12 @@ def train(
     source = resolve_data(data)
     if source.kind == "shards" and any(s.mixture for s in stages):
         raise ConfigError("curriculum mixtures need a manifest: shards are read as a stream in file order")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun sets it before any process group exists
+    n_train = len(source.train_records)
+    if source.kind == "manifest" and not all(s.mixture for s in stages) and math.ceil(n_train / world) < \
+            cfg.train.batch_size:
+        raise DataError(f"{source.path}: the train split has {n_train} samples, fewer than one batch of "
+                        f"{cfg.train.batch_size} for each of {world} process(es): lower train.batch_size")
     from medunifier.model.medunifier import MedUnifier
 
     validate_stages(stages, source.train_records, getattr(MedUnifier, "MODULE_PREFIXES", None))

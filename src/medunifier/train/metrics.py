@@ -129,6 +129,9 @@ def plot_loss_curves(run_dir: str | Path, out_path: str | Path | None = None) ->
     if val_points:
         steps, values = zip(*val_points)
         ax.plot(steps, values, "o--", color="black", label="val loss")
+    finite = [v for points in series.values() for _, v in points if math.isfinite(v)]
+    if finite and min(finite) > 0:
+        ax.set_yscale("log")  # the objectives differ by orders of magnitude (VQ terms ~1e-4, ITG ~10)
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("loss")
     ax.set_title(f"{Path(run_dir).name}: losses")

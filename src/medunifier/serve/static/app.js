@@ -180,7 +180,7 @@ async function editImage(event) {
     $("edit-edited").src = res.edited;
     $("edit-diff").src = res.difference;
     $("edit-diff-caption").textContent =
-      `|edited − source|: mean ${res.mean_abs_difference.toFixed(3)}, max ${res.max_abs_difference.toFixed(3)}`;
+      `|edited − reconstruction|: mean ${res.mean_abs_difference.toFixed(3)}, max ${res.max_abs_difference.toFixed(3)}`;
     $("edit-result").hidden = false;
     setStatus("edit-status", res.notice);
   } catch (err) {
