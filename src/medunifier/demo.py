@@ -67,11 +67,20 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 10.0, n_images: int
 
     console.rule("2/4 training the tiny model")
     config_name = "tiny"
+    # A WordPiece vocabulary fitted to the reports keeps the LM head small (MiniLM's has 30k rows).
+    tokenizer_dir = data_dir / "tokenizer"
+    if not (tokenizer_dir / "tokenizer.json").exists():
+        from medunifier.data.manifest import load_records
+        from medunifier.data.tokenizer import train_tokenizer
+
+        train_tokenizer([r.text for r in load_records(data_dir / "manifest.jsonl", splits=["train"])],
+                        tokenizer_dir, vocab_size=1000)
+    base_overrides = [f"text.tokenizer={tokenizer_dir}"]
     batch_size = load_config(config_name).train.batch_size
-    rate = _calibrate_steps_per_second(config_name, [], batch_size)
+    rate = _calibrate_steps_per_second(config_name, base_overrides, batch_size)
     steps = max(50, int(minutes * 60 * rate))
     console.print(f"measured {rate:.2f} steps/s at batch {batch_size}: {steps} steps fit in {minutes:g} minutes")
-    overrides = [f"train.max_steps={steps}", f"train.seed={seed}", f"train.save_every={max(steps // 4, 50)}",
+    overrides = [*base_overrides, f"train.max_steps={steps}", f"train.seed={seed}", f"train.save_every={max(steps // 4, 50)}",
                  f"train.val_every={max(steps // 8, 25)}"]
     from medunifier.train.loop import train
 

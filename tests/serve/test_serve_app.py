@@ -147,6 +147,7 @@ def test_edit_returns_source_edited_and_difference(make_client) -> None:
     assert body["synthetic"] is True and body["seed"] == 3 and body["strength"] == 0.6
     assert png_of(body["edited"]).text["Synthetic"] == "true" and png_of(body["edited"]).text["Source"] == "edit"
     assert "Synthetic" not in png_of(body["source"]).text
+    assert png_of(body["reconstruction"]).size == (32, 32)
     diff = np.asarray(png_of(body["difference"]))
     assert diff.shape == (32, 32, 3) and diff.max() == 255 and body["max_abs_difference"] > 0.05
     same = client.post("/v1/edit", files=[image_part()], data={"text": "pleural effusion", "strength": "0"}).json()
