@@ -782,12 +782,14 @@ def serve(
 @app.command("demo")
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="output folder"),
-    minutes: float = typer.Option(10.0, help="training budget in minutes"),
+    minutes: float = typer.Option(10.0, help="training budget of the model in minutes"),
+    prior_minutes: float | None = typer.Option(None, help="training budget of the code priors (default minutes/4)"),
+    n_images: int = typer.Option(6000, help="SynthCXR images to generate (plus the 5x200 set)"),
 ) -> None:
-    """The whole system on a CPU in minutes: SynthCXR, training, evaluation, an HTML report."""
+    """The whole system on a CPU in minutes: SynthCXR, training, priors, evaluation, an HTML report."""
     from medunifier.demo import run_demo
 
-    run_demo(out, minutes=minutes)
+    run_demo(out, minutes=minutes, prior_minutes=prior_minutes, n_images=n_images)
 
 
 def main() -> None:

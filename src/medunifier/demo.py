@@ -49,8 +49,13 @@ def _calibrate_steps_per_second(config_name: str, overrides: list[str], batch_si
 
 
 def run_demo(out: str | Path = "runs/demo", minutes: float = 10.0, n_images: int = 6000, seed: int = 0,
-             eval_limit: int = 200) -> Path:
-    """Run the demo into `out` and return the path of `report.html`."""
+             eval_limit: int = 200, prior_minutes: float | None = None) -> Path:
+    """Run the demo into `out` and return the path of `report.html`.
+
+    `minutes` is the training budget of the model; the code priors get `prior_minutes` (default a
+    quarter of it) on top.
+    """
+    prior_minutes = minutes / 4 if prior_minutes is None else prior_minutes
     from medunifier.data.synthcxr import write_synthcxr
 
     out = Path(out)
@@ -91,18 +96,24 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 10.0, n_images: int
     timings["train_s"] = time.perf_counter() - start
     model_dir = run_dir / "model"
 
-    console.rule("3/4 evaluation")
+    console.rule("3/4 text-conditioned priors and evaluation")
     from medunifier.eval.common import load_model
+    from medunifier.generate.demo import demo_generation_section, train_demo_priors
+
+    start = time.perf_counter()
+    train_demo_priors(run_dir, data_dir / "manifest.jsonl", minutes=prior_minutes, seed=seed)
+    timings["prior_s"] = time.perf_counter() - start
 
     model = load_model(model_dir)
     results: dict[str, Any] = {"train": {"steps": result.step, "samples_per_s": result.samples_per_s,
                                          "seconds": timings["train_s"]}}
     start = time.perf_counter()
     results.update(_evaluate(model, data_dir, out / "eval", eval_limit))
+    generation_html, results["synthesis"] = demo_generation_section(run_dir, data_dir, seed=seed)
     timings["eval_s"] = time.perf_counter() - start
 
     console.rule("4/4 report")
-    report = write_report(out, run_dir, model, data_dir, results, timings)
+    report = write_report(out, run_dir, model, data_dir, results, timings, generation_html)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
     console.print(f"\n[bold green]done[/bold green]: open {report}")
     console.print(f"model: {model_dir}   (serve it with: medunifier serve --ckpt {model_dir})")
@@ -248,7 +259,7 @@ def _codebook_plot(run_dir: Path) -> str | None:
 
 @torch.no_grad()
 def write_report(out: Path, run_dir: Path, model: Any, data_dir: Path, results: dict[str, Any],
-                 timings: dict[str, float]) -> Path:
+                 timings: dict[str, float], generation_html: str = "") -> Path:
     from medunifier.data.images import to_uint8
 
     config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else ""
@@ -292,6 +303,8 @@ Every figure below was computed by this run.</p>
 <img src='{recon_grid}'>
 <h2>Generated reports</h2>
 <table><tr><th>image</th><th>ground truth</th><th>generated (beam 3)</th></tr>{report_rows}</table>
+<h2>Text-to-image generation and counterfactual editing</h2>
+{generation_html or "<p>(no priors trained)</p>"}
 <h2>Metrics</h2>
 {_metric_tables(results)}
 <h2>Configuration</h2>

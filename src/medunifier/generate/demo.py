@@ -31,6 +31,7 @@ from medunifier.data.findings import COMPETITION_FINDINGS, DISPLAY_NAMES
 DEMO_PRIOR_OVERRIDES = ["width=192", "layers=3", "heads=4", "dropout=0.0", "batch_size=32", "lr=1e-3",
                         "warmup_ratio=0.03", "steps=8", "guidance=3.0"]
 CALIBRATION_STEPS = 3
+MIN_STEPS = 100  # fewer prior steps than this give noise whatever the budget
 
 
 def _log(message: str) -> None:
@@ -44,7 +45,6 @@ def train_demo_priors(run_dir: str | Path, manifest: str | Path, minutes: float,
     from medunifier.generate.train_prior import (
         CODES_NAME,
         CONFIG_NAME,
-        CodeSet,
         TextFeatures,
         batch_indices,
         cached_codes,
@@ -75,7 +75,8 @@ def train_demo_priors(run_dir: str | Path, manifest: str | Path, minutes: float,
         state = json.loads((latest / "trainer_state.json").read_text())
         settings = PriorConfigModel.model_validate(state["settings"])
         remaining = budget - (time.perf_counter() - start)
-        train_prior(run_dir, manifest, settings=settings, resume=True, time_limit_s=remaining, model=model, log=_log)
+        train_prior(run_dir, manifest, settings=settings, resume=True, time_limit_s=max(remaining, 60.0), model=model,
+                    log=_log)
         return prior_dir
 
     settings = prior_settings(model.config, [*DEMO_PRIOR_OVERRIDES, f"seed={seed}"])
@@ -84,10 +85,10 @@ def train_demo_priors(run_dir: str | Path, manifest: str | Path, minutes: float,
     codes = cached_codes(model, source.train_records, source.path.parent, prior_dir / CODES_NAME, checksum, "train",
                          _log)
 
+    text = TextFeatures(model, codes)  # computed once, reused by train_prior
+    _log(f"codes and text features of {len(codes)} training images ready after {time.perf_counter() - start:.0f} s")
+
     # time a few real steps of this prior on this machine
-    sample = CodeSet(codes.ids[:256], codes.top[:256], codes.bottom[:256], codes.input_ids[:256],
-                     codes.attention_mask[:256])
-    text = TextFeatures(model, sample)
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         probe = HierarchicalPrior(prior_config(model.config, settings)).to(device).train()
@@ -95,23 +96,22 @@ def train_demo_priors(run_dir: str | Path, manifest: str | Path, minutes: float,
         times = []
         for step in range(CALIBRATION_STEPS + 1):
             t = time.perf_counter()
-            index = batch_indices(len(sample), settings.batch_size, step, seed)
+            index = batch_indices(len(codes), settings.batch_size, step, seed)
             states, mask = text(index)
-            loss = probe.loss(sample.top[index].to(device), sample.bottom[index].to(device), states, mask)["loss"]
+            loss = probe.loss(codes.top[index].to(device), codes.bottom[index].to(device), states, mask)["loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             times.append(time.perf_counter() - t)
     seconds_per_step = float(np.median(times[1:]))
-    del probe, optimizer, text
-    # text features of the whole set are computed once more inside train_prior: about one forward per sample
-    text_overhead = seconds_per_step * len(codes) / settings.batch_size / 3
-    remaining = budget - (time.perf_counter() - start) - text_overhead - 10.0
-    steps = steps_for_budget(seconds_per_step * 1.1, remaining, minimum=50)
+    del probe, optimizer
+    remaining = budget - (time.perf_counter() - start) - 20.0  # validation codes and loss, saving
+    steps = steps_for_budget(seconds_per_step * 1.1, remaining, minimum=MIN_STEPS)
     settings = settings.model_copy(update={"max_steps": steps, "save_every": max(50, steps // 4)})
-    _log(f"prior: {seconds_per_step:.2f} s/step at batch {settings.batch_size}: {steps} steps fit in "
-         f"{max(remaining, 0) / 60:.1f} of the {minutes:g} minutes")
-    train_prior(run_dir, manifest, settings=settings, time_limit_s=max(remaining, 30.0) * 1.2, model=model, log=_log)
+    _log(f"prior: {seconds_per_step:.2f} s/step at batch {settings.batch_size}: {steps} steps for the "
+         f"{max(remaining, 0) / 60:.1f} minutes left of {minutes:g}")
+    limit = max(remaining, MIN_STEPS * seconds_per_step) * 1.25  # a slower machine stops with a checkpoint
+    train_prior(run_dir, manifest, settings=settings, time_limit_s=limit, model=model, text_features=text, log=_log)
     return prior_dir
 
 

@@ -49,7 +49,7 @@ WEIGHTS_NAME = "prior.safetensors"
 CONFIG_NAME = "prior.json"
 CODES_NAME = "codes.safetensors"
 TEXT_CACHE_BYTES = 1 << 30  # cache text features in memory (fp16) below this size
-MAX_VAL_RECORDS = 512
+MAX_VAL_RECORDS = 256
 GRAD_CLIP = 1.0
 LOG_EVERY = 10
 
@@ -334,6 +334,7 @@ def train_prior(
     time_limit_s: float | None = None,
     device: str | None = None,
     model: Any | None = None,
+    text_features: TextFeatures | None = None,
     log: Callable[[str], None] = print,
 ) -> PriorTrainResult:
     """Train the priors of the run `ckpt` on the train split of the manifest `data`.
@@ -341,6 +342,7 @@ def train_prior(
     settings: the prior section (default: the model config's `prior`, with `overrides` applied).
     `settings.max_steps` spans the schedule; `max_steps` only says where this invocation stops, and
     `time_limit_s` stops it (with a checkpoint) once exceeded. `resume` continues the latest checkpoint.
+    `model` (the loaded frozen model) and `text_features` (of the train codes) skip loading / recomputing them.
     """
     from medunifier.config import ConfigError
     from medunifier.eval.common import load_model
@@ -371,7 +373,8 @@ def train_prior(
     codes = cached_codes(model, source.train_records, root, prior_dir / CODES_NAME, checksum, "train", log)
     val_records = source.val_records[:MAX_VAL_RECORDS]
     val_codes = cached_codes(model, val_records, root, prior_dir / CODES_NAME, checksum, "val", log) if val_records else None
-    text = TextFeatures(model, codes)
+    reuse = text_features is not None and text_features.codes.ids == codes.ids
+    text = text_features if reuse else TextFeatures(model, codes)
     val_text = TextFeatures(model, val_codes) if val_codes is not None else None
 
     torch.manual_seed(settings.seed)
