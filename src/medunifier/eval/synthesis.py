@@ -7,11 +7,12 @@
   classifier's penultimate features). Reference points, all against the same real reference set and
   with the same number of images: real-versus-real (train images vs the reference), decoded uniformly
   random codes (no prior at all) and VQ reconstructions (the decoder's ceiling).
-- **Finding consistency**: a classifier trained on real images (5-way over the CheXpert competition
-  findings, on train-split images with exactly one of them) labels the generated images; accuracy against
-  the finding each prompt asked for, per finding and macro (chance 0.20). Its accuracy on real reference
-  images is reported beside it. Classifiers: `cnn` (a small CNN on pixels, independent of the model under
-  test; the default) or `probe` (the fine-tuning evaluator's linear probe on the model's own query features).
+- **Finding consistency**: a classifier trained on real images labels the generated images with one of
+  the five CheXpert competition findings (argmax); accuracy against the finding each prompt asked for, per
+  finding and macro (chance 0.20). Its accuracy on real reference images is reported beside it.
+  Classifiers: `cnn` (the default: a small CNN on pixels, independent of the model under test, one sigmoid
+  per finding trained on every train-split image) or `probe` (the fine-tuning evaluator's linear probe on
+  the model's own query features, trained on the train images with exactly one of the five findings).
 - **Diversity**: mean pairwise L2 distance between the images generated for one prompt, in the domain and
   Inception feature spaces, averaged over prompts; the same on random same-finding real images for scale.
 - **Edits**: real images with no finding are edited toward each competition finding (the report of a
@@ -45,6 +46,7 @@ from medunifier.eval.common import load_split, print_table, write_results
 
 INCEPTION_FILE = "default_1.pt"
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+MAX_CLASSIFIER_IMAGES = 20_000
 
 
 # ------------------------------------------------------------------------------------ Fréchet distance
@@ -196,10 +198,11 @@ class FindingClassifier:
 
     @torch.no_grad()
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        if self.kind == "cnn":
+        if self.kind == "cnn":  # per-finding sigmoid probabilities, renormalised over the K findings
             self.net.eval()
             x = _to_input(images).to(_device(self.net))
-            return torch.cat([self.net(x[i : i + 256]).softmax(-1).cpu() for i in range(0, len(x), 256)]).numpy()
+            p = torch.cat([self.net(x[i : i + 256]).sigmoid().cpu() for i in range(0, len(x), 256)]).double()
+            return (p / p.sum(1, keepdim=True).clamp(min=1e-12)).numpy()
         proba = np.zeros((len(images), len(self.classes)))
         proba[:, self.probe.classes_] = self.probe.predict_proba(self.features(images))
         return proba
@@ -214,16 +217,25 @@ def _device(module: nn.Module) -> torch.device:
 
 def train_cnn_classifier(
     x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, classes: Sequence[str],
-    epochs: int = 12, batch_size: int = 64, lr: float = 2e-3, seed: int = 0, device: str | None = None,
+    epochs: int = 6, batch_size: int = 64, lr: float = 2e-3, seed: int = 0, device: str | None = None,
 ) -> FindingClassifier:
-    """Small CNN, AdamW + cosine, random shifts of up to 3 px; the epoch with the best val accuracy is kept."""
+    """Small CNN, one sigmoid output per finding, AdamW + one-cycle schedule, random shifts of up to 3 px.
+
+    y_train: class indices [N] or multi-hot labels [N, K] (1 present, 0 absent, -1 unknown: not scored), so
+    images with several findings or none also teach it. Predictions are the argmax over the K findings; the
+    epoch with the best validation accuracy (y_val: class indices of single-finding images) is kept.
+    """
     torch.manual_seed(seed)
     dev = torch.device(device or "cpu")
     net = SmallCNN(len(classes)).to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     steps_per_epoch = max(1, math.ceil(len(x_train) / batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15)
-    x, y = _to_input(x_train), torch.as_tensor(y_train, dtype=torch.long)
+    y = torch.as_tensor(y_train)
+    if y.dim() == 1:
+        y = F.one_hot(y.long(), len(classes))
+    y = y.float()
+    x = _to_input(x_train)
     xv = _to_input(x_val).to(dev)
     g = torch.Generator().manual_seed(seed)
     best, best_acc, history = None, -1.0, []
@@ -233,7 +245,10 @@ def train_cnn_classifier(
         for start in range(0, len(x), batch_size):
             idx = perm[start : start + batch_size]
             batch = _random_shift(x[idx], 3, g).to(dev)
-            loss = F.cross_entropy(net(batch), y[idx].to(dev))
+            target = y[idx].to(dev)
+            known = (target >= 0).float()
+            loss = (F.binary_cross_entropy_with_logits(net(batch), target.clamp(min=0), reduction="none") * known
+                    ).sum() / known.sum().clamp(min=1.0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -411,7 +426,7 @@ def evaluate_synthesis(
     steps: int | None = None,
     seed: int = 0,
     classifier: Literal["cnn", "probe"] = "cnn",
-    classifier_epochs: int = 12,
+    classifier_epochs: int = 6,
     edits_per_finding: int = 10,
     edit_strength: float = 1.0,
     edit_area: float = 0.3,
@@ -446,15 +461,21 @@ def evaluate_synthesis(
     val_recs, x_val = load_grey(val_recs, root, size)
     y_train = np.array([competition_class(r) for r in train_recs])
     y_val = np.array([competition_class(r) for r in val_recs])
-    if classifier == "cnn":
-        clf = train_cnn_classifier(x_train, y_train, x_val, y_val, classes, epochs=classifier_epochs, seed=seed,
+    if classifier == "cnn":  # multi-label on every training image (none, one or several findings)
+        every = [r for r in records if r.image and r.split == "train"][:MAX_CLASSIFIER_IMAGES]
+        every, x_every = load_grey(every, root, size)
+        y_every = np.array([[r.labels.get(c, -1) for c in classes] for r in every])
+        clf = train_cnn_classifier(x_every, y_every, x_val, y_val, classes, epochs=classifier_epochs, seed=seed,
                                    device=device)
+        n_classifier = len(every)
+        del x_every
     elif classifier == "probe":
         clf = train_probe_classifier(synth.model, x_train, y_train, x_val, y_val, classes, seed=seed)
+        n_classifier = len(train_recs)
     else:
         raise ValueError(f"classifier must be 'cnn' or 'probe', got {classifier!r}")
     timings["classifier_s"] = time.perf_counter() - t0
-    log(f"{classifier} classifier: {len(train_recs)} train images, val accuracy {clf.info['val_accuracy']:.3f}")
+    log(f"{classifier} classifier: {n_classifier} train images, val accuracy {clf.info['val_accuracy']:.3f}")
 
     # 2. prompts = reports of reference images with one finding; the real reference set
     prompt_recs = _balanced(eval_single, prompts_per_finding, rng)
@@ -534,7 +555,7 @@ def evaluate_synthesis(
                      "edit_strength": edit_strength, "edit_area": edit_area,
                      "data": str(data), "eval_data": str(eval_data) if eval_data else None},
         "prior": {k: synth.meta.get(k) for k in ("step", "total_steps", "loss", "val_loss", "config")},
-        "classifier": {"kind": classifier, "train_images": len(train_recs), **clf.info,
+        "classifier": {"kind": classifier, "train_images": n_classifier, **clf.info,
                        "real_reference": real_cons},
         "consistency": gen_cons,
         "fid": fid_results,
