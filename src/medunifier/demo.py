@@ -274,7 +274,7 @@ def write_report(out: Path, run_dir: Path, model: Any, data_dir: Path, results: 
     recon_row = [to_uint8(p, c.mean, c.std) for p in recon]
     recon_grid = _png_data_uri(_grid([real_row, recon_row], scale=2))
 
-    reports = model.generate_report(pixels[:4], num_beams=3)
+    reports = model.generate_report(pixels[:4], num_beams=3, no_repeat_ngram_size=3)
     report_rows = "".join(
         f"<tr><td><img src='{_png_data_uri(real_row[i])}' width=128></td><td>{html.escape(records[i].text)}</td>"
         f"<td>{html.escape(reports[i])}</td></tr>"
