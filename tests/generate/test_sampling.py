@@ -206,3 +206,24 @@ def test_eval_synthesis_cli_end_to_end(small_run: Path, tmp_path: Path) -> None:
     assert r["edits"]["n"] >= 1 and 0.0 <= r["edits"]["ssim_outside_reconstruction"] <= 1.0
     assert set(r["targets"]) == {"consistency_macro>=0.70", "fid_closer_to_real_than_random",
                                  "edit_flip_rate>=0.70", "edit_ssim_outside>=0.8"}
+
+
+def test_demo_section_html(small_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import medunifier.eval.synthesis as synthesis
+    from medunifier.generate.demo import demo_generation_section, train_demo_priors
+
+    assert train_demo_priors(small_run / "run", small_run / "data" / "manifest.jsonl", minutes=0.1) == (
+        small_run / "run" / "prior")  # a finished prior is reused, not retrained
+    full = synthesis.evaluate_synthesis
+
+    def small(*args, **kwargs):
+        kwargs.update(prompts_per_finding=1, samples_per_prompt=2, edits_per_finding=1, classifier_epochs=1, fid=False)
+        return full(*args, **kwargs)
+
+    monkeypatch.setattr(synthesis, "evaluate_synthesis", small)
+    html, metrics = demo_generation_section(small_run / "run", small_run / "data")
+    assert html.count("<img src='data:image/png;base64,") >= 5 + 2 + 1  # a row per finding, recon rows, an edit
+    for title in ("Text-to-image generation", "Finding consistency", "Fréchet distance", "Counterfactual edits"):
+        assert title in html
+    assert metrics["consistency"]["n"] == 10 and "targets" in metrics
+    assert (small_run / "run" / "eval" / "synthesis" / "results.json").exists()

@@ -168,11 +168,14 @@ def _table(title: str, header: list[str], rows: list[list[Any]]) -> str:
 def _metric_tables(r: dict[str, Any]) -> str:
     parts = []
     cons, real = r["consistency"], r["classifier"]["real_reference"]
-    rows = [[DISPLAY_NAMES[c], cons["per_finding"].get(c), real["per_finding"].get(c)] for c in COMPETITION_FINDINGS]
-    rows.append(["macro (chance 0.20)", cons["macro"], real["macro"]])
+    recon = r["classifier"]["reconstruction_reference"]
+    rows = [[DISPLAY_NAMES[c], cons["per_finding"].get(c), real["per_finding"].get(c), recon["per_finding"].get(c)]
+            for c in COMPETITION_FINDINGS]
+    rows.append(["macro (chance 0.20)", cons["macro"], real["macro"], recon["macro"]])
     parts.append(_table(f"Finding consistency ({r['classifier']['kind']} classifier trained on real images, "
                         f"val accuracy {r['classifier']['val_accuracy']:.3f})",
-                        ["finding", "generated images", "real reference images"], rows))
+                        ["finding", "generated images", "real reference images",
+                         "their VQ reconstructions (decoder ceiling)"], rows))
     fid = r["fid"]
     spaces = [s for s in ("inception", "domain") if s in fid]
     names = {"generated": "generated (prior)", "real_vs_real": "real train images (real vs real)",
