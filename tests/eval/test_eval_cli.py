@@ -10,19 +10,12 @@ from eval_fakes import FakeModel
 from typer.testing import CliRunner
 
 from medunifier.cli import app
+from shrunk_config import SMALL_MODEL
 
 runner = CliRunner()
 
 # the tiny preset shrunk further, so that an untrained model saves, loads and evaluates in seconds
-SMALL = [
-    "image.size=32", "vision.hidden_size=64", "vision.num_layers=2", "vision.num_heads=2",
-    "vision.intermediate_size=128", "vision.patch_size=8", "encoder.hidden_size=64", "encoder.num_layers=2",
-    "encoder.num_heads=2", "encoder.intermediate_size=128", "encoder.num_queries=8",
-    "encoder.max_position_embeddings=64", "encoder.embed_dim=32", "text.max_length=32", "generator.top_size=4",
-    "generator.bottom_size=8", "generator.codebook_size=32", "generator.codebook_dim=16",
-    "generator.adapter_hidden=32", "generator.adapter_blocks=1", "generator.decoder_channels=16",
-    "generator.kmeans_init=false",
-]
+SMALL = [*SMALL_MODEL, "encoder.num_queries=8", "generator.adapter_blocks=1"]
 
 
 def test_eval_retrieval_cli_writes_results_and_prints_a_table(

@@ -10,31 +10,9 @@ import torch.nn.functional as F
 
 from medunifier.config import LossWeights, load_config
 from medunifier.model.medunifier import MedUnifier, itc_similarity, sample_hard_negatives
+from shrunk_config import SMALL_MODEL
 
-SMALL = [
-    "image.size=32",
-    "vision.hidden_size=64",
-    "vision.num_layers=2",
-    "vision.num_heads=2",
-    "vision.intermediate_size=128",
-    "vision.patch_size=8",
-    "encoder.hidden_size=64",
-    "encoder.num_layers=2",
-    "encoder.num_heads=2",
-    "encoder.intermediate_size=128",
-    "encoder.num_queries=4",
-    "encoder.max_position_embeddings=64",
-    "encoder.embed_dim=32",
-    "encoder.dropout=0.0",
-    "text.max_length=32",
-    "generator.top_size=4",
-    "generator.bottom_size=8",
-    "generator.codebook_size=32",
-    "generator.codebook_dim=16",
-    "generator.adapter_hidden=32",
-    "generator.decoder_channels=16",
-    "generator.kmeans_init=false",
-]
+SMALL = [*SMALL_MODEL, "encoder.dropout=0.0"]
 
 TEXTS = [
     "FINDINGS: Mild cardiomegaly. No pleural effusion. IMPRESSION: Enlarged heart.",

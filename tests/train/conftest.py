@@ -9,31 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from shrunk_config import SMALL_MODEL
+
 # the `tiny` preset made smaller still: 32 px images, 2-layer width-64 vision and encoder, 8 queries,
 # a 32 x 16 codebook; batch 8, a log line and a metrics record every step
 SMALL = [
-    "image.size=32",
-    "vision.hidden_size=64",
-    "vision.num_layers=2",
-    "vision.num_heads=2",
-    "vision.intermediate_size=128",
-    "vision.patch_size=8",
-    "encoder.hidden_size=64",
-    "encoder.num_layers=2",
-    "encoder.num_heads=2",
-    "encoder.intermediate_size=128",
+    *SMALL_MODEL,
     "encoder.num_queries=8",
-    "encoder.max_position_embeddings=64",
-    "encoder.embed_dim=32",
-    "text.max_length=32",
-    "generator.top_size=4",
-    "generator.bottom_size=8",
-    "generator.codebook_size=32",
-    "generator.codebook_dim=16",
-    "generator.adapter_hidden=32",
     "generator.adapter_blocks=1",
-    "generator.decoder_channels=16",
-    "generator.kmeans_init=false",
     "train.batch_size=8",
     "train.lr=1e-3",
     "train.warmup_start_lr=1e-4",
