@@ -23,7 +23,7 @@ app = typer.Typer(
 data_app = typer.Typer(help="Datasets: SynthCXR, converters from public layouts, manifests, tokenizer, shards.",
                        no_args_is_help=True)
 eval_app = typer.Typer(help="Evaluate a trained run: retrieval, zero-shot, fine-tuning, report generation, "
-                       "synthesis, ablation.", no_args_is_help=True)
+                       "VQA, synthesis, ablation.", no_args_is_help=True)
 generate_app = typer.Typer(help="Generate images from text, reconstruct and edit images with a trained run.",
                            no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -187,26 +187,32 @@ def data_synth(
     workers: int | None = typer.Option(None, help="worker processes (default: all CPU cores)"),
     per_class_5x200: int = typer.Option(200, "--per-class-5x200",
                                         help="images per competition finding in the 5x200 set (0: none)"),
+    pairs: int = typer.Option(0, help="counterfactual pairs (same patient without / with one added finding): "
+                              "two report records and one edit record each, in manifest.jsonl"),
 ) -> None:
     """Generate SynthCXR: chest-radiograph-like images with reports and labels, seeded and offline."""
     import time
 
     from medunifier.data.synthcxr import write_synthcxr
 
-    if n < 0 or per_class_5x200 < 0:
-        _fail("--n and --per-class-5x200 must be >= 0")
+    if n < 0 or per_class_5x200 < 0 or pairs < 0:
+        _fail("--n, --per-class-5x200 and --pairs must be >= 0")
     if size < 16:
         _fail("--size must be at least 16")
     if workers is not None and workers < 1:
         _fail("--workers must be at least 1")
     start = time.perf_counter()
-    summary = write_synthcxr(out, n=n, size=size, seed=seed, workers=workers, per_class_5x200=per_class_5x200)
+    summary = write_synthcxr(out, n=n, size=size, seed=seed, workers=workers, per_class_5x200=per_class_5x200,
+                             pairs=pairs)
     seconds = time.perf_counter() - start
-    total = n + 5 * per_class_5x200
+    total = n + 5 * per_class_5x200 + 2 * pairs
     console.print(f"wrote {total} images of {size}x{size} to {out} in {seconds:.1f} s "
                   f"({total / max(seconds, 1e-9):.0f} images/s); splits: "
                   + ", ".join(f"{k}={v}" for k, v in summary["splits"].items()))
     console.print("prevalence: " + ", ".join(f"{k}={v:.3f}" for k, v in summary["prevalence"].items()))
+    if pairs:
+        console.print(f"{pairs} counterfactual pairs in images_pairs/, adding: "
+                      + ", ".join(f"{k}={v}" for k, v in summary["pair_findings"].items()))
 
 
 # --------------------------------------------------------------------------------------------- eval
@@ -331,6 +337,35 @@ def eval_report(
         _fail(str(err))
 
 
+@eval_app.command("vqa")
+def eval_vqa(
+    ckpt: Path = typer.Option(..., help="a run folder or a saved model folder"),
+    data: Path = typer.Option(..., help="a VQA manifest (e.g. from `data convert vqa-rad` or slake)"),
+    split: str = typer.Option("val", help="the split to answer (a single-split manifest is used whole); the "
+                              "train split gives the closed-answer candidates"),
+    closed_scoring: str = typer.Option("likelihood", help="closed questions: likelihood (the best-scoring "
+                                       "candidate: yes/no, or the options the question names) or generate"),
+    out: Path | None = typer.Option(None, help="output folder (default <ckpt>/eval/vqa)"),
+    limit: int | None = typer.Option(None, help="answer only the first N questions"),
+    max_length: int = typer.Option(16, help="maximum generated answer tokens"),
+    num_beams: int = typer.Option(1, help="beam width of open answers (1: greedy, the training layout exactly)"),
+    batch_size: int = typer.Option(32, help="questions per forward pass"),
+    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+) -> None:
+    """Visual question answering: closed, open and overall accuracy (+ open token recall), by modality and organ."""
+    from medunifier.eval.vqa import run_vqa
+
+    if closed_scoring not in ("likelihood", "generate"):
+        _fail(f"--closed-scoring must be likelihood or generate, got {closed_scoring}")
+    if min(max_length, num_beams, batch_size) < 1 or (limit is not None and limit < 1):
+        _fail("--max-length, --num-beams, --batch-size and --limit must be at least 1")
+    try:
+        run_vqa(ckpt, data, _eval_out(out, ckpt, "vqa"), split=split, device=device, closed_scoring=closed_scoring,
+                limit=limit, max_length=max_length, num_beams=num_beams, batch_size=batch_size, console=console)
+    except _EVAL_ERRORS as err:
+        _fail(str(err))
+
+
 @eval_app.command("ablation")
 def eval_ablation(
     config: str = typer.Option("tiny", help="preset name or YAML file"),
@@ -390,6 +425,36 @@ def eval_synthesis(
                       prompts_per_finding=prompts_per_finding, samples_per_prompt=samples_per_prompt,
                       guidance=guidance, steps=steps, seed=seed, classifier=classifier,
                       edits_per_finding=edits_per_finding, edit_strength=strength, fid=fid, device=device,
+                      console=console)
+    except _EVAL_ERRORS as err:
+        _fail(str(err))
+
+
+@eval_app.command("edit")
+def eval_edit(
+    ckpt: Path = typer.Option(..., help="a run folder with a trained prior (medunifier generate train-prior)"),
+    data: Path = typer.Option(..., help="manifest with edit records (medunifier data synth --pairs N); its train "
+                              "images train the finding classifier"),
+    out: Path | None = typer.Option(None, help="output folder (default <ckpt>/eval/edit)"),
+    split: str = typer.Option("test", help="split of the edit records to evaluate"),
+    strength: float = typer.Option(0.6, help="share of the codes re-sampled (inside the region)"),
+    region: str = typer.Option("mask", help="mask: edit inside each pair's edit_region; none: anywhere"),
+    guidance: float | None = typer.Option(None, help="classifier-free guidance (default: the prior's)"),
+    steps: int | None = typer.Option(None, help="masked prior: decoding steps per level (default: the prior's)"),
+    seed: int = typer.Option(0, help="seed of the edits and of classifier training"),
+    max_pairs: int = typer.Option(200, help="evaluate at most this many pairs"),
+    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+) -> None:
+    """Edits against ground truth: SSIM / PSNR of edited sources to their targets, finding flip rate."""
+    from medunifier.eval.edit import run_edit_eval
+
+    if region not in ("mask", "none"):
+        _fail(f"--region must be mask or none, got {region}")
+    if not 0.0 <= strength <= 1.0 or max_pairs < 1:
+        _fail("--strength must be in [0, 1] and --max-pairs >= 1")
+    try:
+        run_edit_eval(ckpt, data, _eval_out(out, ckpt, "edit"), split=split, strength=strength, region=region,
+                      guidance=guidance, steps=steps, seed=seed, max_pairs=max_pairs, device=device,
                       console=console)
     except _EVAL_ERRORS as err:
         _fail(str(err))
@@ -657,6 +722,43 @@ def classify_cmd(
     for i, name in enumerate(results[0].labels):
         table.add_row(name, *[f"{r.probabilities[i]:.3f}" for r in results])
     console.print(table)
+
+
+@app.command("ask")
+def ask_cmd(
+    image: Path = typer.Argument(..., help="a PNG, JPEG or DICOM file"),
+    question: str = typer.Argument(..., help='the question, e.g. "Is there a pleural effusion?"'),
+    ckpt: Path = typer.Option(..., help="a run folder or a saved model folder"),
+    candidates: str | None = typer.Option(None, help="comma-separated answers to choose from (e.g. yes,no): "
+                                          "each is scored by its log-likelihood; default: a generated answer"),
+    max_length: int = typer.Option(16, help="maximum generated answer tokens"),
+    num_beams: int = typer.Option(1, help="beam width of a generated answer"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON: {image, question, answer, candidates}"),
+    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+) -> None:
+    """Answer a question about an image (and print each candidate's score with --candidates)."""
+    options = _csv(candidates)
+    if options is not None and not options:
+        _fail("--candidates is empty")
+    if max_length < 1 or num_beams < 1:
+        _fail("--max-length and --num-beams must be at least 1")
+    copilot = _load_copilot(ckpt, device, generator=None)
+    array = _read_inputs(copilot, [image])[0]
+    try:
+        result = copilot.ask(array, question, candidates=options, max_length=max_length, num_beams=num_beams)
+    except ValueError as err:
+        _fail(str(err))
+    if as_json:
+        print(json.dumps({"image": str(image), **result.to_dict()}, indent=2))
+        return
+    console.print(f"[bold]{result.question}[/bold]\n{result.answer}")
+    if result.candidates:
+        table = Table(title="candidate answers")
+        for col in ("answer", "log-likelihood", "probability"):
+            table.add_column(col, justify="left" if col == "answer" else "right")
+        for c in result.candidates:
+            table.add_row(c.answer, f"{c.log_likelihood:.3f}", f"{c.probability:.3f}")
+        console.print(table)
 
 
 @index_app.command("build")

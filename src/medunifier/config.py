@@ -7,6 +7,7 @@ offending key named, before any model is built or any data is read.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 OBJECTIVES = ("itc", "itm", "itg", "tig")
+# objective groups a curriculum mixture key can be routed to: "t2i:report" = report records, TIG only
+OBJECTIVE_GROUPS = {"i2t": ("itc", "itm", "itg"), "t2i": ("tig",)}
+
+
+def split_mixture_key(key: str) -> tuple[str | None, str]:
+    """'t2i:report' -> ('t2i', 'report'); a key without an objective-group prefix -> (None, key)."""
+    prefix, sep, rest = key.partition(":")
+    return (prefix, rest) if sep and prefix in OBJECTIVE_GROUPS else (None, key)
 
 
 class ConfigError(ValueError):
@@ -35,7 +44,7 @@ class ImageConfig(_Strict):
 class VisionConfig(_Strict):
     """Vision encoder E_I: any transformers vision backbone, built from this config or a local folder."""
 
-    backbone: Literal["vit", "dinov2", "siglip", "clip", "blip2"] = "vit"
+    backbone: Literal["vit", "dinov2", "siglip", "clip", "blip2", "resnet"] = "vit"
     pretrained: str | None = Field(None, description="local folder of a pretrained backbone (never a hub id)")
     hidden_size: int = Field(192, ge=8)
     num_layers: int = Field(4, ge=1)
@@ -48,6 +57,19 @@ class VisionConfig(_Strict):
 
     @model_validator(mode="after")
     def _heads_divide(self) -> VisionConfig:
+        if self.backbone == "resnet":
+            stride = 4 * 2 ** (self.num_layers - 1)
+            if self.pretrained is None and self.patch_size != stride:
+                raise ValueError(
+                    f"vision.patch_size ({self.patch_size}) must equal the resnet's output stride 4 * 2**(num_layers - 1)"
+                    f" = {stride} for vision.num_layers = {self.num_layers} stages"
+                )
+            if self.pretrained is None and self.hidden_size % 2 ** (self.num_layers - 1):
+                raise ValueError(
+                    f"vision.hidden_size ({self.hidden_size}) must be divisible by 2**(num_layers - 1): "
+                    "resnet stage widths halve from the last stage back"
+                )
+            return self
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"vision.hidden_size ({self.hidden_size}) must be divisible by vision.num_heads ({self.num_heads})"
@@ -80,7 +102,19 @@ class EncoderConfig(_Strict):
     dropout: float = Field(0.1, ge=0, lt=1)
     layer_norm_eps: float = 1e-12
     embed_dim: int = Field(256, ge=8, description="ITC projection size")
-    experts: Literal["shared", "task"] = "shared"
+    experts: Literal["shared", "task"] = Field(
+        "shared",
+        description="'task': separate understanding / generation feed-forward experts (UniMedVL), routed by the "
+        "role of each encoder pass",
+    )
+    expert_attention: bool = Field(
+        False, description="with experts 'task': separate self-attention projections per expert too"
+    )
+    modalities: list[str] = Field(
+        default_factory=list,
+        description="image modalities with a learned embedding added to queries and text (id 0 = other); "
+        "empty = off",
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> EncoderConfig:
@@ -88,6 +122,11 @@ class EncoderConfig(_Strict):
             raise ValueError(
                 f"encoder.hidden_size ({self.hidden_size}) must be divisible by encoder.num_heads ({self.num_heads})"
             )
+        if self.expert_attention and self.experts != "task":
+            raise ValueError("encoder.expert_attention needs encoder.experts: task")
+        names = [m.strip().lower() for m in self.modalities]
+        if any(not n for n in names) or len(set(names)) != len(names):
+            raise ValueError(f"encoder.modalities must be distinct non-empty names, got {self.modalities}")
         return self
 
 
@@ -147,21 +186,36 @@ class LossWeights(_Strict):
 
 
 class StageConfig(_Strict):
-    """One curriculum stage: its own data mixture, loss weights, length and trainable modules."""
+    """One curriculum stage: its own data mixture, loss weights, length and trainable modules.
+
+    Length: `steps`, or `fraction` of `train.max_steps` (the run's one budget knob; then every stage
+    gives a fraction and they sum to 1). Mixture keys are a task or a source, optionally routed to one
+    objective group: "i2t:report" (image-to-text objectives ITC, ITM, ITG only) or "t2i:report"
+    (text-to-image, TIG only); see `medunifier.data.dataset`.
+    """
 
     name: str
-    steps: int = Field(ge=1)
-    mixture: dict[str, float] = Field(default_factory=dict, description="task or source -> sampling weight")
+    steps: int | None = Field(None, ge=1, description="length in optimiser steps (or give `fraction`)")
+    fraction: float | None = Field(None, gt=0, le=1, description="share of train.max_steps (or give `steps`)")
+    mixture: dict[str, float] = Field(
+        default_factory=dict, description="task or source (optionally 'i2t:' / 't2i:' prefixed) -> sampling weight")
     losses: LossWeights | None = None
     train_modules: list[str] | None = Field(None, description="module name prefixes to train; None = all trainable")
     lr: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _weights_positive(self) -> StageConfig:
+        if (self.steps is None) == (self.fraction is None):
+            raise ValueError(f"stage '{self.name}': give exactly one of steps and fraction")
         if any(w < 0 for w in self.mixture.values()):
             raise ValueError(f"stage '{self.name}': mixture weights must be >= 0")
         if self.mixture and sum(self.mixture.values()) <= 0:
             raise ValueError(f"stage '{self.name}': mixture weights sum to zero")
+        for key in self.mixture:
+            prefix, sep, rest = key.partition(":")
+            if sep and (prefix not in OBJECTIVE_GROUPS or not rest):
+                raise ValueError(f"stage '{self.name}': mixture key '{key}': a prefix must be one of "
+                                 f"{sorted(OBJECTIVE_GROUPS)} followed by a task or source ('t2i:report')")
         return self
 
 
@@ -186,12 +240,35 @@ class TrainConfig(_Strict):
     skip_nonfinite: bool = False
     stages: list[StageConfig] = Field(default_factory=list)
 
+    def stage_steps(self) -> list[int]:
+        """Each stage's length: its `steps`, or its `fraction` of `max_steps` (rounded at the cumulative
+        boundaries, so the lengths add up to exactly `max_steps`)."""
+        if not self.stages or self.stages[0].fraction is None:
+            return [int(s.steps) for s in self.stages]
+        bounds, total = [0], 0.0
+        for stage in self.stages:
+            total += float(stage.fraction)
+            bounds.append(round(total * self.max_steps))
+        bounds[-1] = self.max_steps
+        return [b - a for a, b in itertools.pairwise(bounds)]
+
     @model_validator(mode="after")
     def _betas_valid(self) -> TrainConfig:
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"train.betas must lie in [0, 1), got {self.betas}")
         if self.warmup_start_lr > self.lr:
             raise ValueError("train.warmup_start_lr must not exceed train.lr")
+        fractions = [s.fraction for s in self.stages]
+        if any(f is not None for f in fractions):
+            if any(f is None for f in fractions):
+                raise ValueError("train.stages: give every stage a `fraction` (of train.max_steps) or every stage "
+                                 "`steps`, not a mix")
+            if abs(sum(fractions) - 1.0) > 1e-6:
+                raise ValueError(f"train.stages: the stage fractions sum to {sum(fractions):g}, they must sum to 1")
+            for stage, steps in zip(self.stages, self.stage_steps()):
+                if steps < 1:
+                    raise ValueError(f"train.stages: stage '{stage.name}' gets {steps} of train.max_steps="
+                                     f"{self.max_steps} steps: raise train.max_steps")
         return self
 
 

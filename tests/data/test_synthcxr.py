@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from medunifier.data.findings import COMPETITION_FINDINGS, FINDINGS
@@ -191,3 +192,110 @@ def test_cli_data_synth(tmp_path: Path) -> None:
     assert len(records) == 10 and len(list((tmp_path / "images").glob("*.png"))) == 10
     bad = CliRunner().invoke(app, ["data", "synth", "--out", str(tmp_path / "x"), "--size", "8"])
     assert bad.exit_code != 0
+
+
+# ------------------------------------------------------------------------------ counterfactual pairs
+
+
+def test_pairs_differ_only_inside_the_added_findings_region() -> None:
+    from medunifier.data.labeler import label_report
+    from medunifier.data.synthcxr import PAIR_FINDINGS, synthesize_pairs
+
+    pairs = synthesize_pairs(48, size=48, seed=1)
+    assert {p.added.name for p in pairs} == set(PAIR_FINDINGS)  # every pair finding is drawn
+    for p in pairs:
+        src, tgt = p.source_record, p.target_record
+        diff = np.abs(p.source_image.astype(int) - p.target_image.astype(int))
+        # the region comes from the anatomy (lung of the side, the hearts), not from the pixels: outside it the
+        # two films are identical, inside it the finding shows, and it is a part of the image only
+        assert p.region.any() and p.region.mean() < 0.7
+        assert diff[~p.region].max() == 0, p.added
+        assert diff[p.region].max() >= 10, p.added
+        assert (diff == 0).mean() > 0.3
+        # the same patient (the heart size is what cardiomegaly changes), the earlier findings kept
+        changed_params = {k for k in src["patient"] if src["patient"][k] != tgt["patient"][k]}
+        assert changed_params == ({"ctr"} if p.added.name == "cardiomegaly" else set())
+        assert tgt["finding_details"][:-1] == src["finding_details"] and tgt["finding_details"][-1]["name"] == p.added.name
+        # labels differ exactly in the added finding (and no_finding when the source was normal)
+        changed = {k for k in FINDINGS if src["labels"][k] != tgt["labels"][k]}
+        assert changed == {p.added.name} | ({"no_finding"} if src["labels"]["no_finding"] else set())
+        assert src["labels"][p.added.name] == 0 and tgt["labels"][p.added.name] == 1
+        # each report matches its own image; the edit names the finding, its side and links the pair
+        assert label_report(tgt["text"])[p.added.name] == 1 and label_report(src["text"])[p.added.name] == 0
+        edit = p.edit_record
+        assert {k for k, v in label_report(edit["instruction"]).items() if v == 1} == {p.added.name}
+        if p.added.laterality in ("left", "right"):  # the lingula is on the left
+            assert p.added.laterality in edit["instruction"] or "lingula" in edit["instruction"]
+        elif p.added.laterality == "bilateral" and p.added.name != "edema":  # edema is bilateral by nature
+            assert "bilateral" in edit["instruction"] or "both" in edit["instruction"]
+        assert edit["task"] == "edit" and edit["text"] == tgt["text"] and edit["labels"] == tgt["labels"]
+        assert edit["pair_id"] == src["pair_id"] == tgt["pair_id"] and edit["split"] == src["split"] == tgt["split"]
+
+
+def test_pairs_are_deterministic_at_any_worker_count_and_in_the_manifest(tmp_path: Path) -> None:
+    from medunifier.data.dataset import Collator, ManifestDataset
+    from medunifier.data.manifest import Record
+    from medunifier.data.tokenizer import load_tokenizer
+
+    write_synthcxr(tmp_path / "a", n=6, size=32, seed=4, workers=1, per_class_5x200=0, pairs=7)
+    summary = write_synthcxr(tmp_path / "b", n=6, size=32, seed=4, workers=2, per_class_5x200=0, pairs=7)
+    write_synthcxr(tmp_path / "c", n=6, size=32, seed=5, workers=1, per_class_5x200=0, pairs=7)
+    a, b, c = _digest(tmp_path / "a"), _digest(tmp_path / "b"), _digest(tmp_path / "c")
+    assert a == b and len([k for k in a if k.startswith("images_pairs/")]) == 3 * 7
+    assert all(a[k] != c[k] for k in a if k.startswith("images_pairs/") and not k.endswith("_region.png")
+               and k.endswith("_target.png"))
+    assert sum(summary["pair_findings"].values()) == 7 and summary["splits"] == {"train": 5, "val": 1, "test": 0}
+
+    records, report = read_manifest(tmp_path / "a" / "manifest.jsonl", strict=True)
+    assert report.skipped == 0 and len(records) == 6 + 3 * 7
+    assert [r.id for r in records[:6]] == [f"synthcxr-{i:06d}" for i in range(6)]  # the main set is unchanged
+    edits = [r for r in records if r.task == "edit"]
+    by_id = {r.id: r for r in records}
+    assert len(edits) == 7
+    for e in edits:
+        source, target = by_id[f"{e.pair_id}-source"], by_id[f"{e.pair_id}-target"]
+        assert (source.task, target.task) == ("report", "report")
+        assert e.image == source.image and e.target_image == target.image and e.text == target.text
+        assert e.instruction and (tmp_path / "a" / e.model_extra["edit_region"]).is_file()
+    # a manifest line written before these fields existed still loads
+    old = Record.model_validate({"id": "x", "image": "a.png", "text": "t", "task": "report"})
+    assert (old.target_image, old.instruction, old.pair_id) == (None, None, None)
+
+    # the dataset trains an edit record on the target image + target report; the source rides along
+    ds = ManifestDataset(tmp_path / "a" / "manifest.jsonl", image_size=32, channels=1)
+    index = {r.id: i for i, r in enumerate(ds.records)}
+    e = edits[0]
+    item = ds[index[e.id]]
+    assert item["text"] == e.text and item["task"] == "edit"
+    assert torch.equal(item["pixel_values"], ds[index[f"{e.pair_id}-target"]]["pixel_values"])
+    assert torch.equal(item["source_pixel_values"], ds[index[f"{e.pair_id}-source"]]["pixel_values"])
+    assert not torch.equal(item["pixel_values"], item["source_pixel_values"])
+    collate = Collator(load_tokenizer("minilm"), max_length=64)
+    batch = collate([ds[0], item, ds[1]])
+    assert batch["source_pixel_values"].shape == (3, 1, 32, 32) and batch["has_source"].tolist() == [False, True, False]
+    assert torch.equal(batch["source_pixel_values"][1], item["source_pixel_values"])
+    assert batch["source_pixel_values"][0].abs().sum() == 0
+    assert "source_pixel_values" not in collate([ds[0], ds[1]])
+
+    # shards store an edit record with its target image too
+    import json
+
+    from medunifier.data.shards import iter_shard_samples, write_shards
+
+    (shard,) = write_shards(tmp_path / "a" / "manifest.jsonl", tmp_path / "shards", shard_size=100)
+    samples = {json.loads(parts["json"])["id"]: parts["png"] for _, parts in iter_shard_samples(shard)}
+    assert samples[e.id] == (tmp_path / "a" / e.target_image).read_bytes() != samples[f"{e.pair_id}-source"]
+
+
+def test_cli_data_synth_pairs(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medunifier.cli import app
+
+    result = CliRunner().invoke(app, ["data", "synth", "--out", str(tmp_path), "--n", "4", "--size", "32",
+                                      "--workers", "1", "--per-class-5x200", "0", "--pairs", "3"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 10 images" in result.output and "3 counterfactual pairs" in result.output
+    records, _ = read_manifest(tmp_path / "manifest.jsonl", strict=True)
+    assert Counter(r.task for r in records) == {"report": 4 + 6, "edit": 3}
+    assert CliRunner().invoke(app, ["data", "synth", "--out", str(tmp_path / "x"), "--pairs", "-1"]).exit_code != 0

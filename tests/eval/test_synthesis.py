@@ -132,3 +132,160 @@ def test_inception_features_offline_and_grey_equals_rgb() -> None:
     assert f_grey.shape == (2, 2048) and np.isfinite(f_grey).all()
     np.testing.assert_allclose(f_grey, f_rgb, rtol=1e-5, atol=1e-5)
     assert not np.allclose(f_grey[0], f_grey[1])
+
+
+# ------------------------------------------------------------------------ edits against ground-truth pairs
+
+
+class PairSynth:
+    """The Synthesizer methods `evaluate_edit_pairs` uses, on uint8-valued pixels: codes are the pixels.
+
+    mode "oracle" turns each source into its ground-truth target (looked up by the source's bytes) inside the
+    region; "identity" changes nothing."""
+
+    def __init__(self, mode: str, size: int, targets: dict[bytes, np.ndarray] | None = None):
+        from types import SimpleNamespace
+
+        from medunifier.config import ImageConfig
+
+        self.mode, self.targets, self.regions = mode, targets or {}, []
+        self.model = SimpleNamespace(config=SimpleNamespace(image=ImageConfig(size=size, channels=1)))
+
+    def preprocess(self, images):
+        return torch.stack([torch.from_numpy(np.asarray(im, np.float32))[None] for im in images])
+
+    def encode(self, pixels, texts=None):
+        return pixels.clone(), pixels.clone()
+
+    def edit_codes(self, top, bottom, texts, *, strength, region=None, guidance=None, steps=None, seed=0):
+        self.regions.append(region)
+        new = top.clone()
+        if self.mode == "oracle":
+            for j in range(len(top)):
+                target = torch.from_numpy(self.targets[top[j, 0].numpy().astype(np.uint8).tobytes()].astype(np.float32))
+                inside = torch.ones_like(target, dtype=torch.bool) if region is None else region[j]
+                new[j, 0] = torch.where(inside, target, top[j, 0])
+        return new, new, None, None
+
+    def decode(self, top, bottom):
+        return top
+
+    def to_uint8(self, pixels):
+        return [p[0].round().clamp(0, 255).numpy().astype(np.uint8) for p in pixels]
+
+
+@pytest.fixture(scope="module")
+def pair_data(tmp_path_factory: pytest.TempPathFactory):
+    from medunifier.data.synthcxr import write_synthcxr
+
+    root = tmp_path_factory.mktemp("pairs")
+    write_synthcxr(root, n=60, size=32, seed=2, workers=1, per_class_5x200=0, pairs=10)
+    return root / "manifest.jsonl"
+
+
+def _pairs(manifest):
+    from medunifier.data.manifest import load_records
+    from medunifier.eval.edit import load_pairs
+
+    edits = [r for r in load_records(manifest) if r.task == "edit" and r.split == "train"]
+    return load_pairs(edits, manifest.parent, 32)
+
+
+def _lookup_detector(manifest):
+    """Probability 1 for a pair's added finding on exactly its target image, 0 elsewhere."""
+    from medunifier.data.synthcxr import PAIR_FINDINGS
+    from medunifier.eval.edit import added_finding
+
+    records, _, targets, _ = _pairs(manifest)
+    known = {t.tobytes(): added_finding(r) for r, t in zip(records, targets)}
+    classes = list(PAIR_FINDINGS)
+
+    def detect(images: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(images), len(classes)))
+        for i, im in enumerate(images):
+            if im.tobytes() in known:
+                out[i, classes.index(known[im.tobytes()])] = 1.0
+        return out
+
+    return detect, classes
+
+
+def test_psnr_ssim_and_added_finding_by_hand() -> None:
+    from medunifier.data.manifest import Record
+    from medunifier.eval.edit import PSNR_CAP_DB, added_finding, psnr_uint8, ssim_uint8
+
+    a = np.full((16, 16), 100, np.uint8)
+    assert psnr_uint8(a, a + 5) == pytest.approx(10 * np.log10(255**2 / 25))
+    assert psnr_uint8(a, a) == PSNR_CAP_DB and ssim_uint8(a, a) == pytest.approx(1.0)
+    r = Record(id="e", task="edit", labels={"edema": 1, "cardiomegaly": 1, "no_finding": 0},
+               source_labels={"edema": 0, "cardiomegaly": 1, "no_finding": 0})
+    assert added_finding(r) == "edema"
+    assert added_finding(Record(id="f", task="edit", edit_finding={"name": "pneumothorax"})) == "pneumothorax"
+    assert added_finding(Record(id="g", task="edit", labels={"edema": 1})) is None
+
+
+def test_edit_pairs_oracle_and_identity_edits(pair_data) -> None:
+    from medunifier.eval.edit import PSNR_CAP_DB, evaluate_edit_pairs
+
+    records, sources, targets, masks = _pairs(pair_data)
+    assert len(records) >= 5 and all(m is not None for m in masks)
+    lookup = {s.tobytes(): t for s, t in zip(sources, targets)}
+    detector = _lookup_detector(pair_data)
+    quiet = {"split": "train", "detector": detector, "log": lambda _: None}
+
+    oracle = PairSynth("oracle", 32, lookup)
+    perfect = evaluate_edit_pairs(oracle, pair_data, **quiet)
+    assert perfect["n"] == len(records) and perfect["ssim"] == pytest.approx(1.0) and perfect["psnr"] == PSNR_CAP_DB
+    assert perfect["ssim_outside"] == pytest.approx(1.0) and perfect["flips"]["flip_rate"] == 1.0
+    assert perfect["flips"]["detected_on_real_targets"] == 1.0 and perfect["flips"]["detected_on_real_sources"] == 0.0
+    # the oracle was handed each pair's region mask (the PNG written by the generator)
+    given = torch.cat([r for r in oracle.regions])
+    assert torch.equal(given, torch.from_numpy(np.stack(masks)))
+
+    nothing = evaluate_edit_pairs(PairSynth("identity", 32), pair_data, **quiet)
+    assert nothing["ssim"] == pytest.approx(nothing["ssim_source"]) and nothing["ssim"] < 0.99
+    assert nothing["psnr"] == pytest.approx(nothing["psnr_source"]) and nothing["psnr"] < PSNR_CAP_DB
+    # outside the region (grown by the SSIM window) source and target are the same; inside they are not
+    assert nothing["ssim_outside"] == pytest.approx(1.0) and nothing["ssim_inside"] < 0.99
+    assert nothing["flips"]["flip_rate"] == 0.0
+
+    anywhere = PairSynth("oracle", 32, lookup)
+    assert evaluate_edit_pairs(anywhere, pair_data, region="none", **quiet)["ssim"] == pytest.approx(1.0)
+    assert all(r is None for r in anywhere.regions)
+
+def test_edit_pairs_need_edit_records(tmp_path) -> None:
+    from medunifier.data.synthcxr import write_synthcxr
+    from medunifier.eval.edit import evaluate_edit_pairs
+
+    write_synthcxr(tmp_path, n=10, size=32, seed=0, workers=1, per_class_5x200=0)
+    with pytest.raises(ValueError, match=r"no edit records.*--pairs"):
+        evaluate_edit_pairs(PairSynth("identity", 32), tmp_path / "manifest.jsonl", log=lambda _: None)
+
+
+def test_eval_edit_cli_trains_the_classifier(pair_data, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from medunifier.cli import app
+    from medunifier.generate.sampling import Synthesizer
+
+    torch.set_num_threads(1)
+    _, sources, targets, _ = _pairs(pair_data)
+    lookup = {s.tobytes(): t for s, t in zip(sources, targets)}
+    monkeypatch.setattr(Synthesizer, "from_run", classmethod(lambda cls, ckpt, device=None: PairSynth("oracle", 32,
+                                                                                                      lookup)))
+    out = tmp_path / "edit"
+    result = CliRunner().invoke(app, ["eval", "edit", "--ckpt", str(tmp_path), "--data", str(pair_data), "--split",
+                                      "train", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    r = json.loads((out / "results.json").read_text())
+    assert r["task"] == "edit" and r["ssim"] == pytest.approx(1.0) and r["classifier"]["kind"] == "cnn"
+    fl = r["flips"]
+    assert fl["n_scored"] == r["n"] and set(fl["classes"]) == set(r["findings"])
+    # an oracle edit shows this classifier exactly what the real target shows it
+    assert fl["mean_probability_edited"] == pytest.approx(fl["mean_probability_real_targets"])
+    assert 0.0 <= fl["detected_on_real_targets"] <= 1.0 and "edit pairs" in result.output
+    bad = CliRunner().invoke(app, ["eval", "edit", "--ckpt", str(tmp_path), "--data", str(pair_data),
+                                   "--region", "box"])
+    assert bad.exit_code != 0 and "--region" in bad.output

@@ -19,7 +19,7 @@ from serve_helpers import dicom_bytes, encode, picture  # noqa: E402
 
 MAX_EXAMPLES = 30  # per operation and mode: 14 runs in well under a minute on 2 cores
 OPERATIONS = [("GET", "/v1/health"), ("GET", "/v1/model"), ("POST", "/v1/report"), ("POST", "/v1/classify"),
-              ("POST", "/v1/retrieve"), ("POST", "/v1/synthesize"), ("POST", "/v1/edit")]
+              ("POST", "/v1/retrieve"), ("POST", "/v1/synthesize"), ("POST", "/v1/edit"), ("POST", "/v1/ask")]
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 

@@ -12,6 +12,21 @@ tokenizes a list of items into the batch the model consumes:
 For `vqa` items the text is "[CLS] question [SEP] answer [SEP]" and `prefix_lengths` counts the
 "[CLS] question [SEP]" tokens, so a generation loss can be restricted to the answer.
 
+An `edit` record (a counterfactual pair: `image` = source, `target_image`, `text` = the target's
+report) yields the TARGET image with the target report, so every objective sees a matching image-text
+pair (the interleaved use: the report that the edit should produce, grounded on the image it produced).
+The source image comes along as `source_pixel_values` [B, C, S, S] with `has_source` bool [B] (zeros
+where an item has none); these two keys are present only when the batch holds an edit item. The model
+does not read them yet: they are there for source-conditioned objectives. The streaming shard dataset
+trains an edit record on its target image too but does not carry the source.
+
+Objective routing: a mixture key may carry a prefix, "i2t:report" (report records trained with the
+image-to-text objectives only: ITC, ITM, ITG) or "t2i:report" (trained with the text-to-image objective
+only: TIG); a plain key trains with every objective of the stage. Because loss weights apply to a whole
+forward pass, a mixture with prefixed keys draws whole micro-batches from one objective group (chosen
+per block of `batch_size x num_replicas` draws, in the groups' proportions) and the batch says which
+under `objectives` (list[str]: "i2t", "t2i" or "all"; see `train.curriculum.Stage.losses_for`).
+
 `MixtureSampler` draws indices so that tasks/sources follow curriculum weights;
 `ResumableRandomSampler` is a DistributedSampler-like shuffler whose position can be saved and
 restored so that an interrupted run continues at exactly the next sample.
@@ -29,6 +44,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from medunifier.config import split_mixture_key
 from medunifier.data.findings import FINDINGS
 from medunifier.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image, to_tensor
 from medunifier.data.manifest import Record, load_records
@@ -47,9 +63,10 @@ def labels_vector(labels: Mapping[str, int]) -> torch.Tensor:
     return vec
 
 
-def make_item(record: Record, pixel_values: torch.Tensor) -> Item:
+def make_item(record: Record, pixel_values: torch.Tensor, source_pixel_values: torch.Tensor | None = None,
+              objective: str | None = None) -> Item:
     """The item dict shared by the map-style and the streaming datasets."""
-    return {
+    item = {
         "id": record.id,
         "pixel_values": pixel_values,  # (C, S, S)
         "text": record.text,
@@ -60,6 +77,16 @@ def make_item(record: Record, pixel_values: torch.Tensor) -> Item:
         "modality": record.modality,
         "source": record.source,
     }
+    if source_pixel_values is not None:  # an edit record's source image (C, S, S)
+        item["source_pixel_values"] = source_pixel_values
+    if objective is not None:  # "i2t" | "t2i" | "all": which objectives train on this item
+        item["objective"] = objective
+    return item
+
+
+def trainable(record: Record) -> bool:
+    """A record with an image to train on (an edit record needs its target image)."""
+    return record.image is not None and (record.task != "edit" or record.target_image is not None)
 
 
 def warn_skipped(path: str | Path, reason: str) -> None:
@@ -77,9 +104,10 @@ def filter_records(records: Sequence[Record], splits: Sequence[str] | None = Non
 class ManifestDataset(Dataset):
     """Map-style dataset over a manifest (or a list of records whose paths are relative to `root`).
 
-    Records without an image are left out (reported once). An image that cannot be read makes
-    `__getitem__` return None after one warning; `Collator` drops such items and `skipped`
-    counts them (per process: each DataLoader worker keeps its own count).
+    Records without an image (and edit records without a target image) are left out (reported once).
+    An image that cannot be read makes `__getitem__` return None after one warning; `Collator` drops
+    such items and `skipped` counts them (per process: each DataLoader worker keeps its own count).
+    An index may be an int or, from a `MixtureSampler` with objective keys, (int, objective).
     """
 
     def __init__(self, manifest: str | Path | Sequence[Record], root: str | Path | None = None,
@@ -93,10 +121,10 @@ class ManifestDataset(Dataset):
             records = list(manifest)
         self.root = Path(root) if root is not None else Path(".")
         records = filter_records(records, splits, tasks)
-        self.records = [r for r in records if r.image is not None]
+        self.records = [r for r in records if trainable(r)]
         if len(self.records) < len(records):
-            print(f"warning: left out {len(records) - len(self.records)} records without an image",
-                  file=sys.stderr, flush=True)
+            print(f"warning: left out {len(records) - len(self.records)} records without an image (or edit "
+                  "records without a target image)", file=sys.stderr, flush=True)
         self.image_size, self.channels, self.mean, self.std = image_size, channels, mean, std
         self.max_pixels = max_pixels
         self._skipped: set[str] = set()
@@ -113,9 +141,8 @@ class ManifestDataset(Dataset):
     def skipped_ids(self) -> list[str]:
         return sorted(self._skipped)
 
-    def __getitem__(self, index: int) -> Item | None:
-        record = self.records[index]
-        path = record.image_path(self.root)
+    def _pixels(self, record: Record, relative: str) -> torch.Tensor | None:
+        path = self.root / relative
         try:
             array = load_image(path, self.max_pixels)
         except ImageLoadError as err:
@@ -123,8 +150,20 @@ class ManifestDataset(Dataset):
                 self._skipped.add(record.id)
                 warn_skipped(path, err.reason)
             return None
-        pixel_values = to_tensor(array, self.image_size, self.channels, self.mean, self.std)
-        return make_item(record, pixel_values)
+        return to_tensor(array, self.image_size, self.channels, self.mean, self.std)
+
+    def __getitem__(self, index: int | tuple[int, str]) -> Item | None:
+        index, objective = index if isinstance(index, tuple) else (index, None)
+        record = self.records[index]
+        pixel_values = self._pixels(record, record.training_image())
+        if pixel_values is None:
+            return None
+        source_pixel_values = None
+        if record.task == "edit":  # trains on the target; the source rides along
+            source_pixel_values = self._pixels(record, record.image)
+            if source_pixel_values is None:
+                return None
+        return make_item(record, pixel_values, source_pixel_values, objective)
 
 
 class Collator:
@@ -193,7 +232,7 @@ class Collator:
         for row, seq in enumerate(sequences):
             input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             attention_mask[row, : len(seq)] = 1
-        return {
+        batch = {
             "ids": [it["id"] for it in kept],
             "pixel_values": torch.stack([it["pixel_values"] for it in kept]),  # (B, C, S, S)
             "input_ids": input_ids,
@@ -203,6 +242,14 @@ class Collator:
             "tasks": [it["task"] for it in kept],
             "modalities": [it["modality"] for it in kept],
         }
+        if any("source_pixel_values" in it for it in kept):  # edit items: their source images
+            has_source = torch.tensor(["source_pixel_values" in it for it in kept])  # (B,)
+            batch["source_pixel_values"] = torch.stack([
+                it.get("source_pixel_values", torch.zeros_like(it["pixel_values"])) for it in kept])  # (B, C, S, S)
+            batch["has_source"] = has_source
+        if any("objective" in it for it in kept):
+            batch["objectives"] = [it.get("objective", "all") for it in kept]
+        return batch
 
 
 # ------------------------------------------------------------------------------------------ samplers
@@ -318,11 +365,13 @@ class ResumableRandomSampler(_PositionedSampler):
 
 
 def mixture_groups(records: Sequence[Record], mixture: Mapping[str, float]) -> dict[str, list[int]]:
-    """Record indices matching each mixture key (a key matches a record's task or its source)."""
+    """Record indices matching each mixture key (a key, less its objective prefix, matches a record's task
+    or its source)."""
     groups: dict[str, list[int]] = {key: [] for key in mixture}
+    names = {key: split_mixture_key(key)[1] for key in mixture}
     for i, r in enumerate(records):
-        for key in mixture:
-            if r.task == key or r.source == key:
+        for key, name in names.items():
+            if r.task == name or r.source == name:
                 groups[key].append(i)
     return groups
 
@@ -334,11 +383,20 @@ class MixtureSampler(_PositionedSampler):
     key's group in a per-group shuffled cycle (every record of a group is seen before any repeats).
     `num_samples=None` is endless. The global stream depends only on (seed, epoch); rank r takes
     every num_replicas-th draw. A record matching several keys can be drawn through each.
+
+    With objective keys ("i2t:report", "t2i:report"; see the module docstring) the draws come in blocks
+    of `batch_size x num_replicas` (one micro-batch on every rank) that all belong to one objective group
+    ("i2t", "t2i", or "all" for the plain keys): the group of each block is the one furthest behind its
+    share (a deterministic weighted round robin, so the groups' proportions hold to within one block),
+    the key inside the group is drawn per sample. Such a sampler yields (index, group) pairs.
     """
 
     def __init__(self, records: Sequence[Record], mixture: Mapping[str, float], seed: int = 0,
-                 num_samples: int | None = None, num_replicas: int = 1, rank: int = 0, chunk: int = 4096):
+                 num_samples: int | None = None, num_replicas: int = 1, rank: int = 0, chunk: int = 4096,
+                 batch_size: int = 1):
         super().__init__(seed, num_replicas, rank)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not mixture:
             raise ValueError("mixture is empty")
         negative = {k: w for k, w in mixture.items() if w < 0}
@@ -358,6 +416,11 @@ class MixtureSampler(_PositionedSampler):
         self.weights = torch.tensor([mixture[k] for k in self.keys], dtype=torch.double)
         self.weights /= self.weights.sum()
         self.num_samples, self.chunk = num_samples, chunk
+        # objective groups: None when every key is plain (one group, per-sample draws, plain int indices)
+        objectives = [split_mixture_key(k)[0] or "all" for k in self.keys]
+        self.objectives = objectives if any(o != "all" for o in objectives) else None
+        self.block = batch_size * num_replicas
+        self.batch_size = batch_size
 
     def __len__(self) -> int:
         if self.num_samples is None:
@@ -367,28 +430,51 @@ class MixtureSampler(_PositionedSampler):
     def _epoch_length(self) -> int | None:
         return self.num_samples
 
-    def global_stream(self, epoch: int) -> Iterator[int]:
+    def global_stream(self, epoch: int) -> Iterator[int] | Iterator[tuple[int, str]]:
         g = torch.Generator()
         g.manual_seed(self.seed + epoch)
         cycles: list[list[int]] = [[] for _ in self.groups]
         pointers = [0] * len(self.groups)
+
+        def next_of(c: int) -> int:
+            if pointers[c] >= len(cycles[c]):
+                group = self.groups[c]
+                cycles[c] = group[torch.randperm(len(group), generator=g)].tolist()
+                pointers[c] = 0
+            pointers[c] += 1
+            return cycles[c][pointers[c] - 1]
+
+        if self.objectives is None:
+            while True:
+                for c in torch.multinomial(self.weights, self.chunk, replacement=True, generator=g).tolist():
+                    yield next_of(c)
+        names = sorted(set(self.objectives))
+        members = [torch.tensor([i for i, o in enumerate(self.objectives) if o == name]) for name in names]
+        shares = [float(self.weights[m].sum()) for m in members]
+        credit = [0.0] * len(names)
         while True:
-            choices = torch.multinomial(self.weights, self.chunk, replacement=True, generator=g).tolist()
-            for c in choices:
-                if pointers[c] >= len(cycles[c]):
-                    group = self.groups[c]
-                    cycles[c] = group[torch.randperm(len(group), generator=g)].tolist()
-                    pointers[c] = 0
-                yield cycles[c][pointers[c]]
-                pointers[c] += 1
+            credit = [c + s for c, s in zip(credit, shares)]
+            j = max(range(len(names)), key=lambda i: credit[i])  # the group furthest behind its share
+            credit[j] -= 1.0
+            keys = members[j][torch.multinomial(self.weights[members[j]], self.block, replacement=True, generator=g)]
+            for c in keys.tolist():
+                yield next_of(c), names[j]
 
     def _rank_indices(self, epoch: int) -> Iterator[int]:
         return itertools.islice(self.global_stream(epoch), self.rank, None, self.num_replicas)
 
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        super().load_state_dict(state)
+        if self.objectives is not None:  # resume at a micro-batch boundary: batches stay one objective group
+            self.position -= self.position % self.batch_size
+
 
 def make_mixture_sampler(records: Sequence[Record] | ManifestDataset, mixture: Mapping[str, float], seed: int = 0,
-                         num_samples: int | None = None, num_replicas: int = 1, rank: int = 0) -> MixtureSampler:
-    """A MixtureSampler over a dataset's records (indices match the dataset's)."""
+                         num_samples: int | None = None, num_replicas: int = 1, rank: int = 0,
+                         batch_size: int = 1) -> MixtureSampler:
+    """A MixtureSampler over a dataset's records (indices match the dataset's); `batch_size` is the
+    per-process micro-batch (it matters only for objective keys such as "t2i:report")."""
     if isinstance(records, ManifestDataset):
         records = records.records
-    return MixtureSampler(records, mixture, seed=seed, num_samples=num_samples, num_replicas=num_replicas, rank=rank)
+    return MixtureSampler(records, mixture, seed=seed, num_samples=num_samples, num_replicas=num_replicas, rank=rank,
+                          batch_size=batch_size)

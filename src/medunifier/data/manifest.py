@@ -38,6 +38,10 @@ class Record(BaseModel):
     question: str | None = None
     answer: str | None = None
     source: str = "unknown"
+    # counterfactual edit records (task "edit"): `image` is the source, `text` the target's report
+    target_image: str | None = None  # the ground-truth edited image, relative like `image`
+    instruction: str | None = None  # a natural edit instruction ("add a moderate left pleural effusion")
+    pair_id: str | None = None  # shared by an edit record and the two single-image records of its pair
 
     @field_validator("labels")
     @classmethod
@@ -49,6 +53,15 @@ class Record(BaseModel):
 
     def image_path(self, root: str | Path) -> Path | None:
         return None if self.image is None else Path(root) / self.image
+
+    def target_image_path(self, root: str | Path) -> Path | None:
+        return None if self.target_image is None else Path(root) / self.target_image
+
+    def training_image(self) -> str | None:
+        """The image this record trains on: an edit record's target (it goes with the target report), else `image`."""
+        if self.task == "edit" and self.target_image is not None:
+            return self.target_image
+        return self.image
 
 
 class ManifestError(ValueError):

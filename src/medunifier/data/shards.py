@@ -90,7 +90,8 @@ def write_shards(manifest: str | Path, out_dir: str | Path, shard_size: int = 10
     skipped: list[str] = []
     try:
         for record in records:
-            path = record.image_path(root)
+            image = record.training_image()  # an edit record's target (it goes with the target report)
+            path = None if image is None else root / image
             if path is None:
                 skipped.append(f"{record.id}: no image")
                 continue

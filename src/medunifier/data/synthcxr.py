@@ -8,9 +8,17 @@ body habitus (thorax width, soft-tissue thickness, breast shadows), lung shape a
 height, heart size, PA or portable AP projection (AP magnifies the heart), rotation, position,
 exposure, contrast and noise.
 
-API: `write_synthcxr(out, n, size, seed, workers)` writes a dataset (what `medunifier data synth`
+API: `write_synthcxr(out, n, size, seed, workers, pairs=0)` writes a dataset (what `medunifier data synth`
 runs); `synthesize(n, size, seed)` returns images and records in memory; `generate_sample`,
-`sample_case` and `render` are the steps of one image.
+`sample_case` and `render` are the steps of one image; `generate_pair` / `synthesize_pairs` make
+counterfactual pairs.
+
+Counterfactual pairs (stream 2): the same patient (identical parameters, noise seed and findings)
+rendered once as drawn and once with one added finding of `PAIR_FINDINGS` (the five competition
+findings and pneumothorax, with laterality, zone and severity). The added finding is painted last, so
+the two images differ only inside that finding's region (`finding_region`, also written as a PNG):
+elsewhere they are identical pixel for pixel. Each image has its own report and labels; an "edit"
+record links them with a natural instruction ("add a moderate left pleural effusion").
 
 Findings (names from `data/findings.py`) carry laterality (patient side: "right" is the image's
 left), zone (upper/middle/lower) and severity (mild/moderate/severe):
@@ -36,7 +44,7 @@ ranges (`habitus`, `max_rotation_deg`, `normal_ctr`, `cardiomegaly_ctr`) and `me
 Determinism: image i of stream s draws from `SeedSequence(seed, spawn_key=(s, i))`, so the output
 does not depend on the number of workers, and PNGs are written with fixed settings: the same seed
 gives byte-identical files. Stream 0 is the main set; stream 1 is the 5x200 evaluation set
-(200 images for each CheXpert competition finding, that finding alone).
+(200 images for each CheXpert competition finding, that finding alone); stream 2 the pairs.
 """
 
 from __future__ import annotations
@@ -57,10 +65,19 @@ import numpy as np
 from medunifier.data.findings import COMPETITION_FINDINGS, FINDINGS
 from medunifier.data.images import save_png
 from medunifier.data.manifest import write_manifest
-from medunifier.data.reports import SEVERITIES, FindingSpec, report_text, write_report
+from medunifier.data.reports import (
+    DEGREE_WORDS,
+    SEVERITIES,
+    SIZE_WORDS,
+    FindingSpec,
+    _location_noun,
+    report_text,
+    write_report,
+)
 
 GENERATOR_VERSION = 1
-MAIN_STREAM, EVAL_STREAM = 0, 1
+MAIN_STREAM, EVAL_STREAM, PAIR_STREAM = 0, 1, 2
+PAIR_FINDINGS = (*COMPETITION_FINDINGS, "pneumothorax")  # what a counterfactual pair adds
 SIDE_SIGN = {"right": -1.0, "left": 1.0}  # patient right is the image's left (x < 0)
 
 DEFAULT_PREVALENCE = {
@@ -377,6 +394,17 @@ def _vessels(a: _Anatomy, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def _heart(a: _Anatomy, p: dict[str, Any]) -> tuple[np.ndarray, float]:
+    """The heart (S, S): an ellipse sitting on the diaphragm whose horizontal extent gives the cardiothoracic
+    ratio; and the row of its centre."""
+    half = p["ctr"] * a.w * p.get("heart_magnification", 1.0)
+    ry, tilt = p["heart_height"] + 0.1, 0.5 * p["heart_tilt"]
+    rx = math.sqrt(max(half * half - (ry * math.sin(tilt)) ** 2, (0.6 * half) ** 2)) / math.cos(tilt)
+    hx = a.mshift + 0.35 * half - 0.04
+    hy = 0.5 * (a.dome["right"] + a.dome["left"]) + 0.02
+    return _ellipse(a.x, a.y, hx, hy, rx, ry, 0.035, angle=-tilt), hy
+
+
 def _draw_anatomy(a: _Anatomy, p: dict[str, Any], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Attenuation of a normal chest (S, S) and its lung-marking map (S, S)."""
     x, y, ax, size = a.x, a.y, a.ax, a.size
@@ -395,13 +423,7 @@ def _draw_anatomy(a: _Anatomy, p: dict[str, Any], rng: np.random.Generator) -> t
     bubble = _ellipse(x, y, a.mshift + 0.42 * a.w, a.dome["left"] + 0.09, 0.1, 0.05, 0.03)
     atten -= 0.14 * bubble * abdomen
 
-    # heart: an ellipse sitting on the diaphragm; its horizontal extent gives the cardiothoracic ratio
-    half = p["ctr"] * a.w * p.get("heart_magnification", 1.0)
-    ry, tilt = p["heart_height"] + 0.1, 0.5 * p["heart_tilt"]
-    rx = math.sqrt(max(half * half - (ry * math.sin(tilt)) ** 2, (0.6 * half) ** 2)) / math.cos(tilt)
-    hx = a.mshift + 0.35 * half - 0.04
-    hy = 0.5 * (a.dome["right"] + a.dome["left"]) + 0.02
-    heart = _ellipse(x, y, hx, hy, rx, ry, 0.035, angle=-tilt)
+    heart, hy = _heart(a, p)
     # mediastinum (great vessels), aortic knob, hila
     mediastinum = _ramp(a.medial + 0.02 - ax, 0.04) * _ramp(hy - y, 0.1)
     knob = _ellipse(x, y, a.mshift + a.med0 + 0.03, -0.4, 0.075, 0.065, 0.03)
@@ -640,9 +662,156 @@ def generate_sample(seed: int, index: int, size: int = 128, config: SynthConfig 
     return (image * 255.0 + 0.5).astype(np.uint8), record
 
 
+# ------------------------------------------------------------------------------ counterfactual pairs
+
+
+@dataclass
+class CounterfactualPair:
+    """One patient without and with one added finding, the records of both images and of the edit.
+
+    `region` (bool (S, S)) is where the added finding can change pixels (the support of its painter: the
+    lung(s) of its side, both lungs for edema, the old and new heart for cardiomegaly); outside it the two
+    images are identical. Records carry no paths: `write_synthcxr` fills `image` / `target_image`.
+    """
+
+    source_image: np.ndarray  # uint8 (S, S)
+    target_image: np.ndarray  # uint8 (S, S)
+    region: np.ndarray  # bool (S, S)
+    added: FindingSpec
+    source_record: dict[str, Any]
+    target_record: dict[str, Any]
+    edit_record: dict[str, Any]
+
+
+def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def edit_instruction(spec: FindingSpec, rng: np.random.Generator) -> str:
+    """A natural instruction that adds `spec`: "add a moderate left pleural effusion", "introduce mild
+    cardiomegaly", "show patchy consolidation in the right lower lobe". It always names the finding."""
+    verb = _pick(rng, ("add", "introduce", "show"))
+    side, sev = spec.laterality, spec.severity
+    if spec.name == "pleural_effusion":
+        size = _pick(rng, SIZE_WORDS[sev])
+        phrase = f"{size} bilateral pleural effusions" if side == "bilateral" else f"a {size} {side} pleural effusion"
+    elif spec.name == "pneumothorax":
+        phrase = f"a {_pick(rng, SIZE_WORDS[sev])} {side}{' apical' if spec.zone == 'upper' else ''} pneumothorax"
+    elif spec.name == "cardiomegaly":
+        phrase = f"{_pick(rng, DEGREE_WORDS[sev])} cardiomegaly"
+    elif spec.name == "edema":
+        phrase = f"{_pick(rng, DEGREE_WORDS[sev])} pulmonary edema"
+    elif spec.name == "consolidation":
+        quality = {"mild": "patchy", "moderate": "focal", "severe": "dense"}[sev]
+        phrase = f"{quality} consolidation in {_location_noun(side, spec.zone, rng)}"
+    elif spec.name == "atelectasis":
+        quality = {"mild": "subsegmental", "moderate": "plate-like", "severe": "extensive"}[sev]
+        phrase = f"{quality} atelectasis in {_location_noun(side, spec.zone, rng)}"
+    else:
+        raise ValueError(f"no edit instruction for {spec.name!r} (pairs add one of {PAIR_FINDINGS})")
+    return f"{verb} {phrase}"
+
+
+def sample_pair(rng: np.random.Generator, config: SynthConfig | None = None) -> tuple[Case, Case, FindingSpec]:
+    """(source, target, added): a random case and the same case with one more finding of `PAIR_FINDINGS`.
+
+    The target keeps the source's patient parameters except what the finding itself is (a cardiomegaly
+    sets the heart's CTR). The added finding is painted last, so the renderer draws everything else
+    identically. Two things keep the edit local: added atelectasis is at most moderate and has no volume
+    loss (a raised hemidiaphragm reshapes both lung outlines), and cardiomegaly is never added to a film
+    with a pacemaker (its lead runs to the cardiac apex).
+    """
+    cfg = config or SynthConfig()
+    while True:  # a case that already has every pair finding is redrawn (it practically never happens)
+        source = sample_case(rng, cfg)
+        present = {f.name for f in source.findings}
+        devices = next((f.params.get("devices", []) for f in source.findings if f.name == "support_devices"), [])
+        candidates = [n for n in PAIR_FINDINGS if n not in present
+                      and not (n == "cardiomegaly" and "pacemaker" in devices)]
+        if candidates:
+            break
+    name = candidates[int(rng.integers(len(candidates)))]
+    added = _sample_finding(name, rng, cfg)
+    if name == "atelectasis" and added.severity == "severe":
+        added.severity = "moderate"
+    patient = dict(source.patient)
+    if name == "cardiomegaly":
+        patient["ctr"] = added.params["ctr"]
+    return source, Case(patient=patient, findings=[*source.findings, added]), added
+
+
+def finding_region(source: Case, target: Case, added: FindingSpec, size: int) -> np.ndarray:
+    """bool (S, S): the pixels where adding `added` to `source` (giving `target`) can change the image."""
+    a = _Anatomy(target.patient, size)
+    if added.name == "cardiomegaly":  # the heart grows: the old and the new silhouette
+        return (_heart(a, source.patient)[0] > 0) | (_heart(a, target.patient)[0] > 0)
+    sides = ["right", "left"] if added.laterality in ("bilateral", None) else [added.laterality]
+    return np.logical_or.reduce([a.lung_nodome[side] > 0 for side in sides])
+
+
+def generate_pair(seed: int, index: int, size: int = 128, config: SynthConfig | None = None) -> CounterfactualPair:
+    """Pair `index` of stream `PAIR_STREAM`: the same patient, noise seed and findings rendered without and
+    with one added finding, each with its own report and labels, and the edit record that links them."""
+    cfg = config or SynthConfig()
+    case_seq, image_seq, source_text_seq, target_text_seq, edit_seq = np.random.SeedSequence(
+        entropy=seed, spawn_key=(PAIR_STREAM, index)).spawn(5)
+    source, target, added = sample_pair(np.random.default_rng(case_seq), cfg)
+    # the same picture stream for both renders: identical anatomy, noise and earlier findings
+    images = [render(case, size, np.random.default_rng(image_seq)) for case in (source, target)]
+    pair_id = f"synthcxr-pair-{index:06d}"
+    split = _split(index, cfg.split_fractions)
+    records = []
+    for case, text_seq, role in ((source, source_text_seq, "source"), (target, target_text_seq, "target")):
+        findings, impression = write_report(case.findings, np.random.default_rng(text_seq),
+                                            mention_absent=cfg.mention_absent)
+        records.append({
+            "id": f"{pair_id}-{role}", "text": report_text(findings, impression), "findings": findings,
+            "impression": impression, "labels": case.labels(), "split": split, "modality": "cxr",
+            "task": "report", "source": "synthcxr", "pair_id": pair_id,
+            "finding_details": [f.to_json() for f in case.findings], "patient": case.patient,
+            "seed": seed, "index": index,
+        })
+    source_record, target_record = records
+    edit_record = {
+        **{k: target_record[k] for k in ("text", "findings", "impression", "labels", "split", "modality", "source")},
+        "id": f"{pair_id}-edit", "task": "edit", "pair_id": pair_id,
+        "instruction": edit_instruction(added, np.random.default_rng(edit_seq)),
+        "source_text": source_record["text"], "source_labels": source_record["labels"],
+        "edit_finding": added.to_json(), "seed": seed, "index": index,
+    }
+    region = finding_region(source, target, added, size)
+    source_u8, target_u8 = ((im * 255.0 + 0.5).astype(np.uint8) for im in images)
+    return CounterfactualPair(source_u8, target_u8, region, added, source_record, target_record, edit_record)
+
+
+def synthesize_pairs(n: int, size: int = 64, seed: int = 0, config: SynthConfig | None = None
+                     ) -> list[CounterfactualPair]:
+    """In-memory counterfactual pairs 0..n-1 (no files written)."""
+    return [generate_pair(seed, i, size, config) for i in range(n)]
+
+
+def _pair_job(out: str, folder: str, seed: int, size: int, cfg: SynthConfig, start: int, end: int
+              ) -> list[dict[str, Any]]:
+    """Worker: write pairs [start, end) (source, target and region PNGs); their three records each."""
+    records = []
+    for index in range(start, end):
+        pair = generate_pair(seed, index, size, cfg)
+        paths = {k: f"{folder}/{index:06d}_{k}.png" for k in ("source", "target", "region")}
+        save_png(pair.source_image, Path(out) / paths["source"])
+        save_png(pair.target_image, Path(out) / paths["target"])
+        save_png(pair.region.astype(np.uint8) * 255, Path(out) / paths["region"])
+        pair.source_record["image"] = paths["source"]
+        pair.target_record["image"] = paths["target"]
+        pair.edit_record.update(image=paths["source"], target_image=paths["target"], edit_region=paths["region"])
+        records += [pair.source_record, pair.target_record, pair.edit_record]
+    return records
+
+
 def _chunk_job(job: tuple) -> list[dict[str, Any]]:
     """Worker: generate images [start, end) of a stream, write their PNGs, return the records."""
     out, folder, seed, size, cfg, stream, start, end, per_class = job
+    if stream == PAIR_STREAM:
+        return _pair_job(out, folder, seed, size, cfg, start, end)
     records = []
     for index in range(start, end):
         only = eval_finding(index, per_class) if stream == EVAL_STREAM else None
@@ -691,14 +860,18 @@ def synthesize(n: int, size: int = 64, seed: int = 0, config: SynthConfig | None
 
 
 def write_synthcxr(out: str | Path, n: int, size: int = 128, seed: int = 0, workers: int | None = None,
-                   config: SynthConfig | None = None, per_class_5x200: int = 200) -> dict[str, Any]:
+                   config: SynthConfig | None = None, per_class_5x200: int = 200, pairs: int = 0) -> dict[str, Any]:
     """Write SynthCXR to `out`: images/, manifest.jsonl, images_5x200/, manifest_5x200.jsonl, synthcxr.json.
 
+    With `pairs` > 0, images_pairs/ holds that many counterfactual pairs (`generate_pair`: source, target
+    and the region PNG) and manifest.jsonl gains three records per pair after the main set: the source and
+    the target as ordinary "report" records, and an "edit" record (image = source, target_image = target,
+    text = the target's report, instruction, pair_id, edit_region). A pair's records share its split.
     Returns a summary (counts, prevalence). The same arguments give byte-identical files whatever
     `workers` is.
     """
-    if n < 0 or per_class_5x200 < 0 or size < 16:
-        raise ValueError("n and per_class_5x200 must be >= 0 and size >= 16")
+    if n < 0 or per_class_5x200 < 0 or pairs < 0 or size < 16:
+        raise ValueError("n, per_class_5x200 and pairs must be >= 0 and size >= 16")
     cfg = config or SynthConfig()
     workers = workers or os.cpu_count() or 1
     out = Path(out)
@@ -707,13 +880,15 @@ def write_synthcxr(out: str | Path, n: int, size: int = 128, seed: int = 0, work
     jobs = [(str(out), "images", seed, size, cfg, MAIN_STREAM, s, e, 1) for s, e in _chunks(n, workers)]
     jobs += [(str(out), "images_5x200", seed, size, cfg, EVAL_STREAM, s, e, per_class_5x200)
              for s, e in _chunks(n_eval, workers)]
+    jobs += [(str(out), "images_pairs", seed, size, cfg, PAIR_STREAM, s, e, 1) for s, e in _chunks(pairs, workers)]
     if n_eval:
         (out / "images_5x200").mkdir(parents=True, exist_ok=True)
     parts = _map(_chunk_job, jobs, workers)
-    records = [r for part in parts for r in part]
-    main = [r for r in records if r["id"].startswith("synthcxr-")]
-    evals = [r for r in records if r["id"].startswith("synthcxr5x200-")]
-    write_manifest(main, out / "manifest.jsonl")
+    by_stream: dict[int, list[dict[str, Any]]] = {MAIN_STREAM: [], EVAL_STREAM: [], PAIR_STREAM: []}
+    for job, part in zip(jobs, parts):
+        by_stream[job[5]] += part
+    main, evals, pair_records = by_stream[MAIN_STREAM], by_stream[EVAL_STREAM], by_stream[PAIR_STREAM]
+    write_manifest(main + pair_records, out / "manifest.jsonl")
     if n_eval:
         write_manifest(evals, out / "manifest_5x200.jsonl")
     summary = {
@@ -725,6 +900,9 @@ def write_synthcxr(out: str | Path, n: int, size: int = 128, seed: int = 0, work
         "per_class_5x200": per_class_5x200,
         "splits": {s: sum(r["split"] == s for r in main) for s in ("train", "val", "test")},
         "prevalence": {name: _r(np.mean([r["labels"][name] for r in main])) if main else 0.0 for name in FINDINGS},
+        "pairs": pairs,
+        "pair_findings": {name: sum(r["edit_finding"]["name"] == name for r in pair_records if r["task"] == "edit")
+                          for name in PAIR_FINDINGS},
         "config": cfg.to_json(),
     }
     (out / "synthcxr.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

@@ -54,9 +54,11 @@ def load_split(path: str | Path, split: str | None = None) -> tuple[list[Record]
 
     With `split`: a manifest holding several splits keeps only that one (an error if it has none of it);
     a manifest holding one split is used whole, so a dedicated test manifest needs no split field.
+    Edit records (counterfactual pairs) are left out: their image is the source and their text the
+    target's report; `medunifier eval edit` reads them.
     """
     path = Path(path)
-    records = load_records(path)
+    records = [r for r in load_records(path) if r.task != "edit"]
     if split is not None:
         splits = {r.split for r in records}
         if len(splits) > 1:

@@ -3,6 +3,7 @@
     copilot = Copilot.from_pretrained("runs/demo/run", index="runs/demo/index")
     copilot.report(["a.png", pil_image, numpy_array, dicom_dataset])   # one draft report per image
     copilot.classify("a.dcm", ["cardiomegaly", "pleural effusion"])     # zero-shot probabilities
+    copilot.ask("a.png", "Is there a pleural effusion?", candidates=["yes", "no"])   # VQA
     copilot.retrieve("a.png", k=5)  /  copilot.retrieve("left pleural effusion", k=5)
     copilot.synthesize("Moderate cardiomegaly.", n=4)                  # needs a trained image prior
     copilot.edit("a.png", "large right pleural effusion", strength=0.5)
@@ -130,6 +131,29 @@ class Classification:
     def top(self) -> tuple[str, float]:
         i = int(np.argmax(self.probabilities))
         return self.labels[i], self.probabilities[i]
+
+
+@dataclass
+class CandidateScore:
+    """One candidate answer: its total log-likelihood after the question, and its share of the candidates'
+    probability mass (softmax of the log-likelihoods over the candidates given)."""
+
+    answer: str
+    log_likelihood: float
+    probability: float
+
+
+@dataclass
+class Answer:
+    """The answer to a question about an image; `candidates` when it was chosen among given answers."""
+
+    question: str
+    answer: str
+    candidates: list[CandidateScore] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"question": self.question, "answer": self.answer,
+                "candidates": None if self.candidates is None else [vars(c) for c in self.candidates]}
 
 
 @dataclass
@@ -341,6 +365,44 @@ class Copilot:
         with self._lock, torch.no_grad():
             return self.model.generate_report(pixels, num_beams=num_beams, max_length=max_length,
                                               no_repeat_ngram_size=no_repeat_ngram_size)
+
+    def ask(self, image: Any, question: str, candidates: Sequence[str] | None = None, max_length: int = 16,
+            num_beams: int = 1, modality: str | None = None) -> Answer:
+        """Answer a question about one image (see `medunifier.eval.vqa`).
+
+        With `candidates` (e.g. ["yes", "no"]) each is scored by its total log-likelihood after the question and
+        the best is the answer; otherwise the answer is decoded after the question (greedy by default), at most
+        `max_length` tokens (capped by the model's text length). `modality` ("cxr", "ct", ...) reaches models
+        trained with modality embeddings.
+        """
+        from medunifier.eval.vqa import answer_questions, score_candidates
+
+        question = str(question).strip()
+        if not question:
+            raise ValueError("empty question")
+        options = None
+        if candidates is not None:
+            options = [str(c).strip() for c in candidates]
+            if not options or not all(options):
+                raise ValueError("candidates: give at least one non-empty answer")
+            if len(set(options)) != len(options):
+                raise ValueError("candidates: an answer is repeated")
+        if num_beams < 1:
+            raise ValueError("num_beams must be at least 1")
+        max_length = max(1, min(int(max_length), int(self.model.config.text.max_length)))
+        pixels = self.preprocess(image)
+        if pixels.shape[0] != 1:
+            raise ValueError("ask takes one image")
+        modalities = None if modality is None else [modality]
+        with self._lock, torch.no_grad():
+            if options is None:
+                text = answer_questions(self.model, pixels, [question], max_length=max_length, num_beams=num_beams,
+                                        modalities=modalities)[0]
+                return Answer(question, text)
+            scores = score_candidates(self.model, pixels, [question], [options], modalities=modalities)[0]
+        probs = torch.softmax(torch.tensor(scores, dtype=torch.float64), dim=0).tolist()
+        ranked = [CandidateScore(a, s, p) for a, s, p in zip(options, scores, probs)]
+        return Answer(question, max(ranked, key=lambda c: c.log_likelihood).answer, ranked)
 
     def label_prompts(self, labels: Sequence[str] | dict[str, Sequence[str]] | None) -> dict[str, list[str]]:
         """Label -> prompts: a known finding name ('pleural effusion', 'pleural_effusion') gets the shipped

@@ -2,6 +2,7 @@
 
     POST /v1/report      multipart: image (PNG/JPEG/DICOM, repeatable), num_beams, max_length, preview
     POST /v1/classify    multipart: image (repeatable), labels ("a,b,c"; default: the shipped findings), ensemble
+    POST /v1/ask         multipart: image, question, candidates ("yes,no"; optional), max_length, num_beams
     POST /v1/retrieve    multipart: image or text, k, mode                       (needs an index)
     POST /v1/synthesize  JSON: {text, n, guidance, steps, seed}                  (needs a trained prior)
     POST /v1/edit        multipart: image, text, strength, guidance, steps, seed (needs a trained prior)
@@ -181,6 +182,21 @@ class ClassifyResponse(BaseModel):
     labels: list[str]
     ensemble: str
     results: list[ClassifyItem]
+
+
+class CandidateItem(BaseModel):
+    answer: str
+    log_likelihood: float = Field(description="total log-likelihood of the answer tokens after the question")
+    probability: float = Field(description="softmax of the log-likelihoods over the candidates given")
+
+
+class AskResponse(BaseModel):
+    filename: str | None
+    question: str
+    answer: str
+    candidates: list[CandidateItem] | None = Field(None, description="every candidate's score, when given")
+    model: str | None = Field(description="checksum of the model's weights")
+    draft: bool = Field(True, description="machine-generated answer: a radiologist must review it")
 
 
 class HitItem(BaseModel):
@@ -444,6 +460,39 @@ def create_app(copilot: Copilot, settings: ServeSettings | None = None) -> FastA
                               similarities=dict(zip(r.labels, r.similarities)), top=r.top()[0])
                  for u, r in zip(image, results)]
         return ClassifyResponse(labels=results[0].labels, ensemble=ensemble, results=items)
+
+    @app.post("/v1/ask", response_model=AskResponse, dependencies=auth, tags=["understand"],
+              responses=_error_responses(400, 401, 413, 415, 422))
+    def ask(
+        image: OneImage,
+        question: Annotated[str, Form(min_length=1, max_length=s.max_text_chars, description="the question")],
+        candidates: Annotated[str | None, Form(max_length=s.max_labels * (s.max_label_chars + 1),
+                                               description="comma-separated answers to choose from, e.g. "
+                                               "'yes,no' (default: a generated answer)")] = None,
+        max_length: Annotated[int, Form(ge=1, le=s.max_report_tokens, description="maximum generated answer "
+                                        "tokens (the model's own text length caps it)")] = min(16, s.max_report_tokens),
+        num_beams: Annotated[int, Form(ge=1, le=s.max_beams)] = 1,
+    ) -> AskResponse:
+        """Answer a question about the image: generated, or the best-scoring of the given candidates."""
+        text = _clean_text(question, "question")
+        options = None
+        if candidates is not None:
+            options = [x.strip() for x in candidates.split(",") if x.strip()]
+            if not options:
+                raise ApiError(422, "invalid_request", "candidates: no answer given")
+            if len(options) > s.max_labels:
+                raise ApiError(422, "invalid_request", f"candidates: {len(options)} answers; at most {s.max_labels}")
+            if len(set(options)) != len(options):
+                raise ApiError(422, "invalid_request", "candidates: an answer is repeated")
+            long = [o[:40] for o in options if len(o) > s.max_label_chars]
+            if long:
+                raise ApiError(422, "invalid_request",
+                               f"candidates: longer than {s.max_label_chars} characters: {long}")
+        arr = read_image(image, s)
+        result = copilot.ask(arr, text, candidates=options, max_length=max_length, num_beams=num_beams)
+        items = None if result.candidates is None else [CandidateItem(**vars(c)) for c in result.candidates]
+        return AskResponse(filename=_name(image), question=text, answer=result.answer, candidates=items,
+                           model=copilot.checksum)
 
     thumbnails: OrderedDict[int, str | None] = OrderedDict()
 

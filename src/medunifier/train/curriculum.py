@@ -3,7 +3,14 @@
 Each stage has its own length, data mixture (weights by task or source), loss weights, trainable
 modules and peak learning rate (with its own warm-up + cosine schedule). A config without
 `train.stages` is one stage named "pretrain" of `train.max_steps` steps over the whole train split.
-Steps are counted globally: stage k covers global steps [start, start + steps).
+Steps are counted globally: stage k covers global steps [start, start + steps). A stage's length is
+its `steps`, or its `fraction` of `train.max_steps` (then `train.max_steps` is the run's one budget).
+
+Objective routing: a mixture key "i2t:report" draws report records for the image-to-text objectives
+only (the stage's ITC, ITM and ITG weights, TIG off), "t2i:report" for the text-to-image objective
+only (TIG); such batches hold one group each (`MixtureSampler`) and `Stage.losses_for` gives their
+loss weights. This is how UniMedVL's per-task data ratios (image-to-text / text-to-image / interleaved)
+become a MedUnifier curriculum (`configs/unified.yaml`).
 """
 
 from __future__ import annotations
@@ -11,7 +18,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from medunifier.config import ConfigError, LossWeights, MedUnifierConfig
+from medunifier.config import (
+    OBJECTIVE_GROUPS,
+    OBJECTIVES,
+    ConfigError,
+    LossWeights,
+    MedUnifierConfig,
+    split_mixture_key,
+)
 from medunifier.data.manifest import Record
 
 
@@ -30,6 +44,19 @@ class Stage:
     def end(self) -> int:
         return self.start + self.steps
 
+    def group_losses(self, group: str | None) -> LossWeights:
+        """The stage's loss weights for one objective group ("i2t", "t2i"; None or "all" = every objective)."""
+        if group in (None, "all"):
+            return self.losses
+        keep = OBJECTIVE_GROUPS[group]
+        return LossWeights(**{name: getattr(self.losses, name) if name in keep else 0.0 for name in OBJECTIVES})
+
+    def losses_for(self, objectives: Sequence[str] | None) -> LossWeights:
+        """Loss weights of a batch from its per-item objective groups (`batch["objectives"]`, absent for
+        plain mixtures). A batch mixing groups (it cannot come from `MixtureSampler`) gets every objective."""
+        groups = set(objectives or ())
+        return self.group_losses(groups.pop() if len(groups) == 1 else None)
+
 
 def resolve_stages(config: MedUnifierConfig) -> list[Stage]:
     """The config's stages with defaults filled in from the top-level losses and learning rate."""
@@ -41,15 +68,20 @@ def resolve_stages(config: MedUnifierConfig) -> list[Stage]:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"train.stages: duplicate stage names {duplicates}")
-    for index, spec in enumerate(train.stages):
+    for index, (spec, steps) in enumerate(zip(train.stages, train.stage_steps())):
         losses = spec.losses or config.losses
         if not losses.enabled():
             raise ConfigError(f"train.stages[{index}] ('{spec.name}'): every loss weight is 0")
+        for key, weight in spec.mixture.items():
+            group = split_mixture_key(key)[0]
+            if group is not None and weight > 0 and not any(getattr(losses, n) > 0 for n in OBJECTIVE_GROUPS[group]):
+                raise ConfigError(f"train.stages[{index}] ('{spec.name}'): mixture key '{key}' trains only "
+                                  f"{'/'.join(OBJECTIVE_GROUPS[group])}, whose loss weights are all 0 in this stage")
         stages.append(
             Stage(
                 index=index,
                 name=spec.name,
-                steps=spec.steps,
+                steps=steps,
                 start=start,
                 losses=losses,
                 lr=spec.lr if spec.lr is not None else train.lr,
@@ -57,7 +89,7 @@ def resolve_stages(config: MedUnifierConfig) -> list[Stage]:
                 train_modules=list(spec.train_modules) if spec.train_modules is not None else None,
             )
         )
-        start += spec.steps
+        start += steps
     return stages
 
 
@@ -80,7 +112,8 @@ def validate_stages(
     tasks = sorted({r.task for r in records})
     sources = sorted({r.source for r in records})
     for stage in stages:
-        unknown = [k for k in stage.mixture if k not in tasks and k not in sources]
+        names = {k: split_mixture_key(k)[1] for k in stage.mixture}  # less the objective-group prefix
+        unknown = [k for k, name in names.items() if name not in tasks and name not in sources]
         if unknown:
             raise ConfigError(
                 f"stage '{stage.name}': mixture keys {unknown} match no task or source of the train split "

@@ -403,7 +403,7 @@ class Trainer:
         dataset = ManifestDataset(records, root=self.source.path.parent, **image_kw)
         if split == "train" and stage.mixture:
             sampler = make_mixture_sampler(dataset, stage.mixture, seed=seed, num_replicas=self.world,
-                                           rank=self.rank)
+                                           rank=self.rank, batch_size=tc.batch_size)
         else:
             sampler = ResumableRandomSampler(len(dataset), seed=seed, num_replicas=self.world, rank=self.rank,
                                              shuffle=split == "train")
@@ -505,13 +505,15 @@ class Trainer:
         acc, tc = self.accelerator, self.tc
         loss_sums: dict[str, float] = defaultdict(float)
         metric_sums: dict[str, float] = defaultdict(float)
+        micro_counts: dict[str, int] = defaultdict(int)
         samples = 0
         grad_norm = None
         for micro in range(tc.grad_accum):
             batch = self._next_batch()
             samples += len(batch["ids"])
             with acc.accumulate(self.model):
-                out = self.model(batch, loss_weights=stage.losses)
+                # objective-routed mixtures ("t2i:report"): this micro-batch's group decides the weights
+                out = self.model(batch, loss_weights=stage.losses_for(batch.get("objectives")))
                 values = {"loss": out.loss.detach(), **{f"loss_{k}": v.detach() for k, v in out.losses.items()}}
                 finite = bool(torch.isfinite(out.loss.detach()))
                 (bad,) = self._agree([0.0 if finite else 1.0], "max")
@@ -534,9 +536,14 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             for k, v in values.items():
-                loss_sums[k] += float(v) / tc.grad_accum
+                loss_sums[k] += float(v)
+                micro_counts[k] += 1
             for k, v in out.metrics.items():
-                metric_sums[k] += float(v) / tc.grad_accum
+                metric_sums[k] += float(v)
+                micro_counts[k] += 1
+        # means over the micro-batches that had each key (objective-routed micro-batches skip some losses)
+        loss_sums = {k: v / micro_counts[k] for k, v in loss_sums.items()}
+        metric_sums = {k: v / micro_counts[k] for k, v in metric_sums.items()}
         return {"finite": True, "losses": dict(loss_sums), "metrics": dict(metric_sums), "samples": samples,
                 "grad_norm": None if grad_norm is None else float(grad_norm)}
 
@@ -578,8 +585,9 @@ class Trainer:
 
     def _log_window(self, window: dict[str, Any], stage: Stage, lr: float) -> dict[str, Any]:
         keys = sorted(window["losses"])
-        n = max(1, window["steps"])
-        values = [window["losses"][k] / n for k in keys] + [float(window["samples"]), window["time"]]
+        # a key is averaged over the steps that had it (objective-routed stages skip some losses per step)
+        counts = {k: max(1, window["counts"][k]) for k in [*keys, *window["metrics"]]}
+        values = [window["losses"][k] / counts[k] for k in keys] + [float(window["samples"]), window["time"]]
         t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
         if self.world > 1:
             t = self.accelerator.reduce(t, reduction="sum")
@@ -589,7 +597,7 @@ class Trainer:
         record = {"kind": "train", "step": self.step, "stage": stage.name, "lr": lr}
         record.update(dict(zip(keys, t[: len(keys)])))
         record["samples_per_s"] = t[-2] / max(t[-1], 1e-9)
-        record.update({k: v / n for k, v in sorted(window["metrics"].items())})
+        record.update({k: v / counts[k] for k, v in sorted(window["metrics"].items())})
         if window["grad_norm"] is not None:
             record["grad_norm"] = window["grad_norm"]
         record["skipped_steps"] = self.skipped_steps
@@ -633,8 +641,10 @@ class Trainer:
                     if outcome["finite"]:
                         for k, v in outcome["losses"].items():
                             window["losses"][k] += v
+                            window["counts"][k] += 1
                         for k, v in outcome["metrics"].items():
                             window["metrics"][k] += v
+                            window["counts"][k] += 1
                         window["grad_norm"] = outcome["grad_norm"]
                     if self.step % tc.log_every == 0:
                         record = self._log_window(window, stage, lr)
@@ -720,7 +730,7 @@ def _floats(values: dict[str, Tensor]) -> dict[str, float]:
 
 def _new_window() -> dict[str, Any]:
     return {"steps": 0, "samples": 0, "time": 0.0, "losses": defaultdict(float), "metrics": defaultdict(float),
-            "grad_norm": None}
+            "counts": defaultdict(int), "grad_norm": None}
 
 
 def _progress(enabled: bool, start: int, total: int) -> Any:

@@ -1,0 +1,291 @@
+"""VQA evaluation: answer normalisation, metrics worked by hand, candidate scoring against a slow reference,
+padding-independent decoding in the training layout, and `medunifier eval vqa` / `medunifier ask` on real
+VQA-RAD questions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from medunifier.cli import app
+from medunifier.eval.vqa import (
+    _greedy_answers,
+    answer_questions,
+    candidate_pool,
+    closed_candidates,
+    is_closed,
+    normalize_answer,
+    score_candidates,
+    vqa_metrics,
+)
+from shrunk_config import SMALL_MODEL
+
+runner = CliRunner()
+SMALL = [*SMALL_MODEL, "encoder.dropout=0.0"]
+
+
+# ----------------------------------------------------------------------------------- pure functions
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("The Left  Lung.", "left lung"),
+    ("Yes!", "yes"),
+    ("Two", "2"),
+    ("twenty-one", "20 1"),  # hyphen -> space, then each number word; not a compound-number parser
+    ("patient's right", "patients right"),
+    ("2.5 cm", "2.5 cm"),
+    ("An MRI, T2-weighted", "mri t2 weighted"),
+    ("x-ray", "x ray"),
+    ("  ", ""),
+    (None, ""),
+])
+def test_normalize_answer(text, expected) -> None:
+    assert normalize_answer(text) == expected
+
+
+def test_is_closed_uses_answer_type_then_yes_no() -> None:
+    assert is_closed({"answer": "left", "answer_type": "CLOSED "})  # VQA-RAD has a few with a trailing space
+    assert not is_closed({"answer": "yes", "answer_type": "OPEN"})  # the field wins over the answer
+    assert is_closed({"answer": "No."}) and not is_closed({"answer": "left lung"})
+
+
+def test_vqa_metrics_worked_by_hand() -> None:
+    #  #  closed  reference          prediction               modality organ   correct  token recall (open)
+    #  1  yes     "Yes"              "yes."                   ct       head    yes
+    #  2  yes     "no"               "yes"                    ct       head    no
+    #  3  yes     "left"             "Left"                   cxr      chest   yes
+    #  4  no      "the left lung"    "left lung"              ct       -       yes      2/2 = 1
+    #  5  no      "two nodules"      "2 masses"               cxr      chest   no       {2} of {2, nodules} = 1/2
+    #  6  no      "pleural effusion" "effusion on the right"  cxr      chest   no       {effusion} = 1/2
+    # overall 3/6; closed 2/3; open 1/3; open recall (1 + 1/2 + 1/2) / 3 = 2/3
+    # ct  (1, 2, 4): accuracy 2/3, closed 1/2, open 1/1, recall 1
+    # cxr (3, 5, 6): accuracy 1/3, closed 1/1, open 0/2, recall (1/2 + 1/2) / 2 = 1/2
+    # organ head (1, 2): 1/2, closed 1/2, no open; chest = cxr; unknown (4): open 1/1
+    preds = ["yes.", "yes", "Left", "left lung", "2 masses", "effusion on the right"]
+    refs = ["Yes", "no", "left", "the left lung", "two nodules", "pleural effusion"]
+    closed = [True, True, True, False, False, False]
+    groups = {"modality": ["ct", "ct", "cxr", "ct", "cxr", "cxr"], "organ": ["head", "head", "chest", None, "chest", "chest"]}
+    m = vqa_metrics(preds, refs, closed, groups)
+    assert (m["n"], m["n_closed"], m["n_open"]) == (6, 3, 3)
+    assert m["accuracy"] == pytest.approx(3 / 6) and m["closed_accuracy"] == pytest.approx(2 / 3)
+    assert m["open_accuracy"] == pytest.approx(1 / 3) and m["open_token_recall"] == pytest.approx(2 / 3)
+    ct, cxr = m["groups"]["modality"]["ct"], m["groups"]["modality"]["cxr"]
+    assert (ct["n"], ct["accuracy"], ct["closed_accuracy"], ct["open_accuracy"], ct["open_token_recall"]) == \
+        (3, pytest.approx(2 / 3), 0.5, 1.0, 1.0)
+    assert (cxr["n"], cxr["accuracy"], cxr["closed_accuracy"], cxr["open_accuracy"], cxr["open_token_recall"]) == \
+        (3, pytest.approx(1 / 3), 1.0, 0.0, 0.5)
+    organ = m["groups"]["organ"]
+    assert set(organ) == {"head", "chest", "unknown"}
+    assert organ["head"]["closed_accuracy"] == 0.5 and organ["head"]["open_accuracy"] is None
+    assert organ["unknown"]["n_open"] == 1 and organ["unknown"]["open_accuracy"] == 1.0
+    assert organ["chest"] == cxr
+    with pytest.raises(ValueError, match="closed flags"):
+        vqa_metrics(preds, refs, closed[:5])
+
+
+def test_closed_candidates_rule() -> None:
+    train = [
+        {"answer": "Left", "answer_type": "CLOSED", "question_type": "POS"},
+        {"answer": "right", "answer_type": "CLOSED", "question_type": "POS"},
+        {"answer": "left side", "answer_type": "CLOSED", "question_type": "POS"},
+        {"answer": "CT", "answer_type": "CLOSED", "question_type": "MODALITY"},
+        {"answer": "MRI", "answer_type": "CLOSED", "question_type": "MODALITY"},
+        {"answer": "yes", "answer_type": "CLOSED", "question_type": "PRES"},
+        {"answer": "lung", "answer_type": "OPEN", "question_type": "ORGAN"},  # open answers are not options
+    ]
+    pool = candidate_pool(train)
+    assert pool["POS"] == ["left", "left side", "right"] and "lung" not in pool["*"]
+    # a choice question: the named options ("left" inside "left side" is dropped)
+    assert closed_candidates("Is the mass on the left side or right?", "POS", pool) == ["left side", "right"]
+    # options of another question type are found through the pool of all closed answers
+    assert closed_candidates("Is this a CT or an MRI?", "PLANE", pool) == ["ct", "mri"]
+    # no "or", or fewer than two options named: yes/no
+    assert closed_candidates("Is the mass on the left?", "POS", pool) == ["yes", "no"]
+    assert closed_candidates("Is there fluid or air?", "PRES", pool) == ["yes", "no"]
+    assert closed_candidates("Is this a CT or an MRI?", None, None) == ["yes", "no"]
+
+
+# ------------------------------------------------------------------------------------- a small model
+
+
+@pytest.fixture(scope="module")
+def model():
+    from medunifier.config import load_config
+    from medunifier.model.medunifier import MedUnifier
+
+    torch.manual_seed(0)
+    m = MedUnifier(load_config("tiny", SMALL)).eval()
+    with torch.no_grad():  # a random LM bias makes candidate scores differ clearly (not a near-uniform tie)
+        m.encoder.lm_head.bias.normal_(0.0, 2.0, generator=torch.Generator().manual_seed(1))
+    return m
+
+
+@pytest.fixture(scope="module")
+def pixels() -> torch.Tensor:
+    return torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+
+
+def slow_candidate_logprob(model, pixel_values, question: str, answer: str, **encoder_kwargs) -> float:
+    """Sum of log p over the answer tokens and the closing [SEP] of "[DEC] q [SEP] a [SEP]", one unpadded pass."""
+    tok, sp = model.tokenizer, model.special
+    q = tok(question, add_special_tokens=False)["input_ids"]
+    a = tok(answer, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([[sp["dec"], *q, sp["sep"], *a, sp["sep"]]])
+    prefix = len(q) + 2
+    out = model.encoder(input_ids=ids, image_embeds=model.image_features(pixel_values), mode="prefix",
+                        prefix_lengths=torch.tensor([prefix]), **encoder_kwargs)
+    logp = F.log_softmax(model.encoder.lm_logits(out.text_states[0]).float(), dim=-1)  # [T, V]
+    return float(sum(logp[t - 1, ids[0, t]] for t in range(prefix, ids.shape[1])))
+
+
+@torch.no_grad()
+def test_likelihood_scoring_matches_a_slow_per_candidate_loop(model, pixels) -> None:
+    questions = ["Is there a pleural effusion?", "Where is the lesion located in this abdominal CT scan?"]
+    candidates = [["yes", "no"], ["left kidney", "liver", "both sides of the abdomen"]]
+    scores = score_candidates(model, pixels, questions, candidates, batch_size=3)  # chunks split the pairs
+    slow = [[slow_candidate_logprob(model, pixels[i : i + 1], q, a) for a in candidates[i]]
+            for i, q in enumerate(questions)]
+    for got, want in zip(scores, slow):
+        assert got == pytest.approx(want, abs=1e-4)
+    best = [opts[max(range(len(opts)), key=s.__getitem__)] for opts, s in zip(candidates, slow)]
+    assert answer_questions(model, pixels, questions, candidates) == best
+    assert len({round(s, 3) for s in slow[1]}) == 3  # the choice was not a tie
+
+
+@torch.no_grad()
+def test_models_with_modality_embeddings_score_with_the_record_modality(model, pixels) -> None:
+    from medunifier.config import EncoderConfig, load_config
+    from medunifier.model.medunifier import MedUnifier
+
+    if "modalities" not in EncoderConfig.model_fields:
+        pytest.skip("this encoder has no modality embeddings")
+    torch.manual_seed(0)
+    m = MedUnifier(load_config("tiny", [*SMALL, "encoder.modalities=[cxr,ct]"]), tokenizer=model.tokenizer).eval()
+    m.encoder.modality_embeddings.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(3))
+    question, options = "Is there a mass?", ["yes", "no"]
+    with_ct = score_candidates(m, pixels[:1], [question], [options], modalities=["CT"])[0]
+    slow = [slow_candidate_logprob(m, pixels[:1], question, a, modality_ids=m.modality_ids(["ct"])) for a in options]
+    assert with_ct == pytest.approx(slow, abs=1e-4)
+    unknown = score_candidates(m, pixels[:1], [question], [options])[0]
+    assert abs(unknown[0] - with_ct[0]) > 1e-3  # the modality reached the encoder
+    # greedy decoding with the modality is padding-independent too
+    alone = answer_questions(m, pixels[:1], [question], max_length=4, modalities=["ct"])
+    batched = answer_questions(m, pixels, [question, "What is the long question here about?"], max_length=4,
+                               modalities=["ct", "cxr"])
+    assert batched[0] == alone[0]
+
+
+@torch.no_grad()
+def test_open_answers_do_not_depend_on_padding_or_batch(model, pixels) -> None:
+    short, long = "Is it normal?", "Which organ system is shown here and what is the imaging modality used?"
+    alone = answer_questions(model, pixels[:1], [short], max_length=6)
+    batched = answer_questions(model, pixels, [short, long], max_length=6)
+    assert batched[0] == alone[0] and alone[0]
+    assert answer_questions(model, pixels[1:], [long], max_length=6)[0] == batched[1]
+    beams_alone = answer_questions(model, pixels[:1], [short], max_length=6, num_beams=2)
+    assert answer_questions(model, pixels, [short, long], max_length=6, num_beams=2)[0] == beams_alone[0]
+
+
+@torch.no_grad()
+def test_greedy_answer_is_the_argmax_of_the_training_layout(model, pixels) -> None:
+    """Decoding with the cache after "[DEC] q [SEP]" equals the argmax of one teacher-forced pass over
+    "[DEC] q [SEP] answer", the sequence the ITG loss trains on."""
+    question = "What is abnormal in the left upper lobe?"
+    tokens = _greedy_answers(model, model.image_features(pixels[:1]), [question], max_length=5)[0]
+    assert len(tokens) >= 2
+    sp = model.special
+    q = model.tokenizer(question, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([[sp["dec"], *q, sp["sep"], *tokens]])
+    prefix = len(q) + 2
+    out = model.encoder(input_ids=ids, image_embeds=model.image_features(pixels[:1]), mode="prefix",
+                        prefix_lengths=torch.tensor([prefix]))
+    logits = model.encoder.lm_logits(out.text_states[0, prefix - 1 : -1]).float()
+    logits[:, [sp["dec"], sp["pad"]]] = -float("inf")
+    assert logits.argmax(-1).tolist() == tokens
+
+
+def test_answer_questions_rejects_bad_input(model, pixels) -> None:
+    with pytest.raises(ValueError, match="2 images but 1 questions"):
+        answer_questions(model, pixels, ["Is it?"])
+    with pytest.raises(ValueError, match="non-empty candidate"):
+        answer_questions(model, pixels, ["Is it?", "Is it?"], [["yes", " "], None])
+
+
+# ------------------------------------------------------------------------ real VQA-RAD, end to end
+
+
+@pytest.fixture(scope="module")
+def vqa_rad_subset(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The questions of the first 8 VQA-RAD images, converted at 32 px with half the images in val."""
+    from medunifier.data.converters.vqa_rad import convert_vqa_rad
+
+    src = shared_data / "vqa_rad"
+    if not (src / "trainset.json").is_file():
+        pytest.skip(f"VQA-RAD not found in {src}")
+    items = json.loads((src / "trainset.json").read_text())
+    names = list(dict.fromkeys(i["image_name"] for i in items))[:8]
+    root = tmp_path_factory.mktemp("vqa_rad")
+    (root / "images").mkdir()
+    for name in names:
+        shutil.copy(src / "images" / name, root / "images" / name)
+    (root / "trainset.json").write_text(json.dumps([i for i in items if i["image_name"] in names]))
+    convert_vqa_rad(root, root / "out", val_fraction=0.5, image_size=32, seed=0)
+    return root / "out" / "manifest.jsonl"
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory: pytest.TempPathFactory, model) -> Path:
+    run = tmp_path_factory.mktemp("vqa_run") / "run"
+    model.save_pretrained(run / "model")
+    return run
+
+
+def test_eval_vqa_cli_on_real_vqa_rad(vqa_rad_subset: Path, small_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "vqa"
+    r = runner.invoke(app, ["eval", "vqa", "--ckpt", str(small_run), "--data", str(vqa_rad_subset), "--split", "val",
+                            "--out", str(out), "--limit", "12", "--max-length", "4", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "overall" in r.output and "modality" in r.output
+    res = json.loads((out / "results.json").read_text())
+    assert {"task", "n", "closed_scoring", "candidate_pool", "candidate_coverage", "metrics", "split"} <= set(res)
+    m = res["metrics"]
+    assert res["n"] == 12 == m["n"] == m["n_closed"] + m["n_open"] and res["split"] == "val"
+    assert {"accuracy", "closed_accuracy", "open_accuracy", "open_token_recall"} <= set(m)
+    assert set(m["groups"]) == {"modality", "organ"}
+    assert sum(g["n"] for g in m["groups"]["organ"].values()) == 12
+    assert res["candidate_pool"]["source"] == "train split" and res["candidate_pool"]["answers"] >= 2
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 12
+    for row in rows:  # closed questions are answered by one of their candidates
+        if row["closed"]:
+            assert row["prediction"] in row["candidates"]
+        else:
+            assert row["candidates"] is None
+    assert sum(row["correct"] for row in rows) == round(m["accuracy"] * 12)
+
+    r = runner.invoke(app, ["eval", "vqa", "--ckpt", str(small_run), "--data", str(vqa_rad_subset), "--split", "val",
+                            "--out", str(out), "--closed-scoring", "maybe"])
+    assert r.exit_code == 2 and "--closed-scoring" in r.output
+
+
+def test_ask_cli(vqa_rad_subset: Path, small_run: Path) -> None:
+    image = next((vqa_rad_subset.parent / "images").iterdir())
+    r = runner.invoke(app, ["ask", str(image), "Is there a fracture?", "--ckpt", str(small_run),
+                            "--candidates", "yes,no", "--json", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert res["answer"] in ("yes", "no") and [c["answer"] for c in res["candidates"]] == ["yes", "no"]
+    assert sum(c["probability"] for c in res["candidates"]) == pytest.approx(1.0)
+    best = max(res["candidates"], key=lambda c: c["log_likelihood"])
+    assert best["answer"] == res["answer"]
+    r = runner.invoke(app, ["ask", str(image), "What organ is shown?", "--ckpt", str(small_run), "--max-length", "3"])
+    assert r.exit_code == 0, r.output
+    assert "What organ is shown?" in r.output
+    r = runner.invoke(app, ["ask", str(image), "Is it?", "--ckpt", str(small_run), "--candidates", ","])
+    assert r.exit_code == 2 and "--candidates is empty" in r.output
