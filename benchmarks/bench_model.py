@@ -13,7 +13,13 @@ Part 1 (issue 3):
   * `--paper-vision`: builds the paper preset's EVA ViT-g/14 (random init) on the CPU and reports its
     parameter count and build time (~4 GB of memory).
 
+Part 2 (issue 8, task-routed experts): the whole MedUnifier at the tiny preset with `encoder.experts`
+shared and task (optionally with `encoder.expert_attention`): parameter counts (total, encoder,
+generation experts) and the median forward + backward time of one training step with all four losses
+(task experts run a second query pass and text pass for TIG).
+
     python benchmarks/bench_model.py [--sizes tiny base] [--batch 16] [--threads 1] [--paper-vision]
+                                     [--parts itm decode experts]
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from torch import nn
 from medunifier.config import EncoderConfig, load_config
 from medunifier.model.decoding import generate
 from medunifier.model.encoder import ImageTextEncoder
+from medunifier.model.medunifier import MedUnifier
 
 VOCAB = 30524
 SIZES = ("tiny", "base")  # preset names: encoder sizes, vision width and tokens, text length
@@ -202,6 +209,59 @@ def bench_decode(size: str, args: argparse.Namespace) -> dict:
     return result
 
 
+EXPERT_VARIANTS = {
+    "shared": [],
+    "task": ["encoder.experts=task"],
+    "task+attn": ["encoder.experts=task", "encoder.expert_attention=true"],
+}
+
+
+def bench_experts(args: argparse.Namespace) -> list[dict]:
+    """One tiny-preset training step (all losses, train mode), forward + backward, per experts variant.
+
+    The variants are timed in alternating order within each round (the first round warms up and runs the
+    codebook k-means init); the median round is reported.
+    """
+    device = torch.device(args.device)
+    models, batches = {}, {}
+    for variant, overrides in EXPERT_VARIANTS.items():
+        torch.manual_seed(0)
+        model = MedUnifier(load_config("tiny", overrides)).to(device).train()
+        cfg = model.config
+        texts = [f"FINDINGS: Finding number {i}. No pleural effusion. IMPRESSION: Case {i}." for i in range(args.batch)]
+        batch = model.tokenize(texts)
+        size = (args.batch, cfg.image.channels, cfg.image.size, cfg.image.size)
+        batch["pixel_values"] = torch.randn(size, generator=torch.Generator().manual_seed(0)).to(device)
+        batch["ids"] = [str(i) for i in range(args.batch)]
+        models[variant], batches[variant] = model, batch
+    times: dict[str, list[float]] = {v: [] for v in models}
+    cpu: dict[str, list[float]] = {v: [] for v in models}
+    names = list(models)
+    for i in range(args.iters + 1):
+        for variant in names[i % len(names):] + names[: i % len(names)]:
+            model = models[variant]
+            model.zero_grad(set_to_none=True)
+            sync(device)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            model(batches[variant]).loss.backward()
+            sync(device)
+            if i > 0:
+                times[variant].append(time.perf_counter() - start)
+                cpu[variant].append(time.process_time() - start_cpu)
+    rows = []
+    for variant, model in models.items():
+        report = model.parameter_report()
+        rows.append({
+            "variant": variant,
+            "total": report["total"],
+            "encoder": report["encoder"],
+            "gen_experts": report["encoder.generate_experts"],
+            "step_s": statistics.median(times[variant]),
+            "cpu_s": statistics.median(cpu[variant]),
+        })
+    return rows
+
+
 def bench_paper_vision() -> None:
     from medunifier.model.vision import VisionEncoder, count_parameters
 
@@ -230,6 +290,7 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=95)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--paper-vision", action="store_true", help="also build the paper's 1B vision tower")
+    parser.add_argument("--parts", nargs="+", default=["itm", "decode", "experts"], choices=["itm", "decode", "experts"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -238,6 +299,30 @@ def main() -> None:
         f"threads {torch.get_num_threads()}"
     )
 
+    if "itm" in args.parts:
+        bench_itm_table(args)
+    if "decode" in args.parts:
+        bench_decode_table(args)
+    if "experts" in args.parts:
+        print("\nTask-routed experts: tiny preset, one training step (all losses), forward + backward, train mode")
+        print(f"(batch {args.batch}, median of {args.iters} rounds; ratios to shared; cpu = process CPU seconds)")
+        print(
+            f"{'experts':<11}{'params':>12}{'encoder':>12}{'gen experts':>13}{'step s':>9}{'ratio':>7}"
+            f"{'cpu s':>8}{'ratio':>7}"
+        )
+        rows = bench_experts(args)
+        for r in rows:
+            print(
+                f"{r['variant']:<11}{r['total']:>12,}{r['encoder']:>12,}{r['gen_experts']:>13,}"
+                f"{r['step_s']:>9.3f}{r['step_s'] / rows[0]['step_s']:>7.2f}"
+                f"{r['cpu_s']:>8.3f}{r['cpu_s'] / rows[0]['cpu_s']:>7.2f}"
+            )
+    if args.paper_vision:
+        print()
+        bench_paper_vision()
+
+
+def bench_itm_table(args: argparse.Namespace) -> None:
     print("\nITM pass (bidirectional, queries + text, cross-attention), forward + backward, train mode")
     print("(median wall seconds; cpu = ratio of median process CPU times, steadier on a busy machine;")
     print(" parity = max |ours - HF| at non-padding positions, our weights copied into HF, eval mode)")
@@ -253,6 +338,9 @@ def main() -> None:
                 f"{r['ratio']:>9.2f}{r['cpu_ratio']:>7.2f}{r['parity']:>10.1e}"
             )
 
+
+
+def bench_decode_table(args: argparse.Namespace) -> None:
     print("\nReport decoding (greedy, fixed length): KV cache vs full recomputation every step")
     print(f"{'size':<6}{'batch':>6}{'tokens':>8}{'cached s':>10}{'full s':>9}{'speedup':>9}  identical")
     for size in args.decode_sizes:
@@ -261,9 +349,6 @@ def main() -> None:
             f"{r['size']:<6}{r['batch']:>6}{r['tokens']:>8}{r['cached_s']:>10.2f}{r['full_s']:>9.2f}"
             f"{r['speedup']:>8.1f}x  {r['identical']}"
         )
-    if args.paper_vision:
-        print()
-        bench_paper_vision()
 
 
 if __name__ == "__main__":

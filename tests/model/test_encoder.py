@@ -278,8 +278,8 @@ def test_mode_errors(encoder, inputs):
         encoder(input_ids=ids, image_embeds=image, mode="prefix")
     with pytest.raises(ValueError, match="unknown mode"):
         encoder(input_ids=ids, mode="itm")
-    with pytest.raises(NotImplementedError, match="experts"):
-        make_encoder(experts="task")
+    with pytest.raises(ValueError, match="unknown role"):
+        encoder(input_ids=ids, mode="text", role="train")
 
 
 def test_lm_head_tied_and_resize(encoder):

@@ -114,7 +114,7 @@ class Synthesizer:
     def text_features(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Text-only encoder features of the reports: (states [B, T, H], mask bool [B, T])."""
         tok = self.model.tokenize(list(texts))
-        states = self.model.text_states(tok["input_ids"], tok["attention_mask"])
+        states = self.model.text_states(tok["input_ids"], tok["attention_mask"], role="generate")
         return states.float(), tok["attention_mask"].bool()
 
     # ------------------------------------------------------------------------------------- generation

@@ -266,7 +266,7 @@ class TextFeatures:
     def _compute(self, index: Tensor) -> Tensor:
         ids = self.codes.input_ids[index].to(self.device)
         mask = self.codes.attention_mask[index].to(self.device)
-        return self.model.text_states(ids, mask.long())  # [B, T, H]
+        return self.model.text_states(ids, mask.long(), role="generate")  # [B, T, H] (task experts: generation)
 
     def __call__(self, index: Tensor) -> tuple[Tensor, Tensor]:
         """(states [B, T_b, H] float32, mask bool [B, T_b]) trimmed to the batch's longest report."""

@@ -11,7 +11,8 @@ never loaded) and maps BERT's parameter names onto ours, as BLIP-2 does for its 
     cls.predictions.transform.{dense,LayerNorm}, cls.predictions.bias         -> lm_head.* (when present)
 
 with or without the `bert.` prefix. Cross-attention and the query tokens stay randomly initialised
-(normal 0.02, LayerNorm 1/0). Vocabulary rows beyond the checkpoint's (added [DEC]/[ENC] tokens)
+(normal 0.02, LayerNorm 1/0). Task experts (`gen_*`) are copies of the loaded modules; the modality
+embeddings stay zero. Vocabulary rows beyond the checkpoint's (added [DEC]/[ENC] tokens)
 start at the mean embedding.
 """
 
@@ -159,12 +160,17 @@ def load_bert_weights(encoder: ImageTextEncoder, folder: str | Path) -> dict:
                 ours_bias[: bias.shape[0]] = bias.to(ours_bias.dtype)
             loaded.append("lm_head.bias")
 
+    # task experts: the generation experts start as copies of the (just loaded) understanding ones
+    loaded += encoder.sync_generation_experts()
+
     # everything not loaded keeps (or gets) the BERT random init
     loaded_set = set(loaded)
     initialised = [name for name in params if name not in loaded_set]
     for name, module in encoder.named_modules():
         if any(f"{name}.{p}" in initialised for p in ("weight", "bias")) and name:
             encoder._init_weights(module)
+    if encoder.modality_embeddings is not None:  # zero: a fresh model behaves as one without modalities
+        torch.nn.init.zeros_(encoder.modality_embeddings.weight)
     skipped = sorted(k for k in state if k not in used)
     return {"loaded": loaded, "initialised": initialised, "skipped": skipped}
 

@@ -42,9 +42,11 @@ class _Stepper:
         use_cache: bool,
         batch: int,
         device: torch.device,
+        modality_ids: Tensor | None = None,
     ):
         self.encoder = encoder
         self.image_embeds = image_embeds
+        self.modality_ids = modality_ids  # [B]: added to every newly embedded token (and the queries)
         self.use_cache = use_cache
         self.mode = "prefix" if prefix_ids is not None else "causal"
         bos = torch.full((batch, 1), bos_id, dtype=torch.long, device=device)
@@ -63,6 +65,7 @@ class _Stepper:
             attention_mask=attention_mask,
             mode=self.mode,
             prefix_lengths=self.prefix_lengths,
+            modality_ids=self.modality_ids,
             **kwargs,
         )
         if self.use_cache:
@@ -95,6 +98,8 @@ class _Stepper:
         self.generated = self.generated.repeat_interleave(n, 0)
         if self.prefix_lengths is not None:
             self.prefix_lengths = self.prefix_lengths.repeat_interleave(n, 0)
+        if self.modality_ids is not None:
+            self.modality_ids = self.modality_ids.repeat_interleave(n, 0)
         if self.image_embeds is not None:
             self.image_embeds = self.image_embeds.repeat_interleave(n, 0)
         if self.cache is not None:
@@ -106,6 +111,8 @@ class _Stepper:
         self.generated = self.generated.index_select(0, index)
         if self.prefix_lengths is not None:
             self.prefix_lengths = self.prefix_lengths.index_select(0, index)
+        if self.modality_ids is not None:
+            self.modality_ids = self.modality_ids.index_select(0, index)
         if self.image_embeds is not None:
             self.image_embeds = self.image_embeds.index_select(0, index)
         if self.cache is not None:
@@ -199,10 +206,13 @@ def greedy_decode(
     top_p: float = 1.0,
     top_k: int = 0,
     generator: torch.Generator | None = None,
+    modality_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Greedy (or, with do_sample, top-k/nucleus sampling) decoding -> (tokens [B, T], scores [B])."""
     batch, device, prefix_mask = _prepare(image_embeds, prefix_ids, prefix_mask, pad_id)
-    stepper = _Stepper(encoder, image_embeds, bos_id, prefix_ids, prefix_mask, use_cache, batch, device)
+    stepper = _Stepper(
+        encoder, image_embeds, bos_id, prefix_ids, prefix_mask, use_cache, batch, device, modality_ids
+    )
     banned = tuple({bos_id, pad_id} - {eos_id})
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     sum_logp = torch.zeros(batch, device=device)
@@ -253,6 +263,7 @@ def beam_search(
     use_cache: bool = True,
     prefix_ids: Tensor | None = None,
     prefix_mask: Tensor | None = None,
+    modality_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Beam search -> (best sequence per sample [B, T], its score [B]).
 
@@ -263,7 +274,9 @@ def beam_search(
     """
     batch, device, prefix_mask = _prepare(image_embeds, prefix_ids, prefix_mask, pad_id)
     k = num_beams
-    stepper = _Stepper(encoder, image_embeds, bos_id, prefix_ids, prefix_mask, use_cache, batch, device)
+    stepper = _Stepper(
+        encoder, image_embeds, bos_id, prefix_ids, prefix_mask, use_cache, batch, device, modality_ids
+    )
     banned = tuple({bos_id, pad_id} - {eos_id})
     logits = stepper.start().repeat_interleave(k, 0)  # [B*K, V]: the prompt is encoded once per sample
     stepper.expand(k)
@@ -365,6 +378,7 @@ def generate(
     use_cache: bool = True,
     prefix_ids: Tensor | None = None,
     prefix_mask: Tensor | None = None,
+    modality_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Decode from image_embeds [B, N, Dv] (and a question prefix_ids [B, P]) -> (tokens [B, T], scores [B]).
 
@@ -372,7 +386,8 @@ def generate(
     or when do_sample is None and top_p is given; else beam search when num_beams > 1; else greedy.
     Sampling with num_beams > 1 is refused. bos_id is the decoder start token ([DEC]), eos_id ends a sequence ([SEP]). prefix_ids are
     question tokens encoded first with the "prefix" mask (VQA); their padding is `prefix_mask == 0`
-    (default: prefix_ids != pad_id). The encoder is switched to eval mode for the call and restored.
+    (default: prefix_ids != pad_id). modality_ids [B] (0 = unknown) selects the encoder's modality
+    embedding per sample. The encoder is switched to eval mode for the call and restored.
     """
     if do_sample is None:
         do_sample = top_p is not None
@@ -403,6 +418,7 @@ def generate(
                 use_cache=use_cache,
                 prefix_ids=prefix_ids,
                 prefix_mask=prefix_mask,
+                modality_ids=modality_ids,
             )
         return greedy_decode(
             encoder,
@@ -423,6 +439,7 @@ def generate(
             top_p=1.0 if top_p is None else top_p,
             top_k=top_k,
             generator=generator,
+            modality_ids=modality_ids,
         )
     finally:
         encoder.train(was_training)

@@ -22,10 +22,23 @@ Text position ids count the valid (non-padding) text tokens before each token, o
 already in the KV cache: with right padding they are 0, 1, 2, ... as in BERT, and a batch of
 questions of different lengths, padded, gets the same positions as the unpadded samples.
 Weights can be initialised from a standard BERT checkpoint (`bert_weights.load_bert_weights`).
+
+Task-routed experts (UniMedVL's mixture of transformers, `encoder.experts: task`): every layer also
+holds a *generation* copy of the query and text feed-forwards (`gen_query_ffn`, `gen_text_ffn`) and,
+with `encoder.expert_attention`, of the self-attention projections (`gen_self_attention`). A pass with
+`role="generate"` (the text-to-image path) runs through them, a pass with `role="understand"` (ITC,
+ITM, ITG, retrieval, reports) through the original modules; who attends to whom, the cross-attention,
+embeddings and query tokens are shared. The generation experts start as copies of the understanding
+ones. With `experts: shared` there are no such modules and `role` changes nothing.
+
+Modality token (`encoder.modalities` non-empty): `modality_embeddings` [M + 1, H] (row 0 = unknown or
+other), zero-initialised, is added to every query and text token embedding of a sample before the
+embedding LayerNorm; `modality_ids` [B] selects the row per sample.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +49,7 @@ from medunifier.config import EncoderConfig
 
 MODES = ("text", "query", "bidirectional", "causal", "prefix")
 CACHED_MODES = ("causal", "prefix")
+ROLES = ("understand", "generate")
 
 
 @dataclass
@@ -171,8 +185,13 @@ class Embeddings(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, input_ids: Tensor | None, position_ids: Tensor | None, queries: Tensor | None
+        self,
+        input_ids: Tensor | None,
+        position_ids: Tensor | None,
+        queries: Tensor | None,
+        per_sample: Tensor | None = None,
     ) -> Tensor:
+        """per_sample [B, 1, H] (the modality embedding) is added to every position before the LayerNorm."""
         parts = []
         if queries is not None:
             parts.append(queries)  # [B, Q, H]
@@ -180,6 +199,8 @@ class Embeddings(nn.Module):
             text = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
             parts.append(text + self.token_type_embeddings.weight[0])  # [B, T, H]
         x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        if per_sample is not None:
+            x = x + per_sample
         return self.dropout(self.layer_norm(x))
 
 
@@ -248,6 +269,11 @@ class FeedForward(nn.Module):
 
 
 class EncoderLayer(nn.Module):
+    """Self-attention, cross-attention (queries only, some layers), separate query and text feed-forwards.
+
+    The `gen_*` modules (task experts, None otherwise) replace their namesakes in role="generate" passes.
+    """
+
     def __init__(self, config: EncoderConfig, vision_width: int, has_cross_attention: bool):
         super().__init__()
         h, eps, p = config.hidden_size, config.layer_norm_eps, config.dropout
@@ -257,6 +283,21 @@ class EncoderLayer(nn.Module):
         )
         self.text_ffn = FeedForward(h, config.intermediate_size, p, eps)
         self.query_ffn = FeedForward(h, config.intermediate_size, p, eps)
+        self.gen_self_attention: SelfAttention | None = None
+        self.gen_text_ffn: FeedForward | None = None
+        self.gen_query_ffn: FeedForward | None = None
+
+    def add_generation_experts(self, attention: bool) -> None:
+        """Create the generation experts as copies of the understanding modules (no random draws)."""
+        self.gen_text_ffn = copy.deepcopy(self.text_ffn)
+        self.gen_query_ffn = copy.deepcopy(self.query_ffn)
+        if attention:
+            self.gen_self_attention = copy.deepcopy(self.self_attention)
+
+    def expert_pairs(self) -> list[tuple[str, str]]:
+        """(generation module name, understanding module name) for every generation expert present."""
+        names = ("self_attention", "text_ffn", "query_ffn")
+        return [(f"gen_{n}", n) for n in names if getattr(self, f"gen_{n}") is not None]
 
     def forward(
         self,
@@ -266,26 +307,36 @@ class EncoderLayer(nn.Module):
         image_embeds: Tensor | None,
         past: tuple[Tensor, Tensor] | None = None,
         text_rows: Tensor | None = None,
+        generate: bool = False,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """x [B, Q + T, H] -> same; text_rows: flat indices of the non-padding text tokens (None: all)."""
-        x, kv = self.self_attention(x, mask, past)  # [B, Q + T, H]
+        """x [B, Q + T, H] -> same; text_rows: flat indices of the non-padding text tokens (None: all).
+
+        generate: use the generation experts where this layer has them.
+        """
+        attention, query_ffn, text_ffn = self.self_attention, self.query_ffn, self.text_ffn
+        if generate:
+            attention = self.gen_self_attention or attention
+            query_ffn = self.gen_query_ffn or query_ffn
+            text_ffn = self.gen_text_ffn or text_ffn
+        x, kv = attention(x, mask, past)  # [B, Q + T, H]
         if num_queries == 0:
-            return self._text_ffn(x, text_rows), kv
+            return self._text_ffn(text_ffn, x, text_rows), kv
         queries = x[:, :num_queries]
         if self.cross_attention is not None and image_embeds is not None:
             queries = self.cross_attention(queries, image_embeds)
-        queries = self.query_ffn(queries)
+        queries = query_ffn(queries)
         if x.shape[1] == num_queries:
             return queries, kv
-        return torch.cat([queries, self._text_ffn(x[:, num_queries:], text_rows)], dim=1), kv
+        return torch.cat([queries, self._text_ffn(text_ffn, x[:, num_queries:], text_rows)], dim=1), kv
 
-    def _text_ffn(self, text: Tensor, text_rows: Tensor | None) -> Tensor:
+    @staticmethod
+    def _text_ffn(ffn: FeedForward, text: Tensor, text_rows: Tensor | None) -> Tensor:
         """The text feed-forward on non-padding tokens only (padding keeps its attention output)."""
         if text_rows is None:
-            return self.text_ffn(text)
+            return ffn(text)
         b, t, h = text.shape
         flat = text.reshape(b * t, h)
-        return flat.index_copy(0, text_rows, self.text_ffn(flat.index_select(0, text_rows))).view(b, t, h)
+        return flat.index_copy(0, text_rows, ffn(flat.index_select(0, text_rows))).view(b, t, h)
 
 
 class LMHead(nn.Module):
@@ -306,10 +357,6 @@ class ImageTextEncoder(nn.Module):
 
     def __init__(self, config: EncoderConfig, vocab_size: int, vision_width: int, pad_token_id: int = 0):
         super().__init__()
-        if config.experts == "task":
-            raise NotImplementedError(
-                "encoder.experts='task' (task-routed experts) is not implemented yet; use experts: shared"
-            )
         self.config = config
         self.hidden_size = config.hidden_size
         self.num_queries = config.num_queries
@@ -325,6 +372,30 @@ class ImageTextEncoder(nn.Module):
         self.lm_head = LMHead(config.hidden_size, vocab_size, config.layer_norm_eps)
         self.apply(self._init_weights)
         nn.init.normal_(self.query_tokens, std=0.02)
+        # made after the random init, without random draws: a config with experts or modalities starts
+        # from the same weights as one without, for the same seed
+        if config.experts == "task":
+            for layer in self.layers:
+                layer.add_generation_experts(attention=config.expert_attention)
+        self.modality_embeddings: nn.Embedding | None = None
+        if config.modalities:
+            n = len(config.modalities) + 1  # row 0: unknown / other
+            self.modality_embeddings = nn.Embedding(n, config.hidden_size, _weight=torch.zeros(n, config.hidden_size))
+
+    def expert_pairs(self) -> list[tuple[str, str]]:
+        """(generation, understanding) module names, e.g. ("layers.0.gen_text_ffn", "layers.0.text_ffn")."""
+        return [(f"layers.{i}.{g}", f"layers.{i}.{u}") for i, layer in enumerate(self.layers) for g, u in layer.expert_pairs()]
+
+    @torch.no_grad()
+    def sync_generation_experts(self) -> list[str]:
+        """Copy every understanding expert's weights into its generation expert; returns the parameter names set."""
+        copied = []
+        for gen_name, understand_name in self.expert_pairs():
+            gen, understand = self.get_submodule(gen_name), self.get_submodule(understand_name)
+            for (name, p_gen), p_und in zip(gen.named_parameters(), understand.parameters()):
+                p_gen.copy_(p_und)
+                copied.append(f"{gen_name}.{name}")
+        return copied
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -352,6 +423,8 @@ class ImageTextEncoder(nn.Module):
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
         query_embeds: Tensor | None = None,
+        role: str = "understand",
+        modality_ids: Tensor | None = None,
     ) -> EncoderOutput:
         """Encode queries and/or text under `mode` (see the module docstring).
 
@@ -359,9 +432,14 @@ class ImageTextEncoder(nn.Module):
         query_embeds [B or 1, Q, H] (replaces the learned query tokens), prefix_lengths [B] ("prefix").
         With `use_cache` ("causal"/"prefix"), the returned KVCache lets the next call pass only new
         input_ids; cross-attention acts at query positions only, so later calls need no image.
+        role: "understand" or "generate" (which task experts run; no effect with shared experts; a
+        cached decode must keep one role). modality_ids [B] long (0 = unknown, also when None): the
+        modality embedding added to this call's new tokens; ignored when `encoder.modalities` is empty.
         """
         if mode not in MODES:
             raise ValueError(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")
+        if role not in ROLES:
+            raise ValueError(f"unknown role '{role}' (choose from {', '.join(ROLES)})")
         past = past_key_values
         has_queries = image_embeds is not None or query_embeds is not None
         if (use_cache or past is not None) and mode not in CACHED_MODES:
@@ -425,13 +503,14 @@ class ImageTextEncoder(nn.Module):
             mask is not None
         ):  # additive form, made once for all layers (SDPA would convert a bool mask per call)
             mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
-        x = self.embeddings(input_ids, position_ids, queries)  # [B, Q + T, H]
+        x = self.embeddings(input_ids, position_ids, queries, self._modality_vectors(modality_ids, batch))
         new_keys, new_values = [], []
         # padding tokens skip the text feed-forward (2/3 of a layer's FLOPs): nothing ever reads them
         text_rows = None if bool(text_valid.all()) else text_valid.flatten().nonzero().squeeze(1)
+        generate = role == "generate"
         for i, layer in enumerate(self.layers):
             layer_past = None if past is None else (past.keys[i], past.values[i])
-            x, (k, v) = layer(x, num_queries, mask, image_embeds, layer_past, text_rows)
+            x, (k, v) = layer(x, num_queries, mask, image_embeds, layer_past, text_rows, generate)
             if use_cache:
                 new_keys.append(k)
                 new_values.append(v)
@@ -454,6 +533,19 @@ class ImageTextEncoder(nn.Module):
             text_states=x[:, num_queries:] if input_ids is not None else None,
             past_key_values=cache,
         )
+
+    def _modality_vectors(self, modality_ids: Tensor | None, batch: int) -> Tensor | None:
+        """modality_ids [B] -> [B, 1, H] embeddings; no ids = unknown (row 0); None when the feature is off."""
+        if self.modality_embeddings is None:
+            return None
+        if modality_ids is None:
+            return self.modality_embeddings.weight[0][None, None]  # [1, 1, H]
+        if modality_ids.shape != (batch,):
+            raise ValueError(f"modality_ids must have shape [{batch}], got {tuple(modality_ids.shape)}")
+        n = self.modality_embeddings.num_embeddings
+        if bool(((modality_ids < 0) | (modality_ids >= n)).any()):
+            raise ValueError(f"modality_ids must lie in [0, {n - 1}] (0 = unknown), got {modality_ids.tolist()}")
+        return self.modality_embeddings(modality_ids.to(self.query_tokens.device))[:, None]
 
     def lm_logits(self, text_states: Tensor) -> Tensor:
         """[B, T, H] -> [B, T, V]: BERT prediction head, decoder tied to the word embeddings (+ bias)."""
@@ -483,4 +575,4 @@ class ImageTextEncoder(nn.Module):
         return sum(layer.cross_attention is not None for layer in self.layers)
 
 
-__all__ = ["MODES", "EncoderOutput", "ImageTextEncoder", "KVCache", "build_attention_mask"]
+__all__ = ["MODES", "ROLES", "EncoderOutput", "ImageTextEncoder", "KVCache", "build_attention_mask"]

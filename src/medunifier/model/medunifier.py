@@ -9,6 +9,15 @@
     L = λ1 L_itc + λ2 L_itm + λ3 L_itg + λ4 L_tig
 
 An objective whose weight is zero is not computed at all (no compute, no gradient).
+
+Task-routed experts (`encoder.experts: task`): ITC, ITM, ITG and the understanding API run the encoder
+with role="understand"; TIG's inputs (f_q and the text [CLS]), `reconstruct`, `encode_codes` and the
+priors' text features run a second query pass and a second text pass with role="generate", so TIG's
+gradient reaches the generation experts and never the understanding ones. With shared experts the
+TIG inputs are the ITC passes' outputs, as in the paper.
+
+Modality token (`encoder.modalities`): `batch["modalities"]` (and the API's `modalities=` keyword) are
+mapped to ids (`modality_ids`, unknown -> 0) and reach every encoder pass of the sample.
 """
 
 from __future__ import annotations
@@ -184,13 +193,46 @@ class MedUnifier(nn.Module):
             return self.vision(pixel_values, cache_keys=cache_keys)
         return self.vision(pixel_values)
 
-    def query_states(self, image_embeds: Tensor) -> Tensor:
+    def query_states(
+        self, image_embeds: Tensor, role: str = "understand", modality_ids: Tensor | None = None
+    ) -> Tensor:
         """f_q: query outputs of the unimodal (query-only) pass, [B, Q, H]."""
-        return self.encoder(image_embeds=image_embeds, mode="query").query_states
+        return self.encoder(
+            image_embeds=image_embeds, mode="query", role=role, modality_ids=modality_ids
+        ).query_states
 
-    def text_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def text_states(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        role: str = "understand",
+        modality_ids: Tensor | None = None,
+    ) -> Tensor:
         """Text-only pass with the [CLS] first token, [B, T, H]."""
-        return self.encoder(input_ids=self._task_ids(input_ids, "cls"), attention_mask=attention_mask, mode="text").text_states
+        return self.encoder(
+            input_ids=self._task_ids(input_ids, "cls"),
+            attention_mask=attention_mask,
+            mode="text",
+            role=role,
+            modality_ids=modality_ids,
+        ).text_states
+
+    def modality_ids(self, modalities: list[str]) -> Tensor:
+        """Modality names -> ids [B] for the encoder: 1 + index in `encoder.modalities`, unknown -> 0.
+
+        Names compare case-insensitively, ignoring surrounding spaces. All zeros when the feature is off.
+        """
+        known = {m.strip().lower(): i + 1 for i, m in enumerate(self.config.encoder.modalities)}
+        ids = [known.get(str(m).strip().lower(), 0) for m in modalities]
+        return torch.tensor(ids, dtype=torch.long, device=self.temperature.device)
+
+    def _modality_ids(self, modalities: list[str] | None, batch: int) -> Tensor | None:
+        """ids [B] for the encoder, or None (the encoder reads it as unknown) when off or not given."""
+        if not self.config.encoder.modalities or modalities is None:
+            return None
+        if len(modalities) != batch:
+            raise ValueError(f"{len(modalities)} modalities for a batch of {batch}")
+        return self.modality_ids(list(modalities))
 
     # --------------------------------------------------------------------------------------- forward
 
@@ -204,12 +246,14 @@ class MedUnifier(nn.Module):
         metrics: dict[str, float] = {}
         total = pixel_values.new_zeros(())
 
-        need_unimodal = weights.itc > 0 or weights.itm > 0 or weights.tig > 0
+        task_experts = self.config.encoder.experts == "task"
+        need_unimodal = weights.itc > 0 or weights.itm > 0 or (weights.tig > 0 and not task_experts)
         image_embeds = self.image_features(pixel_values, batch.get("ids"))  # [B, 1+L, Dv]
+        modality_ids = self._modality_ids(batch.get("modalities"), pixel_values.shape[0])  # [B] or None
         query_out = text_out = None
         if need_unimodal:
-            query_out = self.query_states(image_embeds)  # f_q [B, Q, H]
-            text_out = self.text_states(input_ids, attention_mask)  # f_t [B, T, H]
+            query_out = self.query_states(image_embeds, modality_ids=modality_ids)  # f_q [B, Q, H]
+            text_out = self.text_states(input_ids, attention_mask, modality_ids=modality_ids)  # f_t [B, T, H]
 
         sim_i2t = sim_t2i = None
         if weights.itc > 0 or weights.itm > 0:
@@ -239,18 +283,27 @@ class MedUnifier(nn.Module):
                 )
 
         if weights.itm > 0:
-            loss_itm, itm_acc = self._itm_loss(batch, image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i)
+            loss_itm, itm_acc = self._itm_loss(
+                batch, image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i, modality_ids
+            )
             losses["itm"] = loss_itm
             metrics["itm_acc"] = itm_acc
             total = total + weights.itm * loss_itm
 
         if weights.itg > 0:
-            loss_itg = self._itg_loss(image_embeds, input_ids, attention_mask, batch.get("prefix_lengths"))
+            loss_itg = self._itg_loss(
+                image_embeds, input_ids, attention_mask, batch.get("prefix_lengths"), modality_ids
+            )
             losses["itg"] = loss_itg
             total = total + weights.itg * loss_itg
 
         if weights.tig > 0:
-            gen = self.generator(query_out, image_embeds[:, 1:], text_out[:, 0], target_images=pixel_values)
+            if task_experts:  # the generation path has its own experts: a second query pass and text pass
+                gen_query = self.query_states(image_embeds, role="generate", modality_ids=modality_ids)
+                gen_text = self.text_states(input_ids, attention_mask, role="generate", modality_ids=modality_ids)
+            else:
+                gen_query, gen_text = query_out, text_out
+            gen = self.generator(gen_query, image_embeds[:, 1:], gen_text[:, 0], target_images=pixel_values)
             losses["tig"] = gen.loss
             losses["tig_mse"] = gen.mse.detach()
             losses["vq_top"] = gen.vq_top.detach()
@@ -273,8 +326,12 @@ class MedUnifier(nn.Module):
         attention_mask: Tensor,
         sim_i2t: Tensor,
         sim_t2i: Tensor,
+        modality_ids: Tensor | None = None,
     ) -> tuple[Tensor, float]:
-        """ITM with one hard negative text per image and one hard negative image per text (global pool)."""
+        """ITM with one hard negative text per image and one hard negative image per text (global pool).
+
+        A pair's modality is its image's (the negative image's for the (negative image, text) pairs).
+        """
         bsz = input_ids.shape[0]
         device = input_ids.device
         rank, world = _world()
@@ -300,8 +357,16 @@ class MedUnifier(nn.Module):
         itm_ids = torch.cat([input_ids, all_ids[neg_text_idx], input_ids], dim=0)
         itm_mask = torch.cat([attention_mask, all_mask[neg_text_idx], attention_mask], dim=0)
         itm_images = torch.cat([image_embeds, image_embeds, all_embeds[neg_image_idx]], dim=0)
+        itm_modalities = None
+        if modality_ids is not None:
+            all_modality_ids = gather_no_grad(modality_ids)
+            itm_modalities = torch.cat([modality_ids, modality_ids, all_modality_ids[neg_image_idx]], dim=0)
         out = self.encoder(
-            input_ids=self._task_ids(itm_ids, "enc"), attention_mask=itm_mask, image_embeds=itm_images, mode="bidirectional"
+            input_ids=self._task_ids(itm_ids, "enc"),
+            attention_mask=itm_mask,
+            image_embeds=itm_images,
+            mode="bidirectional",
+            modality_ids=itm_modalities,
         )
         logits = self.itm_head(out.query_states).mean(dim=1)  # [3B, 2]
         labels = torch.cat([torch.ones(bsz), torch.zeros(2 * bsz)]).long().to(device)
@@ -310,7 +375,12 @@ class MedUnifier(nn.Module):
         return loss, acc
 
     def _itg_loss(
-        self, image_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor, prefix_lengths: Tensor | None
+        self,
+        image_embeds: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        prefix_lengths: Tensor | None,
+        modality_ids: Tensor | None = None,
     ) -> Tensor:
         """Causal LM on the text given the queries; padding (and a VQA question prefix) is not scored."""
         ids = self._task_ids(input_ids, "dec")
@@ -321,6 +391,7 @@ class MedUnifier(nn.Module):
             image_embeds=image_embeds,
             mode="prefix" if has_prefix else "causal",
             prefix_lengths=prefix_lengths if has_prefix else None,
+            modality_ids=modality_ids,
         )
         logits = self.encoder.lm_logits(out.text_states[:, :-1])  # predict token t+1 from <= t
         labels = ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
@@ -348,14 +419,20 @@ class MedUnifier(nn.Module):
         return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
 
     @torch.no_grad()
-    def encode_image(self, pixel_values: Tensor) -> Tensor:
-        """Normalised ITC image embeddings, one per query: [B, Q, E]."""
-        return F.normalize(self.image_proj(self.query_states(self.image_features(pixel_values))), dim=-1)
+    def encode_image(self, pixel_values: Tensor, *, modalities: list[str] | None = None) -> Tensor:
+        """Normalised ITC image embeddings, one per query: [B, Q, E]. modalities: one per image (None: unknown)."""
+        modality_ids = self._modality_ids(modalities, pixel_values.shape[0])
+        f_q = self.query_states(self.image_features(pixel_values), modality_ids=modality_ids)
+        return F.normalize(self.image_proj(f_q), dim=-1)
 
     @torch.no_grad()
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Normalised ITC text embeddings: [B, E]."""
-        return F.normalize(self.text_proj(self.text_states(input_ids, attention_mask)[:, 0]), dim=-1)
+    def encode_text(
+        self, input_ids: Tensor, attention_mask: Tensor, *, modalities: list[str] | None = None
+    ) -> Tensor:
+        """Normalised ITC text embeddings: [B, E]. modalities: one per text (None: unknown)."""
+        modality_ids = self._modality_ids(modalities, input_ids.shape[0])
+        f_t = self.text_states(input_ids, attention_mask, modality_ids=modality_ids)
+        return F.normalize(self.text_proj(f_t[:, 0]), dim=-1)
 
     @torch.no_grad()
     def similarity(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
@@ -363,13 +440,21 @@ class MedUnifier(nn.Module):
         return itc_similarity(image_embeds, text_embeds, 1.0)[0]
 
     @torch.no_grad()
-    def itm_score(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def itm_score(
+        self,
+        pixel_values: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        *,
+        modalities: list[str] | None = None,
+    ) -> Tensor:
         """Probability that each (image, text) pair matches: [B]."""
         out = self.encoder(
             input_ids=self._task_ids(input_ids, "enc"),
             attention_mask=attention_mask,
             image_embeds=self.image_features(pixel_values),
             mode="bidirectional",
+            modality_ids=self._modality_ids(modalities, pixel_values.shape[0]),
         )
         return self.itm_head(out.query_states).mean(dim=1).softmax(-1)[:, 1]
 
@@ -387,6 +472,8 @@ class MedUnifier(nn.Module):
         length_penalty: float = 1.0,
         generator: torch.Generator | None = None,
         prefix_texts: list[str] | None = None,
+        *,
+        modalities: list[str] | None = None,
     ) -> list[str]:
         """Draft reports (or answers, when `prefix_texts` holds questions) for a batch of images."""
         image_embeds = self.image_features(pixel_values)
@@ -409,32 +496,54 @@ class MedUnifier(nn.Module):
             length_penalty=length_penalty,
             generator=generator,
             prefix_ids=prefix_ids,
+            modality_ids=self._modality_ids(modalities, pixel_values.shape[0]),
         )
         return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
 
-    def _generator_inputs(self, pixel_values: Tensor, input_ids: Tensor | None, attention_mask: Tensor | None):
+    def _generator_inputs(
+        self,
+        pixel_values: Tensor,
+        input_ids: Tensor | None,
+        attention_mask: Tensor | None,
+        modalities: list[str] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(f_q [B, Q, H], f_local [B, L, Dv], text CLS [B, H]) from the generation-role passes."""
         image_embeds = self.image_features(pixel_values)
+        modality_ids = self._modality_ids(modalities, pixel_values.shape[0])
         if input_ids is None:
             input_ids = torch.full((pixel_values.shape[0], 2), self.special["pad"], device=pixel_values.device)
             input_ids[:, 0], input_ids[:, 1] = self.special["cls"], self.special["sep"]
             attention_mask = torch.ones_like(input_ids)
-        text_cls = self.text_states(input_ids, attention_mask)[:, 0]
-        return self.query_states(image_embeds), image_embeds[:, 1:], text_cls
+        text_cls = self.text_states(input_ids, attention_mask, role="generate", modality_ids=modality_ids)[:, 0]
+        f_q = self.query_states(image_embeds, role="generate", modality_ids=modality_ids)
+        return f_q, image_embeds[:, 1:], text_cls
 
     @torch.no_grad()
     def reconstruct(
-        self, pixel_values: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None
+        self,
+        pixel_values: Tensor,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        modalities: list[str] | None = None,
     ) -> Tensor:
         """Image -> codes -> image, grounded on the given text (an empty report when None)."""
-        out = self.generator(*self._generator_inputs(pixel_values, input_ids, attention_mask))
+        out = self.generator(*self._generator_inputs(pixel_values, input_ids, attention_mask, modalities))
         return out.images
 
     @torch.no_grad()
     def encode_codes(
-        self, pixel_values: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None
+        self,
+        pixel_values: Tensor,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        modalities: list[str] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """(top [B, t, t], bottom [B, b, b]) code indices."""
-        return self.generator.encode_codes(*self._generator_inputs(pixel_values, input_ids, attention_mask))
+        return self.generator.encode_codes(
+            *self._generator_inputs(pixel_values, input_ids, attention_mask, modalities)
+        )
 
     @torch.no_grad()
     def decode_codes(self, codes_top: Tensor, codes_bottom: Tensor) -> Tensor:
@@ -455,6 +564,40 @@ class MedUnifier(nn.Module):
             "trainable": sum(p.numel() for m in heads for p in m.parameters() if p.requires_grad) + 1,
         }
         return counts
+
+    def parameter_report(self) -> dict[str, int]:
+        """Parameter counts (each tensor once, tied weights included once) by module, and the expert cost.
+
+        Keys: vision, encoder, generator, heads, total, trainable; encoder.understand_experts (the modules
+        a task-expert model duplicates: query/text feed-forwards, plus self-attention with
+        expert_attention), encoder.generate_experts (their copies; 0 with shared experts) and
+        encoder.modality_embeddings (0 when off).
+        """
+
+        def count(params) -> int:
+            return sum(p.numel() for p in {id(p): p for p in params}.values())
+
+        enc = self.encoder
+        report = {name: count(getattr(self, name).parameters()) for name in ("vision", "encoder", "generator")}
+        report["heads"] = count(
+            [*self.image_proj.parameters(), *self.text_proj.parameters(), *self.itm_head.parameters()]
+        ) + self.temperature.numel()
+        attention_too = self.config.encoder.expert_attention
+        duplicated = [
+            m
+            for layer in enc.layers
+            for m in (layer.query_ffn, layer.text_ffn, *([layer.self_attention] if attention_too else []))
+        ]
+        report["encoder.understand_experts"] = count(p for m in duplicated for p in m.parameters())
+        report["encoder.generate_experts"] = count(
+            p for gen, _ in enc.expert_pairs() for p in enc.get_submodule(gen).parameters()
+        )
+        report["encoder.modality_embeddings"] = (
+            0 if enc.modality_embeddings is None else enc.modality_embeddings.weight.numel()
+        )
+        report["total"] = count(self.parameters())
+        report["trainable"] = count(p for p in self.parameters() if p.requires_grad)
+        return report
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """safetensors weights + JSON config + tokenizer files; never pickle."""

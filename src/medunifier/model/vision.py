@@ -9,6 +9,14 @@ folder (`vision.pretrained`; never a hub id, nothing is downloaded). Supported b
                                                         (mean of patches when the head is absent)
     clip    transformers.CLIPVisionModel                CLS + patches, post-LayerNorm applied to all
     blip2   transformers.Blip2VisionModel (EVA ViT-g)   CLS + patches, post-LayerNorm (paper preset)
+    resnet  transformers.ResNetModel (basic blocks)     f_local = last feature map as tokens + 2D sin-cos
+                                                        position encoding, f_cls = their mean; LayerNorm
+
+`resnet` is the `tiny` preset's trainable encoder: trained from scratch on a few thousand images, a
+small ViT stays at the label prior for hundreds of steps while a ResNet of the same cost learns (see
+docs/results.md, "Vision encoder from scratch"). Its stages double the width and halve the side:
+`num_layers` stages of two basic blocks, widths ending at `hidden_size`, output stride
+`patch_size` = 4 * 2**(num_layers - 1), so the token grid matches a ViT with that patch size.
 
 By default the backbone is frozen (MedUnifier / BLIP-2): no parameter requires a gradient, it stays
 in eval mode even when the parent model calls `.train()`, and its forward runs under `no_grad`.
@@ -26,7 +34,7 @@ from torch import Tensor, nn
 from medunifier.config import ImageConfig, VisionConfig
 from medunifier.pretrained import resolve_local
 
-BACKBONES = ("vit", "dinov2", "siglip", "clip", "blip2")
+BACKBONES = ("vit", "dinov2", "siglip", "clip", "blip2", "resnet")
 
 
 class FeatureCache:
@@ -84,6 +92,16 @@ def _nbytes(t: Tensor) -> int:
 
 def _backbone_config(vision: VisionConfig, image: ImageConfig) -> transformers.PretrainedConfig:
     """A random-init transformers config with the sizes of `vision` and the input of `image`."""
+    if vision.backbone == "resnet":
+        widths = [vision.hidden_size // 2 ** (vision.num_layers - 1 - i) for i in range(vision.num_layers)]
+        return transformers.ResNetConfig(
+            num_channels=image.channels,
+            embedding_size=widths[0],
+            hidden_sizes=widths,
+            depths=[2] * vision.num_layers,
+            layer_type="basic",
+            downsample_in_first_stage=False,
+        )
     common = dict(
         hidden_size=vision.hidden_size,
         num_hidden_layers=vision.num_layers,
@@ -131,6 +149,7 @@ _MODEL_CLASSES = {
     "siglip": "SiglipVisionModel",
     "clip": "CLIPVisionModel",
     "blip2": "Blip2VisionModel",
+    "resnet": "ResNetModel",
 }
 
 
@@ -140,6 +159,8 @@ def build_backbone(vision: VisionConfig, image: ImageConfig) -> nn.Module:
     extra = {"add_pooling_layer": False} if vision.backbone == "vit" else {}
     if vision.pretrained is not None:
         folder = resolve_local(vision.pretrained)
+        if vision.backbone == "resnet":  # convolutional: no attention implementation to choose
+            return cls.from_pretrained(str(folder), local_files_only=True)
         try:
             return cls.from_pretrained(
                 str(folder), attn_implementation="sdpa", local_files_only=True, **extra
@@ -163,6 +184,14 @@ class VisionEncoder(nn.Module):
         self.backbone_type = vision.backbone
         self.backbone = build_backbone(vision, image)
         cfg = self.backbone.config
+        if vision.backbone == "resnet":
+            self._init_resnet(cfg, image)
+            self.frozen = vision.frozen
+            if self.frozen:
+                self.backbone.requires_grad_(False)
+                self.backbone.eval()
+            self.feature_cache = FeatureCache(cache_max_bytes) if vision.cache_features else None
+            return
         patch = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0]
         backbone_size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
         if image.size % patch:
@@ -185,6 +214,25 @@ class VisionEncoder(nn.Module):
             self.backbone.eval()
         self.feature_cache = FeatureCache(cache_max_bytes) if vision.cache_features else None
 
+    def _init_resnet(self, cfg: transformers.ResNetConfig, image: ImageConfig) -> None:
+        """Token grid, fixed 2D position encoding and output LayerNorm for a convolutional backbone."""
+        stride = 4 * 2 ** (len(cfg.hidden_sizes) - 1)
+        if image.size % stride:
+            raise ValueError(f"image.size ({image.size}) is not divisible by the resnet's output stride ({stride})")
+        grid = image.size // stride
+        self.hidden_size = cfg.hidden_sizes[-1]
+        self.num_patches = grid * grid
+        self.image_size = image.size
+        self.interpolate_pos_encoding = False
+        self.in_channels = cfg.num_channels
+        if image.channels not in (1, self.in_channels):
+            raise ValueError(f"image.channels is {image.channels} but the resnet backbone takes {self.in_channels}")
+        from medunifier.model.generator import sinusoidal_position_encoding_2d
+
+        position = sinusoidal_position_encoding_2d(self.hidden_size, grid, grid)  # [Dv, g, g]
+        self.register_buffer("position_encoding", position.flatten(1).t().contiguous(), persistent=False)  # [L, Dv]
+        self.post_norm = nn.LayerNorm(self.hidden_size)
+
     def train(self, mode: bool = True) -> VisionEncoder:
         """Like nn.Module.train, but a frozen backbone always stays in eval mode (no dropout / drop-path)."""
         super().train(mode)
@@ -202,6 +250,10 @@ class VisionEncoder(nn.Module):
             pixel_values = pixel_values.expand(-1, self.in_channels, -1, -1)  # grey -> RGB
         dtype = next(self.backbone.parameters()).dtype
         pixel_values = pixel_values.to(dtype)
+        if self.backbone_type == "resnet":
+            feature_map = self.backbone(pixel_values=pixel_values).last_hidden_state  # [B, Dv, g, g]
+            tokens = feature_map.flatten(2).transpose(1, 2) + self.position_encoding.to(feature_map.dtype)  # [B, L, Dv]
+            return self.post_norm(torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1))  # [B, 1 + L, Dv]
         kwargs = {}
         if self.backbone_type != "dinov2":  # Dinov2 always interpolates its position embeddings
             kwargs["interpolate_pos_encoding"] = self.interpolate_pos_encoding
