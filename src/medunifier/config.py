@@ -167,6 +167,11 @@ class PriorConfigModel(_Strict):
     max_steps: int = Field(2000, ge=1)
     save_every: int = Field(500, ge=1)
     seed: int = 0
+    in_pretrain: bool = Field(
+        False,
+        description="train the priors as the last curriculum stage of `medunifier pretrain` (prior.max_steps steps "
+        "on the finished model's codes; `--resume` continues it)",
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> PriorConfigModel:

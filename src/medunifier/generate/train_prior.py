@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -85,9 +86,16 @@ def find_prior_dir(ckpt: str | Path) -> Path:
 
 
 def weights_file_checksum(model_dir: str | Path) -> str:
-    """sha256 of the model's weights file (identifies the frozen model a prior was trained on)."""
+    """sha256 identifying the frozen model a prior was trained on: its tensors, not the file's bytes.
+
+    safetensors may write its JSON header's keys in a different order each time the same weights are
+    saved (its metadata is a hash map), so the header is hashed in canonical (sorted) form, then the data.
+    """
     digest = hashlib.sha256()
     with (Path(model_dir) / "model.safetensors").open("rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(header_len))
+        digest.update(json.dumps(header, sort_keys=True).encode())
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

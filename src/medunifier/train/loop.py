@@ -74,6 +74,7 @@ class TrainResult:
     dropped_samples: int = 0
     samples_per_s: float = 0.0
     is_main: bool = True  # False on the other processes of a multi-process run
+    prior: Any = None  # the PriorTrainResult when `prior.in_pretrain` trained the priors in this call
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -811,7 +812,23 @@ def train(
     schedule_changed = resume_from is not None and _check_resumable(resume_from, stages)
     stop_at = total if max_steps is None else min(max_steps, total)
     trainer = Trainer(cfg, source, run_dir, stages, stop_at, resume_from, schedule_changed)
-    return trainer.run()
+    result = trainer.run()
+    if cfg.prior.in_pretrain and result.is_main and not result.interrupted and result.step >= total:
+        result.prior = _prior_stage(cfg, run_dir, data)
+    return result
+
+
+def _prior_stage(cfg: MedUnifierConfig, run_dir: Path, data: str | Path) -> Any:
+    """The last curriculum stage: the text-conditioned code priors on the finished model (issue: generation).
+
+    Runs on the main process only, after `model/` is written; a rerun with --resume continues the priors'
+    own checkpoints (and does nothing once they are complete).
+    """
+    from medunifier.generate.train_prior import prior_dir_for, train_prior
+
+    resume = bool(list_checkpoints(prior_dir_for(run_dir)))
+    print(f"stage 'prior': training the {cfg.prior.kind} code priors for {cfg.prior.max_steps} steps", flush=True)
+    return train_prior(run_dir, data, settings=cfg.prior, resume=resume)
 
 
 def _check_resumable(checkpoint: Path, stages: list[Stage]) -> bool:
