@@ -21,7 +21,7 @@ from medunifier.generate.train_prior import batch_indices, find_prior_dir, train
 from medunifier.model.medunifier import MedUnifier
 
 SMALL_MODEL = [
-    "image.size=32", "vision.hidden_size=32", "vision.num_layers=1", "vision.num_heads=2",
+    "image.size=32", "vision.backbone=vit", "vision.hidden_size=32", "vision.num_layers=1", "vision.num_heads=2",
     "vision.intermediate_size=64", "vision.patch_size=8", "encoder.hidden_size=32", "encoder.num_layers=1",
     "encoder.num_heads=2", "encoder.intermediate_size=64", "encoder.num_queries=4",
     "encoder.max_position_embeddings=96", "encoder.embed_dim=16", "encoder.dropout=0.0", "text.max_length=80",

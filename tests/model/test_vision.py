@@ -131,3 +131,40 @@ def test_paper_preset_architecture_on_meta_device():
     assert len(enc.backbone.encoder.layers) == 39
     assert count_parameters(enc) == 985_952_256
     # the real CPU build (random init, ~4 GB, 20-30 s on 2 cores) runs in benchmarks/bench_model.py --paper-vision
+
+
+def test_resnet_stride_must_match_patch_size():
+    with pytest.raises(ValueError, match="output stride"):
+        tiny("resnet", num_layers=3)  # stride 16, patch_size 8
+    assert tiny("resnet", num_layers=3, patch_size=16).patch_size == 16
+
+
+def test_resnet_tokens_carry_their_position_and_frozen_batchnorm_stays_put():
+    enc = VisionEncoder(tiny("resnet"), ImageConfig(size=32, channels=1))  # frozen by default
+    flat = torch.zeros(1, 1, 32, 32)
+    tokens = enc(flat)[0, 1:]  # a constant image: only the position encoding tells the tokens apart
+    assert torch.cdist(tokens, tokens).fill_diagonal_(1.0).min() > 1e-2
+    stats = [b.clone() for n, b in enc.named_buffers() if n.endswith("running_mean")]
+    enc.train()
+    enc(torch.randn(4, 1, 32, 32) * 3 + 1)
+    assert stats and all(torch.equal(a, b) for a, b in zip(stats, (b for n, b in enc.named_buffers()
+                                                                    if n.endswith("running_mean"))))
+
+
+def test_stage_without_vision_keeps_its_batchnorm_statistics():
+    """A curriculum stage that trains only the encoder must not move the vision encoder at all."""
+    from medunifier.model.medunifier import MedUnifier
+    from shrunk_config import SMALL_MODEL
+
+    torch.manual_seed(0)
+    model = MedUnifier(load_config("tiny", [*SMALL_MODEL, "vision.backbone=resnet"]))
+    model.set_trainable(["encoder"])
+    model.train()
+    assert model.encoder.training and not any(m.training for m in model.vision.modules())
+    before = {n: b.clone() for n, b in model.vision.named_buffers()}
+    batch = model.tokenize(["No acute findings.", "Small left effusion."])
+    batch["pixel_values"] = torch.randn(2, 1, 32, 32)
+    model(batch).loss.backward()
+    assert all(torch.equal(before[n], b) for n, b in model.vision.named_buffers())
+    model.set_trainable(None)
+    assert model.vision.training

@@ -172,13 +172,23 @@ class MedUnifier(nn.Module):
     def set_trainable(self, prefixes: list[str] | None) -> None:
         """Train only parameters whose name starts with one of `prefixes` (None: the config's default).
 
-        The vision encoder stays frozen when `vision.frozen` is set, whatever the prefixes say.
+        The vision encoder stays frozen when `vision.frozen` is set, whatever the prefixes say. A vision
+        encoder left with nothing to train is also kept in eval mode (see `train`).
         """
         for name, param in self.named_parameters():
             allowed = prefixes is None or any(name.startswith(p) for p in prefixes)
             if name.startswith("vision.") and self.config.vision.frozen:
                 allowed = False
             param.requires_grad_(allowed)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> MedUnifier:
+        """nn.Module.train, except that a vision encoder with no trainable parameter stays in eval mode,
+        so that a curriculum stage that does not train it leaves its BatchNorm statistics alone too."""
+        super().train(mode)
+        if mode and not any(p.requires_grad for p in self.vision.parameters()):
+            self.vision.eval()
+        return self
 
     # ------------------------------------------------------------------------------ building blocks
 

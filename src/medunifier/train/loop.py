@@ -253,9 +253,18 @@ def build_model(config: MedUnifierConfig) -> nn.Module:
 
 
 def weights_checksum(model: nn.Module) -> str:
-    """SHA-256 over every parameter and buffer, in name order (compares processes and runs)."""
+    """SHA-256 over every parameter and buffer, in name order (compares processes and runs).
+
+    BatchNorm running statistics are left out: each process updates them from its own batches (as in
+    DDP without SyncBatchNorm, which has no CPU implementation), and the saved model carries rank 0's.
+    """
+    running = {f"{prefix}.{buffer}" if prefix else buffer
+               for prefix, module in model.named_modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
+               for buffer in ("running_mean", "running_var", "num_batches_tracked")}
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
+        if name in running:
+            continue
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
