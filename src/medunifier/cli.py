@@ -127,6 +127,23 @@ def data_convert(
         _fail("no records written (see above)", 1)
 
 
+@data_app.command("merge")
+def data_merge(
+    manifests: list[Path] = typer.Argument(..., help="manifest.jsonl files to merge"),
+    out: Path = typer.Option(..., help="the merged manifest.jsonl (image paths are rewritten relative to it)"),
+) -> None:
+    """Merge manifests of several sources into one (for multi-source, multi-modality training)."""
+    from medunifier.data.manifest import ManifestError, merge_manifests
+
+    try:
+        counts = merge_manifests(manifests, out)
+    except (FileNotFoundError, ManifestError) as err:
+        _fail(str(err))
+    for path, n in counts.items():
+        console.print(f"{n:>8} records from {path}")
+    console.print(f"wrote {sum(counts.values())} records to {out}")
+
+
 @data_app.command("tokenizer")
 def data_tokenizer(
     manifests: list[Path] = typer.Option(..., "--manifest", help="a manifest.jsonl (repeat for several)"),

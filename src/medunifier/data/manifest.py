@@ -157,6 +157,40 @@ def write_manifest(records: Iterable[Record | dict[str, Any]], path: str | Path)
     return count
 
 
+PATH_FIELDS = ("image", "target_image", "edit_region")  # relative to the manifest's folder
+
+
+def merge_manifests(manifests: Iterable[str | Path], out: str | Path) -> dict[str, int]:
+    """Concatenate manifests into one at `out`, rewriting image paths relative to `out`'s folder.
+
+    Record ids must be unique across the inputs (a duplicate is an error naming both manifests); nothing is
+    copied, the merged manifest points at the inputs' image folders. Returns the record count per input.
+    """
+    out = Path(out)
+    folder = out.parent.resolve()
+    seen: dict[str, Path] = {}
+    merged: list[Record] = []
+    counts: dict[str, int] = {}
+    for manifest in manifests:
+        manifest = Path(manifest)
+        root = manifest.parent.resolve()
+        records = load_records(manifest)
+        for record in records:
+            if record.id in seen:
+                raise ManifestError(f"record id '{record.id}' is in both {seen[record.id]} and {manifest}: "
+                                    "ids must be unique across merged manifests")
+            seen[record.id] = manifest
+            updates = {}
+            for name in PATH_FIELDS:
+                value = getattr(record, name, None)
+                if isinstance(value, str) and value:
+                    updates[name] = os.path.relpath(root / value, folder)
+            merged.append(record.model_copy(update=updates))
+        counts[str(manifest)] = len(records)
+    write_manifest(merged, out)
+    return counts
+
+
 def summarize(records: list[Record]) -> dict[str, Any]:
     """Counts by split, source, task, modality and label prevalence (positives / labelled)."""
     summary: dict[str, Any] = {"records": len(records)}
