@@ -410,6 +410,45 @@ def eval_ablation(
         _fail(str(err))
 
 
+@eval_app.command("experts")
+def eval_experts(
+    config: str = typer.Option("tiny", help="preset name or YAML file"),
+    data: Path = typer.Option(..., help="training manifest (train/val splits; its train images also train the "
+                              "consistency classifier)"),
+    seeds: int = typer.Option(3, help="number of seeds (0..n-1), the same for every variant"),
+    steps: int = typer.Option(..., help="training steps of every run"),
+    variants: str = typer.Option("shared,task", help="comma-separated encoder.experts values"),
+    eval_data: Path | None = typer.Option(None, help="retrieval / zero-shot / synthesis reference manifest "
+                                           "(default: manifest_5x200.jsonl beside --data, else its test split)"),
+    prompts: str = typer.Option("chexpert5", help="prompt set for zero-shot"),
+    vqa_data: Path | None = typer.Option(None, help="VQA manifest: one more run per variant and seed on it, "
+                                          "then VQA accuracy on --vqa-split"),
+    vqa_split: str = typer.Option("val", help="split of --vqa-data to score"),
+    vqa_objectives: str = typer.Option("itg+tig", help="objectives of the VQA run ('+'-joined)"),
+    synthesis: bool = typer.Option(True, help="train a prior per run and measure consistency and FID"),
+    prior_steps: int = typer.Option(500, help="prior training steps per run"),
+    n_generated: int = typer.Option(100, help="images generated per run for consistency and FID"),
+    fid: bool = typer.Option(True, help="Inception FID (the domain-feature FID is always computed)"),
+    out: Path = typer.Option(Path("runs/experts"), help="output folder (one run folder per variant and seed)"),
+    resume: bool = typer.Option(False, help="reuse finished runs and resume interrupted ones in --out"),
+    batch_size: int = typer.Option(64, help="evaluation batch size"),
+    device: str | None = typer.Option(None, help="evaluation device (default: cuda when available)"),
+    overrides: list[str] | None = typer.Argument(None, help="config overrides such as train.batch_size=16"),
+) -> None:
+    """Shared vs task experts: the same budget and seeds per variant; understanding, VQA and generation."""
+    from medunifier.eval.experts import run_experts_ablation
+
+    try:
+        run_experts_ablation(config, data, out=out, variants=_csv(variants) or [], seeds=seeds, steps=steps,
+                             eval_data=eval_data, prompts=prompts, vqa_data=vqa_data, vqa_split=vqa_split,
+                             vqa_objectives=vqa_objectives.split("+"), synthesis=synthesis,
+                             prior_steps=prior_steps, n_generated=n_generated, fid=fid,
+                             overrides=overrides or None, resume=resume, batch_size=batch_size, device=device,
+                             console=console)
+    except _EVAL_ERRORS as err:
+        _fail(str(err))
+
+
 @eval_app.command("synthesis")
 def eval_synthesis(
     ckpt: Path = typer.Option(..., help="a run folder with a trained prior (medunifier generate train-prior)"),

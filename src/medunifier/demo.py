@@ -73,8 +73,9 @@ def demo_config(tokenizer_dir: Path, minutes: float, seed: int) -> MedUnifierCon
 
 
 def run_demo(out: str | Path = "runs/demo", minutes: float = 10.0, n_images: int = 6000, seed: int = 0,
-             eval_limit: int = 200, prior_minutes: float | None = None) -> Path:
-    """Run the demo into `out` and return the path of `report.html`.
+             eval_limit: int = 200, prior_minutes: float | None = None) -> Path | None:
+    """Run the demo into `out` and return the path of `report.html` (None when a signal stopped training:
+    the same call resumes it).
 
     `minutes` is the training budget of the model; the code priors get `prior_minutes` (default a
     quarter of it) on top.
@@ -103,13 +104,22 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 10.0, n_images: int
 
         train_tokenizer([r.text for r in load_records(data_dir / "manifest.jsonl", splits=["train"])],
                         tokenizer_dir, vocab_size=1000)
-    config = demo_config(tokenizer_dir, minutes, seed)
     from medunifier.train.loop import train
 
     run_dir = out / "run"
+    resume = (run_dir / "checkpoints").exists() and (run_dir / "config.yaml").exists()
+    if resume:  # the schedule was sized when the run started: keep it
+        config = load_config(run_dir / "config.yaml")
+        console.print(f"resuming the run in {run_dir} ({config.train.max_steps} steps)")
+    else:
+        config = demo_config(tokenizer_dir, minutes, seed)
     start = time.perf_counter()
-    result = train(config, data_dir / "manifest.jsonl", run_dir, resume=(run_dir / "checkpoints").exists())
+    result = train(config, data_dir / "manifest.jsonl", run_dir, resume=resume)
     timings["train_s"] = time.perf_counter() - start
+    if result.interrupted:
+        console.print(f"training stopped at step {result.step} (checkpoint {result.checkpoint}); run the same "
+                      f"`medunifier demo --out {out}` again to resume")
+        return None
     model_dir = run_dir / "model"
 
     console.rule("3/4 text-conditioned priors and evaluation")

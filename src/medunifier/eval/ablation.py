@@ -69,6 +69,49 @@ def _scalars(retrieval: dict | None, zeroshot: dict | None, probe: dict | None) 
     return row
 
 
+def seed_list(seeds: int | Sequence[int]) -> list[int]:
+    """3 -> [0, 1, 2]; an explicit list is kept."""
+    return list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+
+
+def evaluate_understanding(
+    model: Any,
+    out: str | Path,
+    eval_path: str | Path,
+    eval_split: str | None,
+    prompt_sets: dict[str, list[str]],
+    *,
+    probe_data: str | Path | None = None,
+    fractions: Sequence[float] = (),
+    seed: int = 0,
+    batch_size: int = 64,
+) -> dict[str, float | None]:
+    """Retrieval and zero-shot on `eval_path` (classes = the prompt file's), plus a linear probe on the
+    train / val / test splits of `probe_data` when given; results under `out/{retrieval,zeroshot,linear}`.
+    Returns the flat scalars of one trained run (`i2t_p@K`, `t2i_p@K`, `zs_acc`, `zs_f1`, `zs_auroc`, `lp_*`)."""
+    out = Path(out)
+    classes = list(prompt_sets)
+    quiet = Console(quiet=True)
+    retrieval = run_retrieval(model, eval_path, out / "retrieval", classes=classes, split=eval_split,
+                              batch_size=batch_size, console=quiet)
+    zeroshot = run_zeroshot(model, eval_path, prompt_sets, out / "zeroshot", split=eval_split,
+                            batch_size=batch_size, console=quiet)
+    probe = None
+    if probe_data is not None:
+        probe = run_finetune(model, probe_data, probe_data, probe_data, out / "linear", fractions=fractions,
+                             seeds=[seed], mode="linear", classes=classes, batch_size=batch_size, console=quiet)
+    return _scalars(retrieval, zeroshot, probe)
+
+
+def summarize_runs(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """{row: [{"metrics": {...}}, ...]} -> {row: {metric: mean_std over the runs}} (keys in first-seen order)."""
+    summary: dict[str, dict[str, Any]] = {}
+    for name, seed_runs in runs.items():
+        keys = list(dict.fromkeys(k for r in seed_runs for k in r["metrics"]))
+        summary[name] = {k: mean_std(r["metrics"].get(k) for r in seed_runs) for k in keys}
+    return summary
+
+
 def run_ablation(
     config: str | Path | MedUnifierConfig,
     data: str | Path,
@@ -100,10 +143,9 @@ def run_ablation(
         def load_fn(run_dir: Path) -> Any:
             return load_model(run_dir, device)
     base = config if isinstance(config, MedUnifierConfig) else load_config(config, overrides)
-    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    seeds_used = seed_list(seeds)
     sets = {name: parse_objectives(name) for name in objectives}
     prompt_sets = load_prompts(prompts)
-    classes = list(prompt_sets)
     out = Path(out)
     eval_path, eval_split = (Path(eval_data), None) if eval_data is not None else (Path(data), "test")
     notes: list[str] = []
@@ -117,7 +159,7 @@ def run_ablation(
     runs: dict[str, list[dict[str, Any]]] = {}
     for name, objs in sets.items():
         runs[name] = []
-        for seed in seed_list:
+        for seed in seeds_used:
             run_dir = out / name.replace("+", "_") / f"seed{seed}"
             cfg = ablation_config(base, objs, seed, steps)
             if resume and (run_dir / "model" / "config.json").exists():
@@ -125,24 +167,13 @@ def run_ablation(
             else:
                 train_fn(cfg, data, run_dir, max_steps=steps, resume=resume)
             model = load_fn(run_dir)
-            ev = run_dir / "eval"
-            quiet = Console(quiet=True)
-            retrieval = run_retrieval(model, eval_path, ev / "retrieval", classes=classes, split=eval_split,
-                                      batch_size=batch_size, console=quiet)
-            zeroshot = run_zeroshot(model, eval_path, prompt_sets, ev / "zeroshot", split=eval_split,
-                                    batch_size=batch_size, console=quiet)
-            probe = None
-            if probe_ok:
-                probe = run_finetune(model, data, data, data, ev / "linear", fractions=fractions, seeds=[seed],
-                                     mode="linear", classes=classes, batch_size=batch_size, console=quiet)
-            runs[name].append({"seed": seed, "objectives": objs, "run_dir": str(run_dir),
-                               "metrics": _scalars(retrieval, zeroshot, probe)})
+            metrics = evaluate_understanding(model, run_dir / "eval", eval_path, eval_split, prompt_sets,
+                                             probe_data=data if probe_ok else None, fractions=fractions,
+                                             seed=seed, batch_size=batch_size)
+            runs[name].append({"seed": seed, "objectives": objs, "run_dir": str(run_dir), "metrics": metrics})
             del model
 
-    summary: dict[str, dict[str, Any]] = {}
-    for name, seed_runs in runs.items():
-        keys = list(dict.fromkeys(k for r in seed_runs for k in r["metrics"]))
-        summary[name] = {k: mean_std(r["metrics"].get(k) for r in seed_runs) for k in keys}
+    summary = summarize_runs(runs)
     results = {
         "task": "ablation",
         "config": str(config) if not isinstance(config, MedUnifierConfig) else base.name,
@@ -150,7 +181,7 @@ def run_ablation(
         "eval_data": str(eval_path),
         "prompts": str(prompts),
         "steps": steps,
-        "seeds": seed_list,
+        "seeds": seeds_used,
         "objective_sets": {n: objs for n, objs in sets.items()},
         "summary": summary,
         "runs": runs,
