@@ -60,7 +60,7 @@ def main() -> None:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
-            window.append(float(loss))
+            window.append(float(loss.detach()))
             if step % 25 == 0:
                 losses.append(sum(window) / len(window))
                 window = []
