@@ -184,25 +184,20 @@ class VisionEncoder(nn.Module):
         self.backbone_type = vision.backbone
         self.backbone = build_backbone(vision, image)
         cfg = self.backbone.config
+        self.image_size = image.size
         if vision.backbone == "resnet":
             self._init_resnet(cfg, image)
-            self.frozen = vision.frozen
-            if self.frozen:
-                self.backbone.requires_grad_(False)
-                self.backbone.eval()
-            self.feature_cache = FeatureCache(cache_max_bytes) if vision.cache_features else None
-            return
-        patch = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0]
-        backbone_size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
-        if image.size % patch:
-            raise ValueError(
-                f"image.size ({image.size}) is not divisible by the backbone patch size ({patch})"
-            )
-        self.hidden_size: int = cfg.hidden_size
-        self.num_patches: int = (image.size // patch) ** 2
-        self.image_size = image.size
-        # resample position embeddings when the input size differs from the backbone's own
-        self.interpolate_pos_encoding = image.size != backbone_size
+        else:
+            patch = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0]
+            backbone_size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
+            if image.size % patch:
+                raise ValueError(
+                    f"image.size ({image.size}) is not divisible by the backbone patch size ({patch})"
+                )
+            self.hidden_size: int = cfg.hidden_size
+            self.num_patches: int = (image.size // patch) ** 2
+            # resample position embeddings when the input size differs from the backbone's own
+            self.interpolate_pos_encoding = image.size != backbone_size
         self.in_channels = next(m for m in self.backbone.modules() if isinstance(m, nn.Conv2d)).in_channels
         if image.channels not in (1, self.in_channels):
             raise ValueError(
@@ -222,11 +217,7 @@ class VisionEncoder(nn.Module):
         grid = image.size // stride
         self.hidden_size = cfg.hidden_sizes[-1]
         self.num_patches = grid * grid
-        self.image_size = image.size
         self.interpolate_pos_encoding = False
-        self.in_channels = cfg.num_channels
-        if image.channels not in (1, self.in_channels):
-            raise ValueError(f"image.channels is {image.channels} but the resnet backbone takes {self.in_channels}")
         from medunifier.model.generator import sinusoidal_position_encoding_2d
 
         position = sinusoidal_position_encoding_2d(self.hidden_size, grid, grid)  # [Dv, g, g]

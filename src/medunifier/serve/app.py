@@ -309,6 +309,21 @@ def _mark_binary(node: Any) -> None:
             _mark_binary(value)
 
 
+def _comma_list(text: str, field: str, noun: str, s: ServeSettings) -> list[str]:
+    """A comma-separated form field -> its non-empty items; 422 when empty, too many, repeated or too long."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise ApiError(422, "invalid_request", f"{field}: no {noun} given")
+    if len(items) > s.max_labels:
+        raise ApiError(422, "invalid_request", f"{field}: {len(items)} {noun}s; at most {s.max_labels}")
+    if len(set(items)) != len(items):
+        raise ApiError(422, "invalid_request", f"{field}: a{'n' if noun[0] in 'aeiou' else ''} {noun} is repeated")
+    long = [x[:40] for x in items if len(x) > s.max_label_chars]
+    if long:
+        raise ApiError(422, "invalid_request", f"{field}: longer than {s.max_label_chars} characters: {long}")
+    return items
+
+
 def _clean_text(text: str, what: str) -> str:
     text = text.strip()
     if not text:
@@ -442,18 +457,7 @@ def create_app(copilot: Copilot, settings: ServeSettings | None = None) -> FastA
         ensemble: Annotated[Literal["mean", "max", "embedding"], Form()] = "mean",
     ) -> ClassifyResponse:
         """Zero-shot probabilities of each label (prompt ensembles for known findings)."""
-        names = None
-        if labels is not None:
-            names = [x.strip() for x in labels.split(",") if x.strip()]
-            if not names:
-                raise ApiError(422, "invalid_request", "labels: no label given")
-            if len(names) > s.max_labels:
-                raise ApiError(422, "invalid_request", f"labels: {len(names)} labels; at most {s.max_labels}")
-            if len(set(names)) != len(names):
-                raise ApiError(422, "invalid_request", "labels: a label is repeated")
-            long = [n[:40] for n in names if len(n) > s.max_label_chars]
-            if long:
-                raise ApiError(422, "invalid_request", f"labels: longer than {s.max_label_chars} characters: {long}")
+        names = None if labels is None else _comma_list(labels, "labels", "label", s)
         arrays = read_images(image)
         results = copilot.classify(arrays, names, ensemble=ensemble)
         items = [ClassifyItem(filename=_name(u), probabilities=r.as_dict(),
@@ -475,19 +479,7 @@ def create_app(copilot: Copilot, settings: ServeSettings | None = None) -> FastA
     ) -> AskResponse:
         """Answer a question about the image: generated, or the best-scoring of the given candidates."""
         text = _clean_text(question, "question")
-        options = None
-        if candidates is not None:
-            options = [x.strip() for x in candidates.split(",") if x.strip()]
-            if not options:
-                raise ApiError(422, "invalid_request", "candidates: no answer given")
-            if len(options) > s.max_labels:
-                raise ApiError(422, "invalid_request", f"candidates: {len(options)} answers; at most {s.max_labels}")
-            if len(set(options)) != len(options):
-                raise ApiError(422, "invalid_request", "candidates: an answer is repeated")
-            long = [o[:40] for o in options if len(o) > s.max_label_chars]
-            if long:
-                raise ApiError(422, "invalid_request",
-                               f"candidates: longer than {s.max_label_chars} characters: {long}")
+        options = None if candidates is None else _comma_list(candidates, "candidates", "answer", s)
         arr = read_image(image, s)
         result = copilot.ask(arr, text, candidates=options, max_length=max_length, num_beams=num_beams)
         items = None if result.candidates is None else [CandidateItem(**vars(c)) for c in result.candidates]
