@@ -101,6 +101,12 @@ class EncoderConfig(_Strict):
     max_position_embeddings: int = Field(512, ge=16)
     dropout: float = Field(0.1, ge=0, lt=1)
     layer_norm_eps: float = 1e-12
+    initializer_range: float = Field(
+        0.02,
+        gt=0,
+        description="std of the normal init of linear and embedding weights (BERT: 0.02); a from-scratch "
+        "encoder learns ITC faster with a larger one (docs/results.md)",
+    )
     embed_dim: int = Field(256, ge=8, description="ITC projection size")
     experts: Literal["shared", "task"] = Field(
         "shared",

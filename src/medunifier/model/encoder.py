@@ -371,7 +371,7 @@ class ImageTextEncoder(nn.Module):
         )
         self.lm_head = LMHead(config.hidden_size, vocab_size, config.layer_norm_eps)
         self.apply(self._init_weights)
-        nn.init.normal_(self.query_tokens, std=0.02)
+        nn.init.normal_(self.query_tokens, std=config.initializer_range)
         # made after the random init, without random draws: a config with experts or modalities starts
         # from the same weights as one without, for the same seed
         if config.experts == "task":
@@ -397,15 +397,15 @@ class ImageTextEncoder(nn.Module):
                 copied.append(f"{gen_name}.{name}")
         return copied
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        """BERT initialisation: normal(0, 0.02) weights, zero biases, LayerNorm (1, 0), zero padding row."""
+    def _init_weights(self, module: nn.Module) -> None:
+        """BERT initialisation: normal(0, initializer_range) weights, zero biases, LayerNorm (1, 0), zero padding row."""
+        std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=0.02)
+            nn.init.normal_(module.weight, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=0.02)
+            nn.init.normal_(module.weight, std=std)
             if module.padding_idx is not None:
                 with torch.no_grad():
                     module.weight[module.padding_idx].zero_()
