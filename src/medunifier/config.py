@@ -230,6 +230,29 @@ class StageConfig(_Strict):
         return self
 
 
+class AugmentConfig(_Strict):
+    """Random affine warps and intensity jitter applied to each training batch (off by default).
+
+    Drawn per image from the CPU RNG, whose state is checkpointed, so an augmented run resumes exactly.
+    Horizontal flips are off by default: they swap laterality ("left pleural effusion").
+    """
+
+    enabled: bool = False
+    scale: tuple[float, float] = Field((0.85, 1.0), description="fraction of the image area kept (zoom in)")
+    rotate_degrees: float = Field(5.0, ge=0, le=180)
+    translate: float = Field(0.05, ge=0, le=0.5, description="largest shift, as a fraction of the image size")
+    brightness: float = Field(0.1, ge=0, description="largest additive shift, in normalised units")
+    contrast: float = Field(0.1, ge=0, lt=1, description="contrast factor drawn from [1 - c, 1 + c]")
+    hflip: bool = False
+
+    @model_validator(mode="after")
+    def _scale_valid(self) -> AugmentConfig:
+        low, high = self.scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"train.augment.scale must satisfy 0 < low <= high <= 1, got {self.scale}")
+        return self
+
+
 class TrainConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-4, gt=0)
@@ -249,6 +272,7 @@ class TrainConfig(_Strict):
     save_every: int = Field(200, ge=1)
     keep_last: int = Field(2, ge=1)
     skip_nonfinite: bool = False
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     stages: list[StageConfig] = Field(default_factory=list)
 
     def stage_steps(self) -> list[int]:

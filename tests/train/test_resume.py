@@ -52,3 +52,22 @@ def test_resumed_run_matches_a_straight_run(tiny_manifest: Path, tmp_path: Path,
         assert {10, 20, 30, 40} <= set(val_steps)
     run = tmp_path / "split"
     assert (run / "config.yaml").exists() and (run / "loss_curves.png").stat().st_size > 1000
+
+
+def test_augmented_run_resumes_exactly(tiny_manifest: Path, tmp_path: Path, small) -> None:
+    """train.augment draws from the checkpointed CPU RNG: 8 steps straight == 4, stop, resume to 8."""
+    overrides = small("train.max_steps=8", "train.save_every=4", "train.val_every=100", "train.warmup_ratio=0.1",
+                      "train.augment.enabled=true", "train.augment.rotate_degrees=10")
+    train("tiny", tiny_manifest, tmp_path / "straight", overrides=overrides)
+    train("tiny", tiny_manifest, tmp_path / "split", max_steps=4, overrides=overrides)
+    train("tiny", tiny_manifest, tmp_path / "split", resume=True, overrides=overrides)
+    a, b = _train_losses(tmp_path / "straight"), _train_losses(tmp_path / "split")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in a:
+        for key, value in a[step].items():
+            assert abs(value - b[step][key]) <= 1e-5 * max(1.0, abs(value)), (step, key, value, b[step][key])
+
+    # and the augmentation did change what the model saw: the first loss differs from an unaugmented run
+    plain = [o for o in overrides if not o.startswith("train.augment")]
+    train("tiny", tiny_manifest, tmp_path / "plain", max_steps=1, overrides=plain)
+    assert abs(_train_losses(tmp_path / "plain")[1]["loss"] - a[1]["loss"]) > 1e-4

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from medunifier.config import ConfigError, MedUnifierConfig, load_config, save_config
+from medunifier.data.augment import augment_batch
 from medunifier.data.manifest import Record, read_manifest
 from medunifier.train.checkpoint import (
     capture_rng_state,
@@ -519,7 +520,7 @@ class Trainer:
         samples = 0
         grad_norm = None
         for micro in range(tc.grad_accum):
-            batch = self._next_batch()
+            batch = augment_batch(self._next_batch(), tc.augment)  # unchanged unless train.augment.enabled
             samples += len(batch["ids"])
             with acc.accumulate(self.model):
                 # objective-routed mixtures ("t2i:report"): this micro-batch's group decides the weights
