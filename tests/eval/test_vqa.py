@@ -210,6 +210,27 @@ def test_greedy_answer_is_the_argmax_of_the_training_layout(model, pixels) -> No
     assert logits.argmax(-1).tolist() == tokens
 
 
+@torch.no_grad()
+def test_generate_report_with_questions_continues_the_training_layout(model, pixels) -> None:
+    """generate_report(prefix_texts=...) and beam search decode after the left-padded "[DEC] q [SEP]" prefix,
+    so with one beam they give exactly the cached greedy answer of the training layout, padding or not."""
+    questions = ["What is abnormal in the left upper lobe?", "Is it normal?"]
+    expected = _greedy_answers(model, model.image_features(pixels), questions, max_length=5)
+    assert all(len(t) >= 2 for t in expected)
+    decoded = [model.tokenizer.decode(t, skip_special_tokens=True) for t in expected]
+    assert model.generate_report(pixels, num_beams=1, max_length=5, prefix_texts=questions) == decoded
+    assert model.generate_report(pixels[1:], num_beams=1, max_length=5, prefix_texts=questions[1:]) == decoded[1:]
+    ids, mask = model.question_prefixes(questions)
+    assert mask[:, -1].all() and not mask[1, 0]  # left-padded: the shorter question starts later
+    assert ids[0, 0] == model.special["dec"] and ids[0, -1] == model.special["sep"]
+    from medunifier.model.decoding import generate
+
+    with pytest.raises(ValueError, match="left-padded"):
+        generate(model.encoder, model.image_features(pixels), bos_id=model.special["dec"],
+                 eos_id=model.special["sep"], pad_id=model.special["pad"], max_length=3,
+                 prefix_ids=ids.flip(1), prefix_mask=mask.flip(1), continue_prefix=True)
+
+
 def test_answer_questions_rejects_bad_input(model, pixels) -> None:
     with pytest.raises(ValueError, match="2 images but 1 questions"):
         answer_questions(model, pixels, ["Is it?"])

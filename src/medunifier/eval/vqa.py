@@ -8,9 +8,8 @@ tokens and the closing [SEP] are scored. Greedy answers and candidate scores use
 * open answers: the prefix "[DEC] question [SEP]" is encoded once with the KV cache, the first answer token
   is read at the prefix's [SEP] and greedy decoding runs until [SEP] (`max_length` tokens at most). Text
   position ids count valid tokens, so a question padded to the batch's longest decodes like the same
-  question alone. (num_beams > 1 goes through `medunifier.model.decoding.generate`, which cannot start
-  from a prefix's last token: it decodes "[DEC] question" + a [SEP] start token, where the question does
-  not see its own [SEP]. That is close to, not exactly, the training layout; greedy is exact and the default.)
+  question alone. (num_beams > 1 goes through `medunifier.model.decoding.generate` with
+  `continue_prefix=True` on the left-padded prefix from `MedUnifier.question_prefixes`: the same layout.)
 * candidate answers: every (question, candidate) pair becomes "[DEC] question [SEP] candidate [SEP]"; one
   teacher-forced pass (in chunks of `batch_size` pairs) gives each candidate its total log-likelihood: the
   sum of log p(token) over the candidate's tokens and its closing [SEP], under the model's raw distribution
@@ -340,16 +339,16 @@ def _greedy_answers(model: Any, image_embeds: Tensor, questions: Sequence[str], 
 @torch.no_grad()
 def _beam_answers(model: Any, image_embeds: Tensor, questions: Sequence[str], max_length: int,
                   num_beams: int, modality: Tensor | None = None) -> list[list[int]]:
-    """Beam search through `decoding.generate`: "[DEC] question" prefix, [SEP] as the start token (module doc)."""
+    """Beam search through `decoding.generate`, continuing after the "[DEC] question [SEP]" prefix (module doc)."""
     from medunifier.model.decoding import generate
 
     special = model.special
-    prompts = [seq[:-1] for seq, _ in qa_sequences(model, questions)]  # drop the prefix's [SEP]
-    ids, mask = _pad(prompts, special["pad"], image_embeds.device)
-    limit = int(model.encoder.config.max_position_embeddings) - ids.shape[1] - 1
-    tokens, _ = generate(model.encoder, image_embeds, bos_id=special["sep"], eos_id=special["sep"],
+    ids, mask = model.question_prefixes(list(questions))  # left-padded "[DEC] question [SEP]"
+    ids, mask = ids.to(image_embeds.device), mask.to(image_embeds.device)
+    limit = int(model.encoder.config.max_position_embeddings) - ids.shape[1]
+    tokens, _ = generate(model.encoder, image_embeds, bos_id=special["dec"], eos_id=special["sep"],
                          pad_id=special["pad"], max_length=max(1, min(max_length, limit)), num_beams=num_beams,
-                         prefix_ids=ids, prefix_mask=mask, **_modality_kwargs(modality))
+                         prefix_ids=ids, prefix_mask=mask, continue_prefix=True, **_modality_kwargs(modality))
     return [[t for t in row if t not in (special["pad"], special["sep"])] for row in tokens.tolist()]
 
 

@@ -43,6 +43,7 @@ class _Stepper:
         batch: int,
         device: torch.device,
         modality_ids: Tensor | None = None,
+        continue_prefix: bool = False,
     ):
         self.encoder = encoder
         self.image_embeds = image_embeds
@@ -50,7 +51,14 @@ class _Stepper:
         self.use_cache = use_cache
         self.mode = "prefix" if prefix_ids is not None else "causal"
         bos = torch.full((batch, 1), bos_id, dtype=torch.long, device=device)
-        if prefix_ids is not None:
+        if prefix_ids is not None and continue_prefix:
+            # the prefix already ends where decoding starts (e.g. "[DEC] question [SEP]", the VQA training
+            # layout); left-padded, so that its last column is a real token in every row
+            if not bool(prefix_mask[:, -1].all()):
+                raise ValueError("continue_prefix needs left-padded prefix_ids (the last column real in every row)")
+            self.prompt, self.prompt_mask = prefix_ids, prefix_mask.long()  # [B, P]
+            self.prefix_lengths = torch.full((batch,), prefix_ids.shape[1], dtype=torch.long, device=device)
+        elif prefix_ids is not None:
             self.prompt = torch.cat([prefix_ids, bos], dim=1)  # [B, P + 1]
             self.prompt_mask = torch.cat([prefix_mask.long(), torch.ones_like(bos)], dim=1)
             self.prefix_lengths = torch.full((batch,), prefix_ids.shape[1], dtype=torch.long, device=device)
@@ -207,11 +215,13 @@ def greedy_decode(
     top_k: int = 0,
     generator: torch.Generator | None = None,
     modality_ids: Tensor | None = None,
+    continue_prefix: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Greedy (or, with do_sample, top-k/nucleus sampling) decoding -> (tokens [B, T], scores [B])."""
     batch, device, prefix_mask = _prepare(image_embeds, prefix_ids, prefix_mask, pad_id)
     stepper = _Stepper(
-        encoder, image_embeds, bos_id, prefix_ids, prefix_mask, use_cache, batch, device, modality_ids
+        encoder, image_embeds, bos_id, prefix_ids, prefix_mask, use_cache, batch, device, modality_ids,
+        continue_prefix,
     )
     banned = tuple({bos_id, pad_id} - {eos_id})
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -264,6 +274,7 @@ def beam_search(
     prefix_ids: Tensor | None = None,
     prefix_mask: Tensor | None = None,
     modality_ids: Tensor | None = None,
+    continue_prefix: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Beam search -> (best sequence per sample [B, T], its score [B]).
 
@@ -275,7 +286,8 @@ def beam_search(
     batch, device, prefix_mask = _prepare(image_embeds, prefix_ids, prefix_mask, pad_id)
     k = num_beams
     stepper = _Stepper(
-        encoder, image_embeds, bos_id, prefix_ids, prefix_mask, use_cache, batch, device, modality_ids
+        encoder, image_embeds, bos_id, prefix_ids, prefix_mask, use_cache, batch, device, modality_ids,
+        continue_prefix,
     )
     banned = tuple({bos_id, pad_id} - {eos_id})
     logits = stepper.start().repeat_interleave(k, 0)  # [B*K, V]: the prompt is encoded once per sample
@@ -379,6 +391,7 @@ def generate(
     prefix_ids: Tensor | None = None,
     prefix_mask: Tensor | None = None,
     modality_ids: Tensor | None = None,
+    continue_prefix: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Decode from image_embeds [B, N, Dv] (and a question prefix_ids [B, P]) -> (tokens [B, T], scores [B]).
 
@@ -387,7 +400,10 @@ def generate(
     Sampling with num_beams > 1 is refused. bos_id is the decoder start token ([DEC]), eos_id ends a sequence ([SEP]). prefix_ids are
     question tokens encoded first with the "prefix" mask (VQA); their padding is `prefix_mask == 0`
     (default: prefix_ids != pad_id). modality_ids [B] (0 = unknown) selects the encoder's modality
-    embedding per sample. The encoder is switched to eval mode for the call and restored.
+    embedding per sample. continue_prefix: decoding continues right after prefix_ids, which then must
+    be left-padded and end where the answer starts ("[DEC] question [SEP]", the VQA training layout);
+    bos is not appended (and still never generated). The encoder is switched to eval mode for the call
+    and restored.
     """
     if do_sample is None:
         do_sample = top_p is not None
@@ -419,6 +435,7 @@ def generate(
                 prefix_ids=prefix_ids,
                 prefix_mask=prefix_mask,
                 modality_ids=modality_ids,
+                continue_prefix=continue_prefix,
             )
         return greedy_decode(
             encoder,
@@ -440,6 +457,7 @@ def generate(
             top_k=top_k,
             generator=generator,
             modality_ids=modality_ids,
+            continue_prefix=continue_prefix,
         )
     finally:
         encoder.train(was_training)

@@ -487,16 +487,20 @@ class MedUnifier(nn.Module):
     ) -> list[str]:
         """Draft reports (or answers, when `prefix_texts` holds questions) for a batch of images."""
         image_embeds = self.image_features(pixel_values)
-        prefix_ids = None
+        prefix_ids = prefix_mask = None
+        max_length = max_length or self.config.text.max_length
         if prefix_texts is not None:
-            prefix_ids = self.tokenize(prefix_texts)
+            prefix_ids, prefix_mask = self.question_prefixes(prefix_texts)
+            prefix_ids, prefix_mask = prefix_ids.to(pixel_values.device), prefix_mask.to(pixel_values.device)
+            room = self.config.encoder.max_position_embeddings - prefix_ids.shape[1]
+            max_length = max(1, min(max_length, room))
         tokens, _ = generate(
             self.encoder,
             image_embeds,
             bos_id=self.special["dec"],
             eos_id=self.special["sep"],
             pad_id=self.special["pad"],
-            max_length=max_length or self.config.text.max_length,
+            max_length=max_length,
             min_length=min_length,
             num_beams=1 if top_p is not None else num_beams,  # nucleus sampling draws one sequence per image
             top_p=top_p,
@@ -506,9 +510,29 @@ class MedUnifier(nn.Module):
             length_penalty=length_penalty,
             generator=generator,
             prefix_ids=prefix_ids,
+            prefix_mask=prefix_mask,
+            continue_prefix=prefix_ids is not None,
             modality_ids=self._modality_ids(modalities, pixel_values.shape[0]),
         )
         return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+
+    def question_prefixes(self, questions: list[str]) -> tuple[Tensor, Tensor]:
+        """Left-padded "[DEC] question [SEP]" ids and mask [B, P]: the VQA training layout (and truncation),
+        after which the answer is decoded (`generate_report(prefix_texts=...)`)."""
+        from medunifier.data.dataset import Collator
+
+        collator = Collator(self.tokenizer, max_length=self.config.text.max_length)
+        prompts = []
+        for question in self.tokenizer(list(questions), add_special_tokens=False)["input_ids"]:
+            sequence, prefix_length = collator.encode_qa(question, [])
+            prompts.append([self.special["dec"], *sequence[1:prefix_length]])
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.special["pad"], dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, width - len(prompt):] = 1
+        return ids, mask
 
     def _generator_inputs(
         self,
