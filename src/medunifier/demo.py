@@ -24,15 +24,23 @@ from medunifier.config import LossWeights, MedUnifierConfig, config_from_dict, l
 console = Console()
 
 
-def _calibrate_step_seconds(config: MedUnifierConfig, losses: list[LossWeights]) -> list[float]:
-    """Seconds per training step of the model under each set of loss weights (a few real steps each)."""
+def _calibrate_step_seconds(config: MedUnifierConfig, losses: list[LossWeights],
+                            texts: list[str] | None = None) -> list[float]:
+    """Seconds per training step of the model under each set of loss weights (a few real steps each).
+
+    texts: training reports to time with (their length and variety set the cost of the text passes and of
+    ITM's hard negatives: one repeated short report timed the all-objective step at 1.67 s where the demo
+    then ran it at about 2.5 s); default one fixed report.
+    """
     from medunifier.model.medunifier import MedUnifier
 
     torch.manual_seed(0)
     model = MedUnifier(config)
     batch_size = config.train.batch_size
-    texts = ["FINDINGS: Mild cardiomegaly. Small left pleural effusion. No pneumothorax. "
-             "IMPRESSION: Cardiomegaly and a small left effusion."] * batch_size
+    if not texts:
+        texts = ["FINDINGS: Mild cardiomegaly. Small left pleural effusion. No pneumothorax. "
+                 "IMPRESSION: Cardiomegaly and a small left effusion."]
+    texts = [texts[i % len(texts)] for i in range(batch_size)]
     batch = model.tokenize(texts)
     c = config.image
     batch["pixel_values"] = torch.randn(batch_size, c.channels, c.size, c.size)
@@ -57,10 +65,16 @@ DEMO_STAGES = [("align", 0.75, LossWeights(itc=1.0, itm=0.0, itg=1.0, tig=1.0)),
                ("full", 0.25, LossWeights(itc=1.0, itm=1.0, itg=1.0, tig=1.0))]
 
 
-def demo_config(tokenizer_dir: Path, minutes: float, seed: int) -> MedUnifierConfig:
-    """The `tiny` preset with the demo's two stages, sized so that training fits in `minutes` here."""
+def demo_config(tokenizer_dir: Path, minutes: float, seed: int, manifest: Path | None = None) -> MedUnifierConfig:
+    """The `tiny` preset with the demo's two stages, sized so that training fits in `minutes` here
+    (step costs timed on the first training reports of `manifest` when given)."""
     config = load_config("tiny", [f"text.tokenizer={tokenizer_dir}", f"train.seed={seed}"])
-    seconds = _calibrate_step_seconds(config, [losses for _, _, losses in DEMO_STAGES])
+    texts = None
+    if manifest is not None:
+        from medunifier.data.manifest import load_records
+
+        texts = [r.text for r in load_records(manifest, splits=["train"]) if r.text][: config.train.batch_size]
+    seconds = _calibrate_step_seconds(config, [losses for _, _, losses in DEMO_STAGES], texts)
     per_step = sum(fraction * s for (_, fraction, _), s in zip(DEMO_STAGES, seconds))
     steps = max(50, int(minutes * 60 / per_step))
     console.print("measured " + ", ".join(f"{name} {s:.2f} s/step" for (name, _, _), s in zip(DEMO_STAGES, seconds))
@@ -112,7 +126,7 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 10.0, n_images: int
         config = load_config(run_dir / "config.yaml")
         console.print(f"resuming the run in {run_dir} ({config.train.max_steps} steps)")
     else:
-        config = demo_config(tokenizer_dir, minutes, seed)
+        config = demo_config(tokenizer_dir, minutes, seed, data_dir / "manifest.jsonl")
     start = time.perf_counter()
     result = train(config, data_dir / "manifest.jsonl", run_dir, resume=resume)
     timings["train_s"] = time.perf_counter() - start
