@@ -59,10 +59,12 @@ def _calibrate_step_seconds(config: MedUnifierConfig, losses: list[LossWeights],
     return seconds
 
 
-# The demo's curriculum: ITM's three bidirectional passes cost more than half of a step, so the first
-# stage aligns and grounds with ITC, ITG and TIG and the last quarter adds ITM (all four objectives).
-DEMO_STAGES = [("align", 0.75, LossWeights(itc=1.0, itm=0.0, itg=1.0, tig=1.0)),
-               ("full", 0.25, LossWeights(itc=1.0, itm=1.0, itg=1.0, tig=1.0))]
+# The demo's curriculum: ITM's three bidirectional passes cost more than half of a step, and in a
+# 10-minute budget ITM stays at chance while its arrival sets ITC back, so the first stage aligns and
+# grounds with ITC, ITG and TIG and only the last tenth adds ITM (all four objectives). Measured against
+# 75/25 the figures are level within one run's noise (docs/results.md, "Demo").
+DEMO_STAGES = [("align", 0.9, LossWeights(itc=1.0, itm=0.0, itg=1.0, tig=1.0)),
+               ("full", 0.1, LossWeights(itc=1.0, itm=1.0, itg=1.0, tig=1.0))]
 
 
 def demo_config(tokenizer_dir: Path, minutes: float, seed: int, manifest: Path | None = None) -> MedUnifierConfig:
