@@ -28,25 +28,25 @@ def test_initializer_range_sets_the_weight_std(std: float) -> None:
     assert torch.all(encoder.embeddings.word_embeddings.weight[0] == 0)  # the padding row
 
 
-def _query_outputs(overrides: list[str], pixel_values: torch.Tensor, seed: int, dropout: bool) -> torch.Tensor:
+def _image_signal_and_noise(overrides: list[str]) -> tuple[float, float]:
+    """Spread of the query outputs across images (no dropout), and between two passes over the same images
+    with different dropout draws. The ResNet's BatchNorm uses batch statistics, as in training."""
     from medunifier.model.medunifier import MedUnifier
 
     torch.manual_seed(0)
     model = MedUnifier(load_config("tiny", overrides))
-    model.train()  # the ResNet's BatchNorm on batch statistics, as in training
-    model.encoder.train(dropout)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        return model.query_states(model.image_features(pixel_values))  # [B, Q, H]
-
-
-def _image_signal_and_noise(overrides: list[str]) -> tuple[float, float]:
-    """Spread of the query outputs across images, and between two passes over the same images (dropout)."""
+    model.train()
     torch.manual_seed(1)
     pixels = torch.rand(8, 1, 64, 64) * 2 - 1
-    signal = _query_outputs(overrides, pixels, seed=2, dropout=False).std(dim=0).mean().item()
-    first = _query_outputs(overrides, pixels, seed=2, dropout=True)
-    second = _query_outputs(overrides, pixels, seed=3, dropout=True)
+    with torch.no_grad():
+        features = model.image_features(pixels)
+        model.encoder.eval()
+        signal = model.query_states(features).std(dim=0).mean().item()
+        model.encoder.train()
+        torch.manual_seed(2)
+        first = model.query_states(features)
+        torch.manual_seed(3)
+        second = model.query_states(features)
     return signal, (first - second).std().item()
 
 
