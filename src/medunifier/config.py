@@ -107,6 +107,11 @@ class EncoderConfig(_Strict):
         description="std of the normal init of linear and embedding weights (BERT: 0.02); a from-scratch "
         "encoder learns ITC faster with a larger one (docs/results.md)",
     )
+    norm_position: Literal["post", "pre"] = Field(
+        "post",
+        description="'post': BERT's LN(x + f(x)), needed to load a BERT checkpoint; 'pre': x + f(LN(x)) with a "
+        "final LayerNorm, which a from-scratch encoder trains much faster with (docs/results.md)",
+    )
     embed_dim: int = Field(256, ge=8, description="ITC projection size")
     experts: Literal["shared", "task"] = Field(
         "shared",
@@ -128,6 +133,8 @@ class EncoderConfig(_Strict):
             raise ValueError(
                 f"encoder.hidden_size ({self.hidden_size}) must be divisible by encoder.num_heads ({self.num_heads})"
             )
+        if self.pretrained and self.norm_position != "post":
+            raise ValueError("encoder.pretrained loads a BERT checkpoint, which needs encoder.norm_position: post")
         if self.expert_attention and self.experts != "task":
             raise ValueError("encoder.expert_attention needs encoder.experts: task")
         names = [m.strip().lower() for m in self.modalities]
@@ -264,7 +271,9 @@ class TrainConfig(_Strict):
     max_steps: int = Field(1000, ge=1)
     grad_accum: int = Field(1, ge=1)
     grad_clip: float | None = Field(1.0, gt=0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = Field(
+        "no", description="'auto': bf16 where the device computes it natively (a recent CPU or GPU), else float32"
+    )
     seed: int = 0
     num_workers: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
@@ -317,6 +326,12 @@ class MedUnifierConfig(_Strict):
     losses: LossWeights = Field(default_factory=LossWeights)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     itc_temperature: float = Field(0.07, gt=0)
+    itm_negatives: Literal["exact", "findings"] = Field(
+        "exact",
+        description="which texts may not be an ITM hard negative besides the positive: 'exact' = identical "
+        "token ids (the paper); 'findings' = also any report with the same finding labels (reports that say "
+        "the same thing in other words, e.g. two normal studies)",
+    )
     train: TrainConfig = Field(default_factory=TrainConfig)
     prior: PriorConfigModel = Field(default_factory=PriorConfigModel)
 

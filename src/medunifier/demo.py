@@ -33,6 +33,7 @@ def _calibrate_step_seconds(config: MedUnifierConfig, losses: list[LossWeights],
     then ran it at about 2.5 s); default one fixed report.
     """
     from medunifier.model.medunifier import MedUnifier
+    from medunifier.train.precision import autocast
 
     torch.manual_seed(0)
     model = MedUnifier(config)
@@ -51,7 +52,9 @@ def _calibrate_step_seconds(config: MedUnifierConfig, losses: list[LossWeights],
         times = []
         for _ in range(4):
             start = time.perf_counter()
-            model(batch, loss_weights=weights).loss.backward()
+            with autocast(config.train.mixed_precision):  # the precision the run will train in
+                loss = model(batch, loss_weights=weights).loss
+            loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - start)

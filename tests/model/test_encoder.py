@@ -31,9 +31,10 @@ def make_encoder(num_layers: int = 3, freq: int = 2, **kw) -> ImageTextEncoder:
     return ImageTextEncoder(cfg, vocab_size=VOCAB, vision_width=VISION_WIDTH, pad_token_id=0).eval()
 
 
-@pytest.fixture(scope="module")
-def encoder() -> ImageTextEncoder:
-    return make_encoder()
+@pytest.fixture(scope="module", params=["post", "pre"])
+def encoder(request) -> ImageTextEncoder:
+    """Every mask, padding and cache property must hold for BERT's post-LN and for pre-LN layers."""
+    return make_encoder(norm_position=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -385,3 +386,17 @@ def test_size_mismatch_and_pickle_are_refused(minilm, tmp_path):
     (folder / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(ValueError, match="pickle"):
         load_bert_weights(make_encoder(), folder)
+
+
+def test_pre_norm_layout_and_bert_checkpoints_need_post_norm():
+    pre, post = make_encoder(norm_position="pre"), make_encoder()
+    assert pre.final_norm is not None and post.final_norm is None
+    # same parameters apart from the final LayerNorm, so the layouts differ only in where LN sits
+    extra = set(dict(pre.named_parameters())) - set(dict(post.named_parameters()))
+    assert extra == {"final_norm.weight", "final_norm.bias"}
+    x = torch.randn(2, 5, 32)
+    ffn = pre.layers[0].text_ffn
+    expected = x + ffn.down(torch.nn.functional.gelu(ffn.up(ffn.norm(x))))
+    assert diff(ffn(x), expected) < 1e-6
+    with pytest.raises(ValueError, match="norm_position: post"):
+        EncoderConfig(pretrained="minilm", norm_position="pre")

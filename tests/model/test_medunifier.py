@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import medunifier.model.medunifier as medunifier_module
 from medunifier.config import LossWeights, load_config
-from medunifier.model.medunifier import MedUnifier, itc_similarity, sample_hard_negatives
+from medunifier.model.medunifier import MedUnifier, itc_similarity, same_findings, sample_hard_negatives
 from shrunk_config import SMALL_MODEL
 
 SMALL = [*SMALL_MODEL, "encoder.dropout=0.0"]
@@ -117,6 +118,29 @@ def test_itc_matches_reference_loops() -> None:
     assert torch.allclose(sim_t2i, expected.t(), atol=1e-5)
 
 
+def test_itc_logits_stay_float32_under_bf16_autocast() -> None:
+    image = F.normalize(torch.randn(3, 5, 8), dim=-1)
+    text = F.normalize(torch.randn(4, 8), dim=-1)
+    reference, _ = itc_similarity(image, text, 0.07)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sim, _ = itc_similarity(image, text, 0.07)
+    assert sim.dtype == torch.float32 and torch.equal(sim, reference)
+
+
+def test_bf16_autocast_training_step_is_finite_and_keeps_fp32_codebooks() -> None:
+    model = small_model()
+    batch = make_batch(model)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch)
+    out.loss.backward()
+    assert all(torch.isfinite(v).all() for v in out.losses.values())
+    assert set(out.losses) >= {"itc", "itm", "itg", "tig"}
+    codebook = model.generator.quantizer_top._codebook.embed
+    assert codebook.dtype == torch.float32 and torch.isfinite(codebook).all()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_hard_negatives_never_positive_or_duplicate() -> None:
     torch.manual_seed(0)
     sim = torch.randn(6, 6) * 5
@@ -133,6 +157,34 @@ def test_hard_negatives_never_positive_or_duplicate() -> None:
     best = sim_allowed.argmax(1)
     mode = torch.mode(draws, dim=0).values
     assert (mode == best).float().mean() >= 0.8
+
+
+def test_same_findings_matches_label_vectors_and_ignores_unlabelled() -> None:
+    labels = torch.tensor([[1, 0, 0], [1, 0, 0], [0, 1, -1], [-1, -1, -1], [-1, -1, -1]], dtype=torch.float)
+    same = same_findings(labels, labels)
+    assert same[0, 1] and same[1, 0] and same[2, 2]
+    assert not same[0, 2] and not same[1, 2]
+    assert not same[3].any() and not same[:, 4].any()  # no known label: never a duplicate by labels
+
+
+@pytest.mark.parametrize("rule", ["exact", "findings"])
+def test_itm_negatives_rule_decides_which_reports_are_forbidden(monkeypatch: pytest.MonkeyPatch, rule: str) -> None:
+    model = small_model(f"itm_negatives={rule}", "losses.itc=0", "losses.itg=0", "losses.tig=0")
+    batch = make_batch(model, n=4)  # four different reports
+    batch["labels"] = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 0]], dtype=torch.float)  # 0 and 1 say the same
+    seen = []
+
+    def spy(sim, forbidden, generator=None):
+        seen.append(forbidden.clone())
+        return sample_hard_negatives(sim, forbidden, generator)
+
+    monkeypatch.setattr(medunifier_module, "sample_hard_negatives", spy)
+    model(batch)
+    assert len(seen) == 2  # a text per image, an image per text
+    for forbidden in seen:
+        assert forbidden.diagonal().all()
+        assert bool(forbidden[0, 1]) == bool(forbidden[1, 0]) == (rule == "findings")
+        assert not forbidden[0, 2] and not forbidden[2, 3]
 
 
 def test_hard_negative_fallback_when_everything_is_a_duplicate() -> None:

@@ -1,6 +1,7 @@
 """Image-text encoder E_Q: a compact BERT-style Q-Former on `F.scaled_dot_product_attention`.
 
-One stack of post-LN BERT layers processes learnable query tokens and text tokens together; the
+One stack of BERT layers (post-LN as in BERT; `encoder.norm_position: pre` gives pre-LN residuals and a
+final LayerNorm, for encoders trained from scratch) processes learnable query tokens and text tokens together; the
 attention mask decides who sees whom, which is how one set of weights serves every objective:
 
     mode            positions        who attends to what                              used by
@@ -204,11 +205,18 @@ class Embeddings(nn.Module):
         return self.dropout(self.layer_norm(x))
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with BERT's post-LN residual: LN(x + dropout(W_o attn(x)))."""
+def _residual(x: Tensor, branch: Tensor, norm: nn.LayerNorm, pre_norm: bool) -> Tensor:
+    """Post-LN LN(x + branch) (BERT), or pre-LN x + branch (the branch already read LN(x))."""
+    return x + branch if pre_norm else norm(x + branch)
 
-    def __init__(self, hidden: int, heads: int, dropout: float, eps: float):
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with BERT's post-LN residual LN(x + dropout(W_o attn(x))), or the pre-LN
+    x + dropout(W_o attn(LN(x))) when `pre_norm`."""
+
+    def __init__(self, hidden: int, heads: int, dropout: float, eps: float, pre_norm: bool = False):
         super().__init__()
+        self.pre_norm = pre_norm
         self.heads, self.head_dim = heads, hidden // heads
         self.qkv = nn.Linear(hidden, 3 * hidden)  # BERT's query, key, value stacked
         self.out = nn.Linear(hidden, hidden)
@@ -220,7 +228,8 @@ class SelfAttention(nn.Module):
         self, x: Tensor, mask: Tensor | None, past: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         b, s, h = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, h, S, d]
+        inputs = self.norm(x) if self.pre_norm else x
+        q, k, v = self.qkv(inputs).view(b, s, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, h, S, d]
         if past is not None:
             k = torch.cat([past[0], k], dim=2)  # [B, h, P + S, d]
             v = torch.cat([past[1], v], dim=2)
@@ -228,14 +237,15 @@ class SelfAttention(nn.Module):
             q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0
         )
         a = a.transpose(1, 2).reshape(b, s, h)
-        return self.norm(x + self.dropout(self.out(a))), (k, v)
+        return _residual(x, self.dropout(self.out(a)), self.norm, self.pre_norm), (k, v)
 
 
 class CrossAttention(nn.Module):
-    """Queries attend to the vision features f_v (all of them valid), post-LN residual."""
+    """Queries attend to the vision features f_v (all of them valid), post-LN (or pre-LN) residual."""
 
-    def __init__(self, hidden: int, heads: int, vision_width: int, dropout: float, eps: float):
+    def __init__(self, hidden: int, heads: int, vision_width: int, dropout: float, eps: float, pre_norm: bool = False):
         super().__init__()
+        self.pre_norm = pre_norm
         self.heads, self.head_dim = heads, hidden // heads
         self.query = nn.Linear(hidden, hidden)
         self.key_value = nn.Linear(vision_width, 2 * hidden)
@@ -247,25 +257,28 @@ class CrossAttention(nn.Module):
     def forward(self, x: Tensor, image_embeds: Tensor) -> Tensor:
         b, s, h = x.shape
         n = image_embeds.shape[1]
-        q = self.query(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # [B, h, Q, d]
+        inputs = self.norm(x) if self.pre_norm else x
+        q = self.query(inputs).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # [B, h, Q, d]
         k, v = self.key_value(image_embeds).view(b, n, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
         a = a.transpose(1, 2).reshape(b, s, h)
-        return self.norm(x + self.dropout(self.out(a)))
+        return _residual(x, self.dropout(self.out(a)), self.norm, self.pre_norm)
 
 
 class FeedForward(nn.Module):
-    """BERT feed-forward: LN(x + dropout(W_2 gelu(W_1 x)))."""
+    """BERT feed-forward: LN(x + dropout(W_2 gelu(W_1 x))), or x + dropout(W_2 gelu(W_1 LN(x))) when `pre_norm`."""
 
-    def __init__(self, hidden: int, intermediate: int, dropout: float, eps: float):
+    def __init__(self, hidden: int, intermediate: int, dropout: float, eps: float, pre_norm: bool = False):
         super().__init__()
+        self.pre_norm = pre_norm
         self.up = nn.Linear(hidden, intermediate)
         self.down = nn.Linear(intermediate, hidden)
         self.norm = nn.LayerNorm(hidden, eps=eps)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(x + self.dropout(self.down(F.gelu(self.up(x)))))
+        inputs = self.norm(x) if self.pre_norm else x
+        return _residual(x, self.dropout(self.down(F.gelu(self.up(inputs)))), self.norm, self.pre_norm)
 
 
 class EncoderLayer(nn.Module):
@@ -277,12 +290,13 @@ class EncoderLayer(nn.Module):
     def __init__(self, config: EncoderConfig, vision_width: int, has_cross_attention: bool):
         super().__init__()
         h, eps, p = config.hidden_size, config.layer_norm_eps, config.dropout
-        self.self_attention = SelfAttention(h, config.num_heads, p, eps)
+        pre = config.norm_position == "pre"
+        self.self_attention = SelfAttention(h, config.num_heads, p, eps, pre)
         self.cross_attention = (
-            CrossAttention(h, config.num_heads, vision_width, p, eps) if has_cross_attention else None
+            CrossAttention(h, config.num_heads, vision_width, p, eps, pre) if has_cross_attention else None
         )
-        self.text_ffn = FeedForward(h, config.intermediate_size, p, eps)
-        self.query_ffn = FeedForward(h, config.intermediate_size, p, eps)
+        self.text_ffn = FeedForward(h, config.intermediate_size, p, eps, pre)
+        self.query_ffn = FeedForward(h, config.intermediate_size, p, eps, pre)
         self.gen_self_attention: SelfAttention | None = None
         self.gen_text_ffn: FeedForward | None = None
         self.gen_query_ffn: FeedForward | None = None
@@ -368,6 +382,10 @@ class ImageTextEncoder(nn.Module):
         self.layers = nn.ModuleList(
             EncoderLayer(config, vision_width, has_cross_attention=i % config.cross_attention_freq == 0)
             for i in range(config.num_layers)
+        )
+        # pre-LN leaves the residual stream unnormalised: one LayerNorm on the last layer's output
+        self.final_norm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.norm_position == "pre" else None
         )
         self.lm_head = LMHead(config.hidden_size, vocab_size, config.layer_norm_eps)
         self.apply(self._init_weights)
@@ -514,6 +532,8 @@ class ImageTextEncoder(nn.Module):
             if use_cache:
                 new_keys.append(k)
                 new_values.append(v)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
 
         cache = None
         if use_cache:

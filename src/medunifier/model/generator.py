@@ -293,7 +293,10 @@ class TextGroundedGenerator(nn.Module):
     def _quantize(self, quantizer: VectorQuantize, latents: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """latents [B, D, h, w] -> (quantised [B, D, h, w], codes [B, h, w], beta * commitment)."""
         update_codebook = self.training and torch.is_grad_enabled()
-        quantized, codes, loss = quantizer(latents, freeze_codebook=not update_codebook)
+        # the quantiser (code search, EMA update, VQ losses) runs in float32 under any autocast: the library
+        # turns off CUDA autocast only, and CPU bf16 autocast would otherwise reach its matrix products
+        with torch.autocast(device_type=latents.device.type, enabled=False):
+            quantized, codes, loss = quantizer(latents.float(), freeze_codebook=not update_codebook)
         if not self.training:  # the library only reports the commitment loss in train mode
             loss = self.commitment_weight * F.mse_loss(latents, quantized.detach())
         return quantized, codes, loss

@@ -85,7 +85,8 @@ def itc_similarity(image_feats: Tensor, text_feats: Tensor, temperature: Tensor 
     image_feats [Bi, Q, E] and text_feats [Bt, E], both L2-normalised.
     Returns (sim_i2t [Bi, Bt], sim_t2i [Bt, Bi]), already divided by the temperature.
     """
-    sim = torch.einsum("iqe,te->itq", image_feats, text_feats).amax(dim=-1)  # [Bi, Bt]
+    with torch.autocast(device_type=image_feats.device.type, enabled=False):  # logits in float32 under autocast
+        sim = torch.einsum("iqe,te->itq", image_feats.float(), text_feats.float()).amax(dim=-1)  # [Bi, Bt]
     sim = sim / temperature
     return sim, sim.t()
 
@@ -105,6 +106,17 @@ def sample_hard_negatives(sim: Tensor, forbidden: Tensor, generator: torch.Gener
         fallback[none_left] = 1.0
         weights[empty] = fallback
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def same_findings(labels: Tensor, all_labels: Tensor) -> Tensor:
+    """[B, N] bool: True where two samples' finding labels [B, F] / [N, F] are identical.
+
+    Labels are 1 present, 0 absent, -1 unknown; a sample with no known label matches nothing, so
+    unlabelled data keeps the exact-duplicate rule only.
+    """
+    same = labels[:, None, :].eq(all_labels[None, :, :]).all(-1)
+    known = (labels >= 0).any(-1)[:, None] & (all_labels >= 0).any(-1)[None, :]
+    return same & known
 
 
 def _string_keys(ids: list[str], device: torch.device) -> Tensor:
@@ -359,6 +371,8 @@ class MedUnifier(nn.Module):
         same_text = input_ids[:, None, :].eq(all_ids[None, :, :]).all(-1)
         same_image = image_keys[:, None].eq(all_image_keys[None, :])
         forbidden = same_text | same_image
+        if self.config.itm_negatives == "findings" and batch.get("labels") is not None:
+            forbidden |= same_findings(batch["labels"].to(device), gather_no_grad(batch["labels"].to(device)))
         forbidden[torch.arange(bsz, device=device), local_index] = True
         with torch.no_grad():
             neg_text_idx = sample_hard_negatives(sim_i2t.detach(), forbidden)  # a text for each local image

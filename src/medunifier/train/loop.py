@@ -50,6 +50,7 @@ from medunifier.train.checkpoint import (
 from medunifier.train.curriculum import Stage, resolve_stages, stage_at, total_steps, validate_stages
 from medunifier.train.metrics import MetricsLogger, plot_loss_curves, truncate_metrics
 from medunifier.train.optim import WarmupCosineSchedule, build_optimizer
+from medunifier.train.precision import resolve_mixed_precision
 
 SHARD_INDEX = "shards.json"
 MAX_VAL_BATCHES = 50  # validation reads at most this many batches per process
@@ -293,10 +294,11 @@ class Trainer:
         self.config, self.source, self.run_dir, self.stages = config, source, run_dir, stages
         self.tc = config.train
         self.stop_at = max_steps
+        self.precision = resolve_mixed_precision(self.tc.mixed_precision)
         # unused parameters are normal: a zero loss weight skips an objective, a stage freezes modules
         self.accelerator = Accelerator(
             cpu=_cpu_only_multiprocess(),
-            mixed_precision=self.tc.mixed_precision,
+            mixed_precision=self.precision,
             gradient_accumulation_steps=self.tc.grad_accum,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
@@ -540,7 +542,7 @@ class Trainer:
                     max_norm = tc.grad_clip if tc.grad_clip is not None else float("inf")
                     grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
                     if (grad_norm is not None and not torch.isfinite(grad_norm)
-                            and tc.mixed_precision != "fp16"):  # fp16 overflows are the grad scaler's job
+                            and self.precision != "fp16"):  # fp16 overflows are the grad scaler's job
                         self.unwrapped.zero_grad(set_to_none=True)
                         return {"finite": False, "ids": batch["ids"], "losses": _floats(values),
                                 "micro": micro, "samples": samples, "grad_norm": float(grad_norm)}
