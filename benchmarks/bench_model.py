@@ -48,7 +48,9 @@ def sync(device: torch.device) -> None:
 
 def preset_sizes(name: str) -> tuple[EncoderConfig, int, int, int]:
     cfg = load_config(name)
-    return cfg.encoder, cfg.vision.hidden_size, cfg.num_patches + 1, cfg.text.max_length
+    # the reference is BERT-layout (post-LN): compare the same function whatever the preset trains with
+    encoder = cfg.encoder.model_copy(update={"norm_position": "post"})
+    return encoder, cfg.vision.hidden_size, cfg.num_patches + 1, cfg.text.max_length
 
 
 def reference_qformer(enc_cfg: EncoderConfig, vision_width: int) -> transformers.Blip2QFormerModel:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 OBJECTIVES = ("itc", "itm", "itg", "tig")
@@ -274,6 +274,12 @@ class TrainConfig(_Strict):
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = Field(
         "no", description="'auto': bf16 where the device computes it natively (a recent CPU or GPU), else float32"
     )
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: object) -> object:
+        """YAML reads an unquoted `no` (in a file or as `train.mixed_precision=no`) as false."""
+        return "no" if value is False else value
     seed: int = 0
     num_workers: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)

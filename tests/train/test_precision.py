@@ -33,5 +33,6 @@ def test_explicit_settings_pass_through(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_config_takes_auto_and_refuses_unknown_precisions() -> None:
     assert load_config("tiny", ["train.mixed_precision=auto"]).train.mixed_precision == "auto"
+    assert load_config("tiny", ["train.mixed_precision=no"]).train.mixed_precision == "no"  # YAML's false
     with pytest.raises(ConfigError, match="mixed_precision"):
         load_config("tiny", ["train.mixed_precision=fp8"])
