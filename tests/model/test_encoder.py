@@ -403,13 +403,13 @@ def test_pre_norm_layout_and_bert_checkpoints_need_post_norm():
 
 
 def test_cpu_attention_core_runs_in_float32_under_bf16():
-    from medunifier.model.encoder import attention
+    from medunifier.model.encoder import attention_core
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 6, 8, generator=g).bfloat16().requires_grad_() for _ in range(3))
     mask = torch.zeros(2, 1, 6, 6).masked_fill_(torch.rand(2, 1, 6, 6, generator=g) < 0.3, float("-inf"))
     mask[..., 0] = 0.0  # every row keeps one key
-    out = attention(q, k, v, mask, 0.0)
+    out = attention_core(q, k, v, mask, 0.0)
     reference = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
     assert out.dtype == torch.bfloat16 and torch.equal(out, reference.bfloat16())
     out.float().sum().backward()

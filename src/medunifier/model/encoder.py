@@ -205,12 +205,11 @@ class Embeddings(nn.Module):
         return self.dropout(self.layer_norm(x))
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float) -> Tensor:
+def attention_core(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float) -> Tensor:
     """scaled_dot_product_attention; on a CPU under bf16/fp16 autocast the attention core runs in float32.
 
-    The CPU's reduced-precision flash-attention backward is about twice as slow as its float32 one (measured
-    here: a bf16 `tiny` step of ITC, ITG and TIG takes 1.0 s with it and 0.83 s without), while the
-    projections around it gain from bf16.
+    The CPU's reduced-precision flash-attention backward is slower than its float32 one, while the
+    projections around it gain from bf16 (`benchmarks/bench_precision.py`; docs/results.md).
     """
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
         with torch.autocast(device_type="cpu", enabled=False):
@@ -249,7 +248,7 @@ class SelfAttention(nn.Module):
         if past is not None:
             k = torch.cat([past[0], k], dim=2)  # [B, h, P + S, d]
             v = torch.cat([past[1], v], dim=2)
-        a = attention(q, k, v, mask, self.attn_dropout if self.training else 0.0)
+        a = attention_core(q, k, v, mask, self.attn_dropout if self.training else 0.0)
         a = a.transpose(1, 2).reshape(b, s, h)
         return _residual(x, self.dropout(self.out(a)), self.norm, self.pre_norm), (k, v)
 
@@ -274,7 +273,7 @@ class CrossAttention(nn.Module):
         inputs = self.norm(x) if self.pre_norm else x
         q = self.query(inputs).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # [B, h, Q, d]
         k, v = self.key_value(image_embeds).view(b, n, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        a = attention(q, k, v, None, self.attn_dropout if self.training else 0.0)
+        a = attention_core(q, k, v, None, self.attn_dropout if self.training else 0.0)
         a = a.transpose(1, 2).reshape(b, s, h)
         return _residual(x, self.dropout(self.out(a)), self.norm, self.pre_norm)
 

@@ -1,0 +1,75 @@
+"""Training-step time of the `tiny` preset in float32, in bf16 autocast, and in bf16 with a bf16 attention core.
+
+    python benchmarks/bench_precision.py --data DIR/manifest.jsonl [--threads 2] [--repeats 5] [overrides ...]
+
+One fixed batch of real SynthCXR pairs (the manifest's `tokenizer/` folder is used when present); forward,
+backward and an AdamW step per repeat; the median after one warm-up repeat. `train.mixed_precision: auto`
+trains in bf16 where the CPU has AVX512-BF16 or AMX, and the encoder runs the CPU attention core in float32
+under bf16 (`model.encoder.attention_core`); the third column shows what that saves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from medunifier.config import LossWeights, load_config
+from medunifier.model import encoder as encoder_module
+from medunifier.model.medunifier import MedUnifier
+from medunifier.train.overfit import fixed_batch
+from medunifier.train.precision import native_bf16
+
+STEPS = {"align (ITC+ITG+TIG)": LossWeights(itc=1, itm=0, itg=1, tig=1),
+         "all four": LossWeights(itc=1, itm=1, itg=1, tig=1)}
+
+
+def bf16_attention(q, k, v, mask, dropout_p):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    overrides = list(args.overrides)
+    tokenizer = args.data.parent / "tokenizer"
+    if tokenizer.is_dir() and not any(o.startswith("text.tokenizer=") for o in overrides):
+        overrides.insert(0, f"text.tokenizer={tokenizer}")
+    config = load_config("tiny", overrides)
+    torch.manual_seed(0)
+    model = MedUnifier(config).train()
+    batch = fixed_batch(config, args.data, config.train.batch_size, model.tokenizer)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    float32_attention = encoder_module.attention_core
+    print(f"native bf16 on this CPU: {native_bf16('cpu')}; batch {config.train.batch_size}, "
+          f"{args.threads} threads; seconds per step (median of {args.repeats - 1})")
+    print(f"{'step':22s} {'float32':>8s} {'bf16':>8s} {'bf16 + bf16 attention':>22s}")
+    for name, weights in STEPS.items():
+        row = []
+        for amp, attention in ((False, float32_attention), (True, float32_attention), (True, bf16_attention)):
+            encoder_module.attention_core = attention
+            times = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                    loss = model(batch, loss_weights=weights).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                times.append(time.perf_counter() - start)
+            row.append(statistics.median(times[1:]))
+        encoder_module.attention_core = float32_attention
+        print(f"{name:22s} {row[0]:8.3f} {row[1]:8.3f} {row[2]:22.3f}")
+
+
+if __name__ == "__main__":
+    main()
