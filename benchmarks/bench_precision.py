@@ -50,6 +50,13 @@ def main() -> None:
     batch = fixed_batch(config, args.data, config.train.batch_size, model.tokenizer)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     float32_attention = encoder_module.attention_core
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        a @ b
+        start = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        print(f"2048x2048 matmul, {str(dtype).split('.')[1]}: {10 * 2 * 2048**3 / (time.perf_counter() - start) / 1e9:.0f} GFLOP/s")
     print(f"native bf16 on this CPU: {native_bf16('cpu')}; batch {config.train.batch_size}, "
           f"{args.threads} threads; seconds per step (median of {args.repeats - 1})")
     print(f"{'step':22s} {'float32':>8s} {'bf16':>8s} {'bf16 + bf16 attention':>22s}")

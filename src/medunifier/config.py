@@ -274,12 +274,6 @@ class TrainConfig(_Strict):
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = Field(
         "no", description="'auto': bf16 where the device computes it natively (a recent CPU or GPU), else float32"
     )
-
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _yaml_no(cls, value: object) -> object:
-        """YAML reads an unquoted `no` (in a file or as `train.mixed_precision=no`) as false."""
-        return "no" if value is False else value
     seed: int = 0
     num_workers: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
@@ -320,6 +314,12 @@ class TrainConfig(_Strict):
                     raise ValueError(f"train.stages: stage '{stage.name}' gets {steps} of train.max_steps="
                                      f"{self.max_steps} steps: raise train.max_steps")
         return self
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: object) -> object:
+        """YAML reads an unquoted `no` (in a file or as `train.mixed_precision=no`) as false."""
+        return "no" if value is False else value
 
 
 class MedUnifierConfig(_Strict):

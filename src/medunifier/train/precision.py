@@ -1,8 +1,8 @@
 """Which mixed precision a run uses: `train.mixed_precision` "auto" picks bf16 where the hardware does it natively.
 
-On a CPU with AVX512-BF16 or AMX, bf16 matrix products run about 2.6x faster than float32 (measured on the
-development machine: 330 against 129 GFLOP/s on 2 cores), and a `tiny` training step about 1.4x faster; on
-a CPU without them bf16 is emulated and slower than float32, so "auto" keeps float32 there.
+On a CPU with AVX512-BF16 or AMX, bf16 matrix products and a `tiny` training step run well faster than in
+float32 (`benchmarks/bench_precision.py`, docs/results.md); on a CPU without them bf16 is emulated and slower
+than float32, so "auto" keeps float32 there.
 """
 
 from __future__ import annotations
