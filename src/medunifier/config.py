@@ -338,6 +338,12 @@ class MedUnifierConfig(_Strict):
         "token ids (the paper); 'findings' = also any report with the same finding labels (reports that say "
         "the same thing in other words, e.g. two normal studies)",
     )
+    itc_targets: Literal["exact", "findings"] = Field(
+        "exact",
+        description="ITC targets: 'exact' = only the paired text is a positive (the paper); 'findings' = the "
+        "target spreads evenly over every text in the global batch with the same finding labels or the same "
+        "token ids (MedCLIP-style semantic positives; unlabelled samples keep the exact target)",
+    )
     train: TrainConfig = Field(default_factory=TrainConfig)
     prior: PriorConfigModel = Field(default_factory=PriorConfigModel)
 

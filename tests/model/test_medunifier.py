@@ -185,6 +185,33 @@ def test_itm_negatives_rule_decides_which_reports_are_forbidden(monkeypatch: pyt
         assert not forbidden[0, 2] and not forbidden[2, 3]
 
 
+def test_itc_findings_targets_spread_over_same_finding_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = small_model("itc_targets=findings", "losses.itm=0", "losses.itg=0", "losses.tig=0")
+    batch = make_batch(model, n=4)  # four different reports
+    batch["labels"] = torch.tensor([[1, 0], [1, 0], [0, 1], [-1, -1]], dtype=torch.float)  # 0 and 1 agree
+    sims = []
+
+    def spy(image_feats, text_feats, temperature):
+        out = itc_similarity(image_feats, text_feats, temperature)
+        sims.append(out)
+        return out
+
+    monkeypatch.setattr(medunifier_module, "itc_similarity", spy)
+    loss = model(batch).losses["itc"]
+    sim_i2t, sim_t2i = sims[0][0].detach(), sims[1][1].detach()
+    target = torch.tensor([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    expected = 0.5 * (
+        -(target * sim_i2t.log_softmax(1)).sum(1).mean() - (target * sim_t2i.log_softmax(1)).sum(1).mean()
+    )
+    assert torch.allclose(loss.detach(), expected, atol=1e-5)
+    model.config.itc_targets = "exact"
+    exact = model(batch).losses["itc"]
+    assert not torch.allclose(exact.detach(), loss.detach(), atol=1e-4)  # the rule changes the loss
+    batch["labels"] = torch.tensor([[1, 0], [0, 0], [0, 1], [-1, -1]], dtype=torch.float)  # all different
+    model.config.itc_targets = "findings"
+    assert torch.allclose(model(batch).losses["itc"], exact, atol=1e-6)
+
+
 def test_hard_negative_fallback_when_everything_is_a_duplicate() -> None:
     forbidden = torch.ones(3, 3, dtype=torch.bool)
     idx = sample_hard_negatives(torch.zeros(3, 3), forbidden)

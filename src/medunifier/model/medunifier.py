@@ -294,10 +294,18 @@ class MedUnifier(nn.Module):
             if weights.itc > 0:
                 targets = torch.arange(bsz, device=device) + rank * bsz
                 eps = self.config.label_smoothing
-                loss_itc = 0.5 * (
-                    F.cross_entropy(sim_i2t, targets, label_smoothing=eps)
-                    + F.cross_entropy(sim_t2i, targets, label_smoothing=eps)
-                )
+                if self.config.itc_targets == "findings":
+                    soft = self._semantic_positives(batch, input_ids, targets).float()  # [B, B_all]
+                    soft = soft / soft.sum(dim=1, keepdim=True)
+                    loss_itc = 0.5 * (
+                        F.cross_entropy(sim_i2t, soft, label_smoothing=eps)
+                        + F.cross_entropy(sim_t2i, soft, label_smoothing=eps)
+                    )
+                else:
+                    loss_itc = 0.5 * (
+                        F.cross_entropy(sim_i2t, targets, label_smoothing=eps)
+                        + F.cross_entropy(sim_t2i, targets, label_smoothing=eps)
+                    )
                 losses["itc"] = loss_itc
                 total = total + weights.itc * loss_itc
                 metrics["itc_acc"] = float(
@@ -339,6 +347,24 @@ class MedUnifier(nn.Module):
                 psnr=float(psnr(gen.images.detach(), pixel_values, self.config.image.std)),
             )
         return MedUnifierOutput(loss=total, losses=losses, metrics=metrics)
+
+    def _semantic_positives(self, batch: dict[str, Any], input_ids: Tensor, targets: Tensor) -> Tensor:
+        """[B, B_all] bool: the paired sample, identical texts and (when labelled) same-finding samples.
+
+        Symmetric in images and texts: sample j is a positive of sample i for both ITC directions, since
+        each index of the global batch stands for one (image, text) pair.
+        """
+        bsz = input_ids.shape[0]
+        if _world()[1] > 1:  # ranks pad to their own longest text; gather needs one length
+            pad = self.config.text.max_length - input_ids.shape[1]
+            input_ids = F.pad(input_ids, (0, pad), value=self.special["pad"])
+        positive = input_ids[:, None, :].eq(gather_no_grad(input_ids)[None, :, :]).all(-1)
+        labels = batch.get("labels")
+        if labels is not None:
+            labels = labels.to(input_ids.device)
+            positive |= same_findings(labels, gather_no_grad(labels))
+        positive[torch.arange(bsz, device=input_ids.device), targets] = True
+        return positive
 
     def _itm_loss(
         self,
