@@ -14,6 +14,11 @@ when present) on the first `--n` training pairs for `--steps` AdamW steps and pr
 
 If `linear` fits and `queries` does not, the query path is what blocks learning (docs/results.md, "Why
 ITC did not learn").
+
+`--scale PART=FACTOR` (repeatable) multiplies some of the image-text encoder's freshly initialised weights,
+to find which part of a larger initialisation lets an objective fit: `self_qk` (self-attention query and
+key), `attention_vo` (self- and cross-attention value and output), `cross_qk` (cross-attention query and
+key), `ffn` (the text and query feed-forward layers), `linear` (every linear layer of the encoder).
 """
 
 from __future__ import annotations
@@ -29,6 +34,35 @@ from medunifier.config import load_config
 from medunifier.model.medunifier import MedUnifier
 from medunifier.train.overfit import fixed_batch
 
+SCALABLE_PARTS = ("self_qk", "attention_vo", "cross_qk", "ffn", "linear")
+
+
+@torch.no_grad()
+def scale_encoder_weights(model: MedUnifier, part: str, factor: float) -> int:
+    """Multiply the initial weights of one part of the image-text encoder; returns how many tensors changed."""
+    if part not in SCALABLE_PARTS:
+        raise SystemExit(f"--scale: unknown part {part!r}; choose from {', '.join(SCALABLE_PARTS)}")
+    hidden = model.config.encoder.hidden_size
+    changed = 0
+    for name, module in model.encoder.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        rows: slice | None = None
+        if part == "linear" or (part == "ffn" and "_ffn." in name + "."):
+            rows = slice(None)
+        elif name.endswith("self_attention.qkv"):  # rows: query, key, value
+            rows = {"self_qk": slice(0, 2 * hidden), "attention_vo": slice(2 * hidden, None)}.get(part)
+        elif name.endswith("cross_attention.query"):
+            rows = slice(None) if part == "cross_qk" else None
+        elif name.endswith("cross_attention.key_value"):  # rows: key, value
+            rows = {"cross_qk": slice(0, hidden), "attention_vo": slice(hidden, None)}.get(part)
+        elif name.endswith("attention.out"):
+            rows = slice(None) if part == "attention_vo" else None
+        if rows is not None:
+            module.weight[rows] *= factor
+            changed += 1
+    return changed
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,6 +73,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=41)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--scale", action="append", default=[], metavar="PART=FACTOR",
+                        help="multiply part of the encoder's initial weights: " + ", ".join(SCALABLE_PARTS))
     parser.add_argument("overrides", nargs="*", help="config overrides (key=value)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -52,6 +88,9 @@ def main() -> None:
         overrides += [f"losses.{k}={1.0 if k in chosen else 0.0}" for k in ("itc", "itm", "itg", "tig")]
     config = load_config("tiny", overrides)
     model = MedUnifier(config)
+    for item in args.scale:
+        part, _, factor = item.partition("=")
+        print(f"--scale {part}={factor}: {scale_encoder_weights(model, part, float(factor))} weight tensors")
     model.train()
     batch = fixed_batch(config, args.data, args.n, model.tokenizer)
     linear = torch.nn.Linear(model.vision.hidden_size, config.encoder.embed_dim)
