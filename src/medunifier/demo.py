@@ -70,6 +70,12 @@ DEMO_STAGES = [("align", 0.9, LossWeights(itc=1.0, itm=0.0, itg=1.0, tig=1.0)),
                ("full", 0.1, LossWeights(itc=1.0, itm=1.0, itg=1.0, tig=1.0))]
 
 
+# A few timed steps on a rested machine run faster than the sustained training loop (which also loads
+# data, clips gradients, validates and checkpoints): the 10-minute demos `/tmp/demo5` and `/tmp/demo6`
+# trained for 11.9 and 12.9 minutes (docs/results.md), and the whole `make demo` must stay under 25.
+CALIBRATION_MARGIN = 1.25
+
+
 def demo_config(tokenizer_dir: Path, minutes: float, seed: int, manifest: Path | None = None) -> MedUnifierConfig:
     """The `tiny` preset with the demo's two stages, sized so that training fits in `minutes` here
     (step costs timed on the first training reports of `manifest` when given)."""
@@ -80,7 +86,7 @@ def demo_config(tokenizer_dir: Path, minutes: float, seed: int, manifest: Path |
 
         texts = [r.text for r in load_records(manifest, splits=["train"]) if r.text][: config.train.batch_size]
     seconds = _calibrate_step_seconds(config, [losses for _, _, losses in DEMO_STAGES], texts)
-    per_step = sum(fraction * s for (_, fraction, _), s in zip(DEMO_STAGES, seconds))
+    per_step = CALIBRATION_MARGIN * sum(fraction * s for (_, fraction, _), s in zip(DEMO_STAGES, seconds))
     steps = max(50, int(minutes * 60 / per_step))
     console.print("measured " + ", ".join(f"{name} {s:.2f} s/step" for (name, _, _), s in zip(DEMO_STAGES, seconds))
                   + f" at batch {config.train.batch_size}: {steps} steps fit in {minutes:g} minutes")
