@@ -294,18 +294,14 @@ class MedUnifier(nn.Module):
             if weights.itc > 0:
                 targets = torch.arange(bsz, device=device) + rank * bsz
                 eps = self.config.label_smoothing
+                target: Tensor = targets  # class indices, or [B, B_all] probabilities over same-finding pairs
                 if self.config.itc_targets == "findings":
-                    soft = self._semantic_positives(batch, input_ids, targets).float()  # [B, B_all]
-                    soft = soft / soft.sum(dim=1, keepdim=True)
-                    loss_itc = 0.5 * (
-                        F.cross_entropy(sim_i2t, soft, label_smoothing=eps)
-                        + F.cross_entropy(sim_t2i, soft, label_smoothing=eps)
-                    )
-                else:
-                    loss_itc = 0.5 * (
-                        F.cross_entropy(sim_i2t, targets, label_smoothing=eps)
-                        + F.cross_entropy(sim_t2i, targets, label_smoothing=eps)
-                    )
+                    positive = self._semantic_positives(batch, input_ids, targets).float()
+                    target = positive / positive.sum(dim=1, keepdim=True)
+                loss_itc = 0.5 * (
+                    F.cross_entropy(sim_i2t, target, label_smoothing=eps)
+                    + F.cross_entropy(sim_t2i, target, label_smoothing=eps)
+                )
                 losses["itc"] = loss_itc
                 total = total + weights.itc * loss_itc
                 metrics["itc_acc"] = float(
@@ -348,22 +344,31 @@ class MedUnifier(nn.Module):
             )
         return MedUnifierOutput(loss=total, losses=losses, metrics=metrics)
 
+    def _pad_for_gather(self, text: Tensor, value: int) -> Tensor:
+        """Pad token ids or a mask [B, T] to `text.max_length` when several ranks gather it (each pads its
+        batch to its own longest text)."""
+        if _world()[1] == 1:
+            return text
+        return F.pad(text, (0, self.config.text.max_length - text.shape[1]), value=value)
+
+    @staticmethod
+    def _same_report(batch: dict[str, Any], input_ids: Tensor, all_ids: Tensor, by_findings: bool) -> Tensor:
+        """[B, B_all] bool: identical token ids, or (with `by_findings` and labels) the same finding labels."""
+        same = input_ids[:, None, :].eq(all_ids[None, :, :]).all(-1)
+        if by_findings and batch.get("labels") is not None:
+            labels = batch["labels"].to(input_ids.device)
+            same |= same_findings(labels, gather_no_grad(labels))
+        return same
+
     def _semantic_positives(self, batch: dict[str, Any], input_ids: Tensor, targets: Tensor) -> Tensor:
-        """[B, B_all] bool: the paired sample, identical texts and (when labelled) same-finding samples.
+        """[B, B_all] bool ITC positives: the paired sample, identical texts and same-finding samples.
 
         Symmetric in images and texts: sample j is a positive of sample i for both ITC directions, since
         each index of the global batch stands for one (image, text) pair.
         """
-        bsz = input_ids.shape[0]
-        if _world()[1] > 1:  # ranks pad to their own longest text; gather needs one length
-            pad = self.config.text.max_length - input_ids.shape[1]
-            input_ids = F.pad(input_ids, (0, pad), value=self.special["pad"])
-        positive = input_ids[:, None, :].eq(gather_no_grad(input_ids)[None, :, :]).all(-1)
-        labels = batch.get("labels")
-        if labels is not None:
-            labels = labels.to(input_ids.device)
-            positive |= same_findings(labels, gather_no_grad(labels))
-        positive[torch.arange(bsz, device=input_ids.device), targets] = True
+        input_ids = self._pad_for_gather(input_ids, self.special["pad"])
+        positive = self._same_report(batch, input_ids, gather_no_grad(input_ids), by_findings=True)
+        positive[torch.arange(input_ids.shape[0], device=input_ids.device), targets] = True
         return positive
 
     def _itm_loss(
@@ -382,11 +387,9 @@ class MedUnifier(nn.Module):
         """
         bsz = input_ids.shape[0]
         device = input_ids.device
-        rank, world = _world()
-        if world > 1:  # ranks pad to their own longest text; gather needs one length
-            pad = self.config.text.max_length - input_ids.shape[1]
-            input_ids = F.pad(input_ids, (0, pad), value=self.special["pad"])
-            attention_mask = F.pad(attention_mask, (0, pad), value=0)
+        rank, _ = _world()
+        input_ids = self._pad_for_gather(input_ids, self.special["pad"])
+        attention_mask = self._pad_for_gather(attention_mask, 0)
         all_ids = gather_no_grad(input_ids)
         all_mask = gather_no_grad(attention_mask)
         all_embeds = gather_no_grad(image_embeds)
@@ -394,11 +397,9 @@ class MedUnifier(nn.Module):
         all_image_keys = gather_no_grad(image_keys)
         local_index = torch.arange(bsz, device=device) + rank * bsz
         # forbidden: the positive itself, identical texts, and the same image
-        same_text = input_ids[:, None, :].eq(all_ids[None, :, :]).all(-1)
+        same_text = self._same_report(batch, input_ids, all_ids, by_findings=self.config.itm_negatives == "findings")
         same_image = image_keys[:, None].eq(all_image_keys[None, :])
         forbidden = same_text | same_image
-        if self.config.itm_negatives == "findings" and batch.get("labels") is not None:
-            forbidden |= same_findings(batch["labels"].to(device), gather_no_grad(batch["labels"].to(device)))
         forbidden[torch.arange(bsz, device=device), local_index] = True
         with torch.no_grad():
             neg_text_idx = sample_hard_negatives(sim_i2t.detach(), forbidden)  # a text for each local image
