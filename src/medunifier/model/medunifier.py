@@ -59,14 +59,38 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands each rank the summed gradient of its own rows.
+
+    Every rank's loss uses every rank's rows, so the gradient of rank r's rows is the sum over ranks of
+    each loss's gradient with respect to them: an all-reduce of the gathered gradient, then rank r's
+    slice. DDP's averaging of parameter gradients then gives the gradient of the mean loss. Written on
+    the public `all_gather`/`all_reduce` (gloo and NCCL) since `torch.distributed.nn.functional` is
+    deprecated. Every rank must pass the same shape.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        rank, world = _world()
+        shards = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(shards, x.contiguous())
+        ctx.rows = (rank * x.shape[0], (rank + 1) * x.shape[0])
+        return torch.cat(shards, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start, end = ctx.rows
+        return grad[start:end]
+
+
 def gather_with_grad(x: Tensor) -> Tensor:
     """All-gather along dim 0 keeping the gradient of the local shard (no-op on one process)."""
     _, world = _world()
     if world == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 @torch.no_grad()
