@@ -255,3 +255,29 @@ def test_public_api_shapes() -> None:
     assert recon.shape == batch["pixel_values"].shape
     reports = model.generate_report(batch["pixel_values"], num_beams=2, max_length=8)
     assert len(reports) == 2 and all(isinstance(r, str) for r in reports)
+
+
+def test_itg_scores_only_answer_tokens_after_the_prefix_and_before_padding() -> None:
+    """ITG = mean next-token cross-entropy over the non-padding positions after the question prefix,
+    computed here from the full [B, T, V] logits of the same causal pass."""
+    model = small_model().eval()
+    batch = make_batch(model)
+    batch["prefix_lengths"] = torch.tensor([0, 5, 9, 3])
+    weights = LossWeights(itc=0, itm=0, itg=1, tig=0)
+    with torch.no_grad():
+        loss = model(batch, loss_weights=weights).losses["itg"]
+        ids = model._task_ids(batch["input_ids"], "dec")
+        states = model.encoder(
+            input_ids=ids, attention_mask=batch["attention_mask"],
+            image_embeds=model.image_features(batch["pixel_values"]), mode="prefix",
+            prefix_lengths=batch["prefix_lengths"],
+        ).text_states
+        logits = model.encoder.lm_logits(states[:, :-1]).float()  # [B, T-1, V]
+    terms = []
+    for b in range(ids.shape[0]):
+        length = int(batch["attention_mask"][b].sum())
+        first_answer_token = max(1, int(batch["prefix_lengths"][b]))
+        for target in range(first_answer_token, length):  # token `target` is predicted at position target - 1
+            terms.append(F.cross_entropy(logits[b, target - 1][None], ids[b, target][None]))
+    assert len(terms) < int(batch["attention_mask"][:, 1:].sum())  # the prefixes removed some positions
+    torch.testing.assert_close(loss, torch.stack(terms).mean())

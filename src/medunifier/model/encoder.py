@@ -581,7 +581,7 @@ class ImageTextEncoder(nn.Module):
         return self.modality_embeddings(modality_ids.to(self.query_tokens.device))[:, None]
 
     def lm_logits(self, text_states: Tensor) -> Tensor:
-        """[B, T, H] -> [B, T, V]: BERT prediction head, decoder tied to the word embeddings (+ bias)."""
+        """[..., H] -> [..., V]: BERT prediction head, decoder tied to the word embeddings (+ bias)."""
         return self.lm_head(text_states, self.embeddings.word_embeddings.weight)
 
     def resize_token_embeddings(self, n: int) -> None:

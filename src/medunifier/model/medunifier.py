@@ -468,17 +468,15 @@ class MedUnifier(nn.Module):
             prefix_lengths=prefix_lengths if has_prefix else None,
             modality_ids=modality_ids,
         )
-        logits = self.encoder.lm_logits(out.text_states[:, :-1])  # predict token t+1 from <= t
-        labels = ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+        labels = ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)  # predict token t+1 from <= t
         if has_prefix:
             positions = torch.arange(1, ids.shape[1], device=ids.device)[None, :]
             labels = labels.masked_fill(positions < prefix_lengths[:, None], -100)
-        return F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(),
-            labels.reshape(-1),
-            ignore_index=-100,
-            label_smoothing=self.config.label_smoothing,
-        )
+        # The LM head runs on the scored positions only: padding and question prefixes cost nothing
+        # (with a 30k vocabulary the head is the largest matrix product of the pass).
+        scored = labels != -100  # [B, T-1]
+        logits = self.encoder.lm_logits(out.text_states[:, :-1][scored])  # [N_scored, V]
+        return F.cross_entropy(logits.float(), labels[scored], label_smoothing=self.config.label_smoothing)
 
     # ----------------------------------------------------------------------------------- public API
 
