@@ -1,0 +1,56 @@
+"""Overfit one batch of 32 real SynthCXR samples (issue 3): the objectives fall to at most half their
+starting values and the reconstruction sharpens (the save/load round trip is in test_medunifier.py).
+
+A shrunk `tiny` (tests/shrunk_config.py, 32 px) keeps this to seconds; `benchmarks/overfit_tiny.py` runs
+the same check on the full `tiny` preset.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medunifier.config import load_config
+from medunifier.data.manifest import load_records
+from medunifier.data.synthcxr import write_synthcxr
+from medunifier.data.tokenizer import train_tokenizer
+from medunifier.train.overfit import OBJECTIVES, overfit
+from shrunk_config import SMALL_MODEL
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("synth")
+    write_synthcxr(root, n=48, size=32, seed=0, workers=1, per_class_5x200=0)
+    tokenizer_dir = root / "tokenizer"
+    train_tokenizer([r.text for r in load_records(root / "manifest.jsonl")], tokenizer_dir, vocab_size=300)
+    return root / "manifest.jsonl", tokenizer_dir
+
+
+def _config(tokenizer_dir: Path, *extra: str):
+    return load_config("tiny", [*SMALL_MODEL, f"text.tokenizer={tokenizer_dir}", *extra])
+
+
+@pytest.mark.slow
+def test_itc_itg_tig_halve_and_reconstruction_sharpens(synth: tuple[Path, Path]) -> None:
+    """All four objectives on one batch: ITC, ITG and TIG at most half their first values after 200 steps.
+
+    ITM is trained too but not asserted: on one batch with ITC beside it, it stays at its prior (0.636)
+    for about 350 steps at this initialisation before it falls (docs/results.md, session 14)."""
+    manifest, tokenizer_dir = synth
+    result = overfit(_config(tokenizer_dir), manifest, n=32, steps=200, lr=1e-3)
+    ratios = result.ratios()
+    assert set(ratios) == set(OBJECTIVES)
+    assert all(ratios[k] <= 0.5 for k in ("itc", "itg", "tig")), (ratios, result.first, result.last)
+    assert result.psnr_db > result.first["psnr"] + 4.0, (result.first["psnr"], result.psnr_db)
+
+
+@pytest.mark.slow
+def test_itm_alone_fits_one_batch(synth: tuple[Path, Path]) -> None:
+    """ITM by itself (hard negatives from the untrained ITC projections) halves within 150 steps."""
+    manifest, tokenizer_dir = synth
+    config = _config(tokenizer_dir, "losses.itc=0", "losses.itg=0", "losses.tig=0")
+    result = overfit(config, manifest, n=32, steps=150, lr=1e-3)
+    assert set(result.ratios()) == {"itm"}
+    assert result.ratios()["itm"] <= 0.5, (result.first, result.last)
