@@ -416,7 +416,7 @@ class MedUnifier(nn.Module):
         attention_mask = self._pad_for_gather(attention_mask, 0)
         all_ids = gather_no_grad(input_ids)
         all_mask = gather_no_grad(attention_mask)
-        all_embeds = gather_no_grad(image_embeds)
+        all_embeds = gather_with_grad(image_embeds)  # a trainable vision encoder learns from negative images too
         image_keys = _string_keys(batch.get("ids") or [str(i) for i in range(bsz)], device)
         all_image_keys = gather_no_grad(image_keys)
         local_index = torch.arange(bsz, device=device) + rank * bsz
