@@ -7,7 +7,7 @@ import pytest
 from medunifier.config import ConfigError, load_config, save_config
 
 
-@pytest.mark.parametrize("preset", ["tiny", "base", "paper"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny_minilm", "base", "paper"])
 def test_presets_load(preset: str) -> None:
     config = load_config(preset)
     assert config.name == preset
