@@ -76,3 +76,10 @@ def test_bad_stage_mixture(tmp_path: Path) -> None:
     text = "train:\n  stages:\n    - {name: s1, steps: 5, mixture: {report: -1}}\n"
     with pytest.raises(ConfigError, match="mixture weights must be >= 0"):
         load_config(write(tmp_path, text))
+
+
+def test_lr_scale_override_builds_the_mapping_and_rejects_a_non_positive_multiplier() -> None:
+    config = load_config("tiny", ["train.lr_scale.generator=3"])
+    assert config.train.lr_scale == {"generator": 3.0}
+    with pytest.raises(ConfigError, match=r"train\.lr_scale"):
+        load_config("tiny", ["train.lr_scale.generator=0"])

@@ -263,6 +263,11 @@ class AugmentConfig(_Strict):
 class TrainConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-4, gt=0)
+    lr_scale: dict[str, float] = Field(
+        default_factory=dict,
+        description="learning-rate multiplier by parameter-name prefix, e.g. {generator: 3.0}: the longest "
+        "matching prefix wins; a prefix that names no trainable parameter fails before training",
+    )
     warmup_start_lr: float = Field(1e-5, ge=0)
     min_lr: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
@@ -302,6 +307,9 @@ class TrainConfig(_Strict):
             raise ValueError(f"train.betas must lie in [0, 1), got {self.betas}")
         if self.warmup_start_lr > self.lr:
             raise ValueError("train.warmup_start_lr must not exceed train.lr")
+        for prefix, scale in self.lr_scale.items():
+            if not prefix or not scale > 0:
+                raise ValueError(f"train.lr_scale: a non-empty prefix and a positive multiplier, got {prefix!r}: {scale}")
         fractions = [s.fraction for s in self.stages]
         if any(f is not None for f in fractions):
             if any(f is None for f in fractions):

@@ -86,6 +86,29 @@ def test_optimizer_uses_paper_betas_and_no_decay_on_norms_biases_embeddings() ->
     assert all(g["betas"] == (0.9, 0.95) for g in opt.param_groups)
 
 
+def test_lr_scale_multiplies_the_rate_of_the_named_parameters_at_every_step() -> None:
+    model = Net()
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.05, lr_scale={"fc": 3.0, "fc.bias": 0.5})
+    schedule = WarmupCosineSchedule(opt, peak_lr=1e-3, total_steps=20, warmup_ratio=0.1, warmup_start_lr=1e-5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for _ in range(7):
+        schedule.step()
+    base = schedule.lr_at(7)
+    rates = {names[id(p)]: g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert rates["fc.weight"] == pytest.approx(3.0 * base)  # "fc" prefix
+    assert rates["fc.bias"] == pytest.approx(0.5 * base)  # the longer prefix wins
+    assert rates["norm.weight"] == pytest.approx(base) and rates["embed.weight"] == pytest.approx(base)
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {"fc.weight"}  # splitting by rate keeps the decay split
+    assert sorted(n for g in opt.param_groups for n in map(lambda p: names[id(p)], g["params"])) == sorted(
+        n for n, _ in model.named_parameters())
+
+
+def test_lr_scale_with_a_prefix_that_names_nothing_fails() -> None:
+    with pytest.raises(ValueError, match="genrator"):
+        build_optimizer(Net(), lr=1e-3, weight_decay=0.05, lr_scale={"genrator": 3.0})
+
+
 def test_optimizer_state_survives_the_safetensors_json_split() -> None:
     torch.manual_seed(0)
     model = Net()

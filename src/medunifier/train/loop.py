@@ -322,7 +322,8 @@ class Trainer:
         set_seed(self.tc.seed)  # identical initialisation on every process
         model = build_model(config)
         model.set_trainable(None)  # the optimiser holds every parameter any stage may train
-        optimizer = build_optimizer(model, self.tc.lr, self.tc.weight_decay, tuple(self.tc.betas))
+        optimizer = build_optimizer(model, self.tc.lr, self.tc.weight_decay, tuple(self.tc.betas),
+                                    self.tc.lr_scale)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.tokenizer = self.unwrapped.tokenizer
 

@@ -16,12 +16,18 @@ from torch import nn
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95)
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    lr_scale: dict[str, float] | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over the model's trainable parameter groups (no decay on norms, biases, embeddings, queries).
 
     Uses `model.trainable_parameter_groups(weight_decay)` when the model defines it, else a generic
     split: parameters with fewer than 2 dimensions, or named like a norm or an embedding, get no decay.
+    `lr_scale` maps parameter-name prefixes to learning-rate multipliers (the longest matching prefix
+    wins); each group carries its `lr_scale`, which `WarmupCosineSchedule` applies at every step.
     """
     if hasattr(model, "trainable_parameter_groups"):
         groups = model.trainable_parameter_groups(weight_decay)
@@ -30,7 +36,38 @@ def build_optimizer(
     groups = [g for g in groups if len(g["params"]) > 0]
     if not groups:
         raise ValueError("the model has no trainable parameters")
+    if lr_scale:
+        groups = split_groups_by_lr_scale(model, groups, lr_scale)
+    for group in groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+
+
+def split_groups_by_lr_scale(
+    model: nn.Module, groups: list[dict[str, Any]], lr_scale: dict[str, float]
+) -> list[dict[str, Any]]:
+    """Split each parameter group by the learning-rate multiplier of its parameters' names.
+
+    A prefix that matches no trainable parameter is an error (a typo would otherwise train at the base rate).
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    prefixes = sorted(lr_scale, key=len, reverse=True)
+    used: set[str] = set()
+    split: list[dict[str, Any]] = []
+    for group in groups:
+        by_scale: dict[float, list[nn.Parameter]] = {}
+        for param in group["params"]:
+            name = names.get(id(param), "")
+            prefix = next((p for p in prefixes if name.startswith(p)), None)
+            if prefix is not None:
+                used.add(prefix)
+            by_scale.setdefault(1.0 if prefix is None else float(lr_scale[prefix]), []).append(param)
+        for scale, params in sorted(by_scale.items()):
+            split.append({**group, "params": params, "lr_scale": scale})
+    unknown = sorted(set(lr_scale) - used)
+    if unknown:
+        raise ValueError(f"train.lr_scale: no trainable parameter is named with the prefix(es) {unknown}")
+    return split
 
 
 def default_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
