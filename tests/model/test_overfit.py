@@ -48,9 +48,13 @@ def test_itc_itg_tig_halve_and_reconstruction_sharpens(synth: tuple[Path, Path])
 
 @pytest.mark.slow
 def test_itm_alone_fits_one_batch(synth: tuple[Path, Path]) -> None:
-    """ITM by itself (hard negatives from the untrained ITC projections) halves within 150 steps."""
+    """ITM by itself (hard negatives from the untrained ITC projections) halves within 250 steps.
+
+    It sits at its prior (0.636) for about 90 steps and then falls within 20; when it leaves the prior
+    varies from run to run (multithreaded reductions are not bit-reproducible), and one run in the full
+    suite was still above half at step 150, so the budget has room."""
     manifest, tokenizer_dir = synth
     config = _config(tokenizer_dir, "losses.itc=0", "losses.itg=0", "losses.tig=0")
-    result = overfit(config, manifest, n=32, steps=150, lr=1e-3)
+    result = overfit(config, manifest, n=32, steps=250, lr=1e-3)
     assert set(result.ratios()) == {"itm"}
     assert result.ratios()["itm"] <= 0.5, (result.first, result.last)
