@@ -265,7 +265,7 @@ class TrainConfig(_Strict):
     lr: float = Field(1e-4, gt=0)
     lr_scale: dict[str, float] = Field(
         default_factory=dict,
-        description="learning-rate multiplier by parameter-name prefix, e.g. {generator: 3.0}: the longest "
+        description="learning-rate multiplier by parameter-name prefix (a module path), e.g. {generator: 3.0}: the longest "
         "matching prefix wins; a prefix that names no trainable parameter fails before training",
     )
     warmup_start_lr: float = Field(1e-5, ge=0)

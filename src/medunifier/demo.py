@@ -185,7 +185,7 @@ def _evaluate(model: Any, data_dir: Path, out: Path, limit: int) -> dict[str, An
     results["zeroshot"] = run_zeroshot(model, five, prompts="chexpert5", out=out / "zeroshot")
     results["report"] = run_report(model, data_dir / "manifest.jsonl", out=out / "report", split="test",
                                    limit=limit)
-    results["reconstruction"] = _reconstruction(model, data_dir, limit)
+    results["reconstruction"] = reconstruction_psnr(model, data_dir, limit)
     return results
 
 
@@ -201,7 +201,7 @@ def _test_batch(model: Any, data_dir: Path, n: int) -> tuple[torch.Tensor, list[
 
 
 @torch.no_grad()
-def _reconstruction(model: Any, data_dir: Path, n: int) -> dict[str, float]:
+def reconstruction_psnr(model: Any, data_dir: Path, n: int) -> dict[str, float]:
     """PSNR of held-out images reconstructed through the VQ codes, grounded on their reports."""
     from medunifier.model.medunifier import psnr
 

@@ -100,13 +100,15 @@ def test_lr_scale_multiplies_the_rate_of_the_named_parameters_at_every_step() ->
     assert rates["norm.weight"] == pytest.approx(base) and rates["embed.weight"] == pytest.approx(base)
     decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed == {"fc.weight"}  # splitting by rate keeps the decay split
-    assert sorted(n for g in opt.param_groups for n in map(lambda p: names[id(p)], g["params"])) == sorted(
-        n for n, _ in model.named_parameters())
+    grouped = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(names.values())  # every parameter once
 
 
 def test_lr_scale_with_a_prefix_that_names_nothing_fails() -> None:
     with pytest.raises(ValueError, match="genrator"):
         build_optimizer(Net(), lr=1e-3, weight_decay=0.05, lr_scale={"genrator": 3.0})
+    with pytest.raises(ValueError, match="'f'"):  # a prefix is a module path, not the start of a name
+        build_optimizer(Net(), lr=1e-3, weight_decay=0.05, lr_scale={"f": 3.0})
 
 
 def test_optimizer_state_survives_the_safetensors_json_split() -> None:

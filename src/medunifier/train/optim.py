@@ -26,8 +26,8 @@ def build_optimizer(
 
     Uses `model.trainable_parameter_groups(weight_decay)` when the model defines it, else a generic
     split: parameters with fewer than 2 dimensions, or named like a norm or an embedding, get no decay.
-    `lr_scale` maps parameter-name prefixes to learning-rate multipliers (the longest matching prefix
-    wins); each group carries its `lr_scale`, which `WarmupCosineSchedule` applies at every step.
+    `lr_scale` maps parameter-name prefixes (whole module paths, e.g. "generator" or "generator.decoder")
+    to learning-rate multipliers (the longest matching prefix wins); each group carries its `lr_scale`, which `WarmupCosineSchedule` applies at every step.
     """
     if hasattr(model, "trainable_parameter_groups"):
         groups = model.trainable_parameter_groups(weight_decay)
@@ -52,13 +52,17 @@ def split_groups_by_lr_scale(
     """
     names = {id(p): n for n, p in model.named_parameters()}
     prefixes = sorted(lr_scale, key=len, reverse=True)
+
+    def names_under(name: str, prefix: str) -> bool:  # "fc" is fc.weight's prefix, not fc2.weight's
+        return name == prefix or name.startswith(prefix.rstrip(".") + ".")
+
     used: set[str] = set()
     split: list[dict[str, Any]] = []
     for group in groups:
         by_scale: dict[float, list[nn.Parameter]] = {}
         for param in group["params"]:
             name = names.get(id(param), "")
-            prefix = next((p for p in prefixes if name.startswith(p)), None)
+            prefix = next((p for p in prefixes if names_under(name, p)), None)
             if prefix is not None:
                 used.add(prefix)
             by_scale.setdefault(1.0 if prefix is None else float(lr_scale[prefix]), []).append(param)
