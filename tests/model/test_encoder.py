@@ -162,6 +162,36 @@ def test_padding_is_never_attended(encoder, inputs, mode):
     assert diff(c.text_states[valid], d.text_states[valid]) > CHANGED
 
 
+@pytest.mark.parametrize("norm_position", ["post", "pre"])
+@pytest.mark.parametrize("freq", [1, 2])
+def test_queries_only_gives_the_same_queries_and_gradients(inputs, norm_position, freq):
+    """ITM's queries_only pass skips the last layer's text rows: same query states, same gradients."""
+    ids, image = inputs
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # padding too: the sliced mask rows must still hide it
+    encoder = make_encoder(norm_position=norm_position, freq=freq)
+    grads = []
+    for queries_only in (False, True):
+        encoder.zero_grad()
+        out = encoder(ids, mask, image_embeds=image, mode="bidirectional", queries_only=queries_only)
+        assert out.query_states.shape == (2, NUM_QUERIES, 32)
+        assert (out.text_states is None) == queries_only
+        out.query_states.pow(2).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None})
+        if not queries_only:
+            full = out.query_states.detach()
+        else:
+            assert diff(out.query_states, full) < 1e-5
+    # the last layer's text feed-forward never runs; in the full pass its gradient is exactly zero
+    skipped = grads[0].keys() - grads[1].keys()
+    assert skipped and all(n.startswith("layers.2.text_ffn.") for n in skipped)
+    assert all(float(grads[0][n].abs().max()) == 0.0 for n in skipped)
+    assert grads[1].keys() <= grads[0].keys()
+    assert max(diff(grads[0][n], grads[1][n]) for n in grads[1]) < 1e-5
+    with pytest.raises(ValueError, match="queries_only"):
+        encoder(ids, mask, mode="text", queries_only=True)
+
+
 def test_cross_attention_every_kth_layer():
     enc = make_encoder(num_layers=5, freq=2)
     assert [layer.cross_attention is not None for layer in enc.layers] == [True, False, True, False, True]

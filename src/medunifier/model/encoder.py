@@ -240,16 +240,21 @@ class SelfAttention(nn.Module):
         self.attn_dropout = dropout
 
     def forward(
-        self, x: Tensor, mask: Tensor | None, past: tuple[Tensor, Tensor] | None = None
+        self, x: Tensor, mask: Tensor | None, past: tuple[Tensor, Tensor] | None = None, rows: int | None = None
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x [B, S, H] -> [B, S, H], or [B, rows, H] for the first `rows` positions only (keys: all S)."""
         b, s, h = x.shape
         inputs = self.norm(x) if self.pre_norm else x
         q, k, v = self.qkv(inputs).view(b, s, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, h, S, d]
+        if rows is not None:
+            q, x = q[:, :, :rows], x[:, :rows]
+            if mask is not None and mask.shape[-2] > 1:
+                mask = mask[..., :rows, :]
         if past is not None:
             k = torch.cat([past[0], k], dim=2)  # [B, h, P + S, d]
             v = torch.cat([past[1], v], dim=2)
         a = attention_core(q, k, v, mask, self.attn_dropout if self.training else 0.0)
-        a = a.transpose(1, 2).reshape(b, s, h)
+        a = a.transpose(1, 2).reshape(b, q.shape[2], h)
         return _residual(x, self.dropout(self.out(a)), self.norm, self.pre_norm), (k, v)
 
 
@@ -335,17 +340,19 @@ class EncoderLayer(nn.Module):
         past: tuple[Tensor, Tensor] | None = None,
         text_rows: Tensor | None = None,
         generate: bool = False,
+        queries_only: bool = False,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x [B, Q + T, H] -> same; text_rows: flat indices of the non-padding text tokens (None: all).
 
-        generate: use the generation experts where this layer has them.
+        generate: use the generation experts where this layer has them. queries_only: return [B, Q, H],
+        the query rows alone (text still serves as keys), skipping the text rows' attention and FFN.
         """
         attention, query_ffn, text_ffn = self.self_attention, self.query_ffn, self.text_ffn
         if generate:
             attention = self.gen_self_attention or attention
             query_ffn = self.gen_query_ffn or query_ffn
             text_ffn = self.gen_text_ffn or text_ffn
-        x, kv = attention(x, mask, past)  # [B, Q + T, H]
+        x, kv = attention(x, mask, past, num_queries if queries_only else None)  # [B, Q + T or Q, H]
         if num_queries == 0:
             return self._text_ffn(text_ffn, x, text_rows), kv
         queries = x[:, :num_queries]
@@ -456,6 +463,7 @@ class ImageTextEncoder(nn.Module):
         query_embeds: Tensor | None = None,
         role: str = "understand",
         modality_ids: Tensor | None = None,
+        queries_only: bool = False,
     ) -> EncoderOutput:
         """Encode queries and/or text under `mode` (see the module docstring).
 
@@ -466,6 +474,8 @@ class ImageTextEncoder(nn.Module):
         role: "understand" or "generate" (which task experts run; no effect with shared experts; a
         cached decode must keep one role). modality_ids [B] long (0 = unknown, also when None): the
         modality embedding added to this call's new tokens; ignored when `encoder.modalities` is empty.
+        queries_only: the last layer computes the query rows alone and text_states is None (ITM reads only
+        the queries; the same query_states, for about a quarter less of the last layer's work on text).
         """
         if mode not in MODES:
             raise ValueError(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")
@@ -479,6 +489,8 @@ class ImageTextEncoder(nn.Module):
             raise ValueError(
                 "image_embeds/query_embeds must not be given with past_key_values: queries are cached"
             )
+        if queries_only and (use_cache or not has_queries):
+            raise ValueError("queries_only needs queries (image_embeds/query_embeds) and no use_cache")
         if mode == "text" and has_queries:
             raise ValueError("mode='text' has no queries: do not pass image_embeds/query_embeds")
         if mode == "query":
@@ -539,9 +551,11 @@ class ImageTextEncoder(nn.Module):
         # padding tokens skip the text feed-forward (2/3 of a layer's FLOPs): nothing ever reads them
         text_rows = None if bool(text_valid.all()) else text_valid.flatten().nonzero().squeeze(1)
         generate = role == "generate"
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             layer_past = None if past is None else (past.keys[i], past.values[i])
-            x, (k, v) = layer(x, num_queries, mask, image_embeds, layer_past, text_rows, generate)
+            x, (k, v) = layer(x, num_queries, mask, image_embeds, layer_past, text_rows, generate,
+                              queries_only and i == last)
             if use_cache:
                 new_keys.append(k)
                 new_values.append(v)
@@ -563,7 +577,7 @@ class ImageTextEncoder(nn.Module):
             )
         return EncoderOutput(
             query_states=x[:, :num_queries] if num_queries else None,
-            text_states=x[:, num_queries:] if input_ids is not None else None,
+            text_states=x[:, num_queries:] if input_ids is not None and not queries_only else None,
             past_key_values=cache,
         )
 

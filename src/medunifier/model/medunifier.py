@@ -442,6 +442,7 @@ class MedUnifier(nn.Module):
             image_embeds=itm_images,
             mode="bidirectional",
             modality_ids=itm_modalities,
+            queries_only=True,
         )
         logits = self.itm_head(out.query_states).mean(dim=1)  # [3B, 2]
         labels = torch.cat([torch.ones(bsz), torch.zeros(2 * bsz)]).long().to(device)
@@ -528,6 +529,7 @@ class MedUnifier(nn.Module):
             image_embeds=self.image_features(pixel_values),
             mode="bidirectional",
             modality_ids=self._modality_ids(modalities, pixel_values.shape[0]),
+            queries_only=True,
         )
         return self.itm_head(out.query_states).mean(dim=1).softmax(-1)[:, 1]
 
