@@ -1,15 +1,16 @@
 """Training-step time of the `tiny` preset in float32, in bf16 autocast, and in bf16 with a bf16 attention core.
 
     python benchmarks/bench_precision.py --data DIR/manifest.jsonl [--threads 2] [--repeats 5] [--per-objective]
-        [--force-bf16] [overrides ...]
+        [--force-bf16] [--profile] [overrides ...]
 
 One fixed batch of real SynthCXR pairs (the manifest's `tokenizer/` folder is used when present); forward,
 backward and an AdamW step per repeat; the median after one warm-up repeat. `train.mixed_precision: auto`
 trains in bf16 where the CPU has AVX512-BF16 or AMX, and the encoder runs the CPU attention core in float32
 under bf16 (`model.encoder.attention_core`); the third column shows what that saves. On a CPU without
-native bf16 the bf16 columns are left out (emulated bf16 runs a step in minutes and is never what `auto` picks)
-unless `--force-bf16`. `--per-objective` adds one row per objective alone, each with the vision encoder's
-forward and backward, to show where a step's time goes.
+native bf16 the bf16 columns are left out (emulated bf16 is what `auto` never picks, and on an AVX2-only
+CPU this script did not finish its bf16 rows in 27 minutes) unless `--force-bf16`. `--per-objective` adds one
+row per objective alone, each with the vision encoder's forward and backward; `--profile` prints the
+`torch.profiler` operator table of two float32 steps of all four objectives, to show where a step's time goes.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--per-objective", action="store_true", help="also time each objective alone")
     parser.add_argument("--force-bf16", action="store_true", help="time bf16 even where the CPU emulates it")
+    parser.add_argument("--profile", action="store_true", help="print the operator table of two float32 steps")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -89,6 +91,13 @@ def main() -> None:
             row.append(f"{statistics.median(times[1:]):.3f} ({statistics.median(forward_times[1:]):.3f})")
         encoder_module.attention_core = float32_attention
         print(f"{name:22s} " + " ".join(f"{cell:>{len(h)}s}" for cell, h in zip(row, header)))
+    if args.profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+            for _ in range(2):
+                model(batch, loss_weights=STEPS["all four"]).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 if __name__ == "__main__":

@@ -475,7 +475,8 @@ class ImageTextEncoder(nn.Module):
         cached decode must keep one role). modality_ids [B] long (0 = unknown, also when None): the
         modality embedding added to this call's new tokens; ignored when `encoder.modalities` is empty.
         queries_only: the last layer computes the query rows alone and text_states is None (ITM reads only
-        the queries; the same query_states, for about a quarter less of the last layer's work on text).
+        the queries): the same query_states without the last layer's text attention rows, output projection
+        and feed-forward.
         """
         if mode not in MODES:
             raise ValueError(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")
