@@ -362,6 +362,10 @@ def eval_vqa(
                               "train split gives the closed-answer candidates"),
     closed_scoring: str = typer.Option("likelihood", help="closed questions: likelihood (the best-scoring "
                                        "candidate: yes/no, or the options the question names) or generate"),
+    open_scoring: str = typer.Option("generate", help="open questions: generate (decode an answer) or rank "
+                                     "(the likeliest of the train split's open answers, BLIP's rank inference)"),
+    top_k: int = typer.Option(128, help="--open-scoring rank: candidates kept by first-token likelihood "
+                              "before full scoring (0: score the whole answer list)"),
     out: Path | None = typer.Option(None, help="output folder (default <ckpt>/eval/vqa)"),
     limit: int | None = typer.Option(None, help="answer only the first N questions"),
     max_length: int = typer.Option(16, help="maximum generated answer tokens"),
@@ -374,11 +378,15 @@ def eval_vqa(
 
     if closed_scoring not in ("likelihood", "generate"):
         _fail(f"--closed-scoring must be likelihood or generate, got {closed_scoring}")
+    if open_scoring not in ("generate", "rank"):
+        _fail(f"--open-scoring must be generate or rank, got {open_scoring}")
+    if top_k < 0:
+        _fail("--top-k must be 0 (the whole answer list) or more")
     if min(max_length, num_beams, batch_size) < 1 or (limit is not None and limit < 1):
         _fail("--max-length, --num-beams, --batch-size and --limit must be at least 1")
     try:
         run_vqa(ckpt, data, _eval_out(out, ckpt, "vqa"), split=split, device=device, closed_scoring=closed_scoring,
-                limit=limit, max_length=max_length, num_beams=num_beams, batch_size=batch_size, console=console)
+                open_scoring=open_scoring, top_k=top_k or None, limit=limit, max_length=max_length, num_beams=num_beams, batch_size=batch_size, console=console)
     except _EVAL_ERRORS as err:
         _fail(str(err))
 

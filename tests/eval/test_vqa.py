@@ -21,6 +21,8 @@ from medunifier.eval.vqa import (
     closed_candidates,
     is_closed,
     normalize_answer,
+    open_answer_pool,
+    rank_answers,
     score_candidates,
     vqa_metrics,
 )
@@ -231,6 +233,44 @@ def test_generate_report_with_questions_continues_the_training_layout(model, pix
                  prefix_ids=ids.flip(1), prefix_mask=mask.flip(1), continue_prefix=True)
 
 
+def test_open_answer_pool_keeps_one_spelling_per_answer_most_frequent_first() -> None:
+    records = [{"answer": a, "answer_type": t} for a, t in [
+        ("Left kidney", "OPEN"), ("left kidney.", "OPEN"), ("left kidney.", "OPEN"), ("Liver", "OPEN"),
+        ("yes", "CLOSED"), ("", "OPEN"), ("The liver", "OPEN"), ("axial", "OPEN"), ("liver", "OPEN")]]
+    assert open_answer_pool(records) == ["left kidney.", "Liver", "axial"]  # closed and empty answers left out
+
+
+@torch.no_grad()
+def test_ranked_open_answers_match_full_scoring_of_the_pool(model, pixels) -> None:
+    """The cached ranking gives each candidate the total log-likelihood of one teacher-forced pass
+    (`score_candidates`), whatever the padding; a shortlist of 2 keeps the 2 likeliest first tokens."""
+    questions = ["Where is the lesion located in this abdominal CT scan?", "Which organ is shown?"]
+    pool = ["left kidney", "liver", "both sides of the abdomen", "right lower lobe of the lung", "axial"]
+    image_embeds = model.image_features(pixels)
+    answers, best = rank_answers(model, image_embeds, questions, pool, top_k=None, batch_size=3)
+    full = score_candidates(model, pixels, questions, [pool, pool])
+    for got, score, want in zip(answers, best, full):
+        assert got == pool[max(range(len(pool)), key=want.__getitem__)]
+        assert score == pytest.approx(max(want), abs=1e-4)
+    alone, _ = rank_answers(model, image_embeds[1:], questions[1:], pool, top_k=None)
+    assert alone[0] == answers[1]
+    assert answer_questions(model, pixels, questions, open_pool=pool, top_k=None) == answers
+
+    # the shortlist: first-token log-likelihoods decide which candidates are scored in full
+    prefix = torch.tensor([[model.special["dec"], *model.tokenizer(questions[0], add_special_tokens=False)["input_ids"],
+                            model.special["sep"]]])
+    first = model.encoder.lm_logits(model.encoder(input_ids=prefix, image_embeds=image_embeds[:1], mode="prefix",
+                                                  prefix_lengths=torch.tensor([prefix.shape[1]])).text_states[0, -1])
+    first_ids = [model.tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in pool]
+    kept = sorted(range(len(pool)), key=lambda a: -float(first[first_ids[a]]))[:2]
+    short, _ = rank_answers(model, image_embeds[:1], questions[:1], pool, top_k=2)
+    assert short[0] == pool[max(kept, key=full[0].__getitem__)]
+    with pytest.raises(ValueError, match="top_k"):
+        rank_answers(model, image_embeds, questions, pool, top_k=0)
+    with pytest.raises(ValueError, match="answer pool"):
+        rank_answers(model, image_embeds, questions, [])
+
+
 def test_answer_questions_rejects_bad_input(model, pixels) -> None:
     with pytest.raises(ValueError, match="2 images but 1 questions"):
         answer_questions(model, pixels, ["Is it?"])
@@ -289,6 +329,18 @@ def test_eval_vqa_cli_on_real_vqa_rad(vqa_rad_subset: Path, small_run: Path, tmp
         else:
             assert row["candidates"] is None
     assert sum(row["correct"] for row in rows) == round(m["accuracy"] * 12)
+
+    r = runner.invoke(app, ["eval", "vqa", "--ckpt", str(small_run), "--data", str(vqa_rad_subset), "--split", "val",
+                            "--out", str(out), "--limit", "12", "--open-scoring", "rank", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    pool = res["open_pool"]
+    assert res["open_scoring"] == "rank" and pool["answers"] >= 1 and 0.0 <= pool["coverage"] <= 1.0
+    train = [json.loads(x) for x in vqa_rad_subset.read_text().splitlines()]
+    train_open = {normalize_answer(t["answer"]) for t in train if t["split"] == "train" and not is_closed(t)}
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    ranked = [row for row in rows if not row["closed"]]
+    assert ranked and all(normalize_answer(row["prediction"]) in train_open for row in ranked)
 
     r = runner.invoke(app, ["eval", "vqa", "--ckpt", str(small_run), "--data", str(vqa_rad_subset), "--split", "val",
                             "--out", str(out), "--closed-scoring", "maybe"])

@@ -41,6 +41,7 @@ normalised tokens that occur in the prediction, averaged over open questions.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -301,6 +302,79 @@ def score_candidates(
     return out
 
 
+def open_answer_pool(records: Sequence[Any]) -> list[str]:
+    """The distinct open answers of `records` (the training split), one per normalised form (its most frequent
+    spelling), most frequent first: the candidate list of ranked open answers (BLIP's answer list)."""
+    spellings: dict[str, defaultdict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for record in records:
+        answer = str(_field(record, "answer") or "").strip()
+        if normalize_answer(answer) and not is_closed(record):
+            spellings[normalize_answer(answer)][answer] += 1
+    ranked = sorted(spellings.values(), key=lambda forms: -sum(forms.values()))
+    return [max(forms, key=lambda a: (forms[a], -len(a))) for forms in ranked]
+
+
+@torch.no_grad()
+def rank_answers(
+    model: Any,
+    image_embeds: Tensor,
+    questions: Sequence[str],
+    pool: Sequence[str],
+    top_k: int | None = 128,
+    batch_size: int = 256,
+    modality: Tensor | None = None,
+) -> tuple[list[str], list[float]]:
+    """The answer of every question ranked from `pool` (BLIP's rank inference), and its log-likelihood.
+
+    image_embeds [B, 1 + L, Dv], one row per question. The prefix "[DEC] question [SEP]" is encoded once with
+    the KV cache; the first answer token's distribution at its [SEP] keeps the `top_k` candidates whose first
+    token is likeliest (all of them with top_k None), and each kept candidate "answer [SEP]" is then scored
+    from the cache: the same total log-likelihood as `score_candidates`, without re-encoding the question.
+    A candidate that would not fit `text.max_length` after the question is not considered.
+    """
+    if not pool or any(not str(a).strip() for a in pool):
+        raise ValueError("the answer pool needs at least one answer, none of them empty")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1 (or None for the whole pool), got {top_k}")
+    special, device = model.special, image_embeds.device
+    prompts = qa_sequences(model, questions)
+    ids, mask = _pad([s for s, _ in prompts], special["pad"], device)
+    lengths = mask.sum(1)  # [B] prefix lengths
+    out = model.encoder(input_ids=ids, attention_mask=mask, image_embeds=image_embeds, mode="prefix",
+                        prefix_lengths=lengths, use_cache=True, **_modality_kwargs(modality))
+    first = out.text_states[torch.arange(len(questions), device=device), lengths - 1]  # [B, H] at each [SEP]
+    first_logp = F.log_softmax(model.encoder.lm_logits(first).float(), dim=-1)  # [B, V]
+
+    answers = [[*a, special["sep"]] for a in _token_ids(model, [str(a) for a in pool])]
+    first_ids = torch.tensor([a[0] for a in answers], device=device)  # [A]
+    size = torch.tensor([len(a) for a in answers], device=device)  # [A]
+    room = int(model.config.text.max_length) - lengths  # [B] tokens left after each question
+    first_scores = first_logp[:, first_ids].masked_fill(size[None, :] > room[:, None], float("-inf"))  # [B, A]
+    k = len(answers) if top_k is None else min(top_k, len(answers))
+    kept = first_scores.topk(k, dim=1).indices  # [B, k]
+    pairs = [(row, int(a)) for row in range(len(questions)) for a in kept[row].tolist()
+             if bool(torch.isfinite(first_scores[row, a]))]
+
+    totals = torch.full((len(questions), len(answers)), float("-inf"), device=device)  # [B, A]
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        rows = torch.tensor([r for r, _ in chunk], device=device)
+        cache = dataclasses.replace(out.past_key_values).reorder(rows)  # a copy: reorder replaces the lists
+        cand, cand_mask = _pad([answers[a] for _, a in chunk], special["pad"], device)  # [N, T]
+        states = model.encoder(input_ids=cand[:, :-1], attention_mask=cand_mask[:, :-1], mode="prefix",
+                               prefix_lengths=lengths[rows], past_key_values=cache,
+                               **_modality_kwargs(modality, rows)).text_states  # [N, T-1, H]
+        scored = cand_mask[:, 1:] == 1  # state j predicts token j + 1
+        logp = F.log_softmax(model.encoder.lm_logits(states[scored]).float(), dim=-1)  # [K, V]
+        token_logp = logp.gather(1, cand[:, 1:][scored][:, None]).squeeze(1)  # [K]
+        which = torch.arange(len(chunk), device=device)[:, None].expand_as(scored)[scored]
+        rest = torch.zeros(len(chunk), device=device).index_add_(0, which, token_logp)  # [N]
+        cols = torch.tensor([a for _, a in chunk], device=device)
+        totals[rows, cols] = first_logp[rows, first_ids[cols]] + rest
+    best = totals.max(dim=1)
+    return [str(pool[i]) for i in best.indices.tolist()], best.values.tolist()
+
+
 @torch.no_grad()
 def _greedy_answers(model: Any, image_embeds: Tensor, questions: Sequence[str], max_length: int,
                     modality: Tensor | None = None) -> list[list[int]]:
@@ -362,13 +436,16 @@ def answer_questions(
     num_beams: int = 1,
     batch_size: int = 64,
     modalities: Sequence[str] | None = None,
+    open_pool: Sequence[str] | None = None,
+    top_k: int | None = 128,
 ) -> list[str]:
     """One answer per (image, question): pixel_values [B, C, S, S], B questions.
 
-    candidates (one list per question, or None for a question to decode openly): the candidate with the
-    highest total log-likelihood is returned as given; questions without candidates are decoded after the
-    question (greedy, or beam search with num_beams > 1), at most `max_length` tokens. modalities: one per
-    question, for models with modality embeddings (see `modality_ids`).
+    candidates (one list per question, or None for an open question): the candidate with the highest total
+    log-likelihood is returned as given. Open questions are decoded after the question (greedy, or beam
+    search with num_beams > 1, at most `max_length` tokens), or, given `open_pool`, answered by ranking the
+    pool (`rank_answers`, its `top_k` first-token shortlist). modalities: one per question, for models with
+    modality embeddings (see `modality_ids`).
     """
     if pixel_values.shape[0] != len(questions):
         raise ValueError(f"{pixel_values.shape[0]} images but {len(questions)} questions")
@@ -394,16 +471,26 @@ def answer_questions(
         if open_:
             qs = [questions[i] for i in open_]
             rows = None if modality is None else modality[torch.tensor(open_, device=modality.device)]
-            if num_beams == 1:
-                tokens = _greedy_answers(model, image_embeds[open_], qs, max_length, rows)
+            if open_pool is not None:
+                texts, _ = rank_answers(model, image_embeds[open_], qs, open_pool, top_k, batch_size, rows)
             else:
-                tokens = _beam_answers(model, image_embeds[open_], qs, max_length, num_beams, rows)
-            for i, text in zip(open_, model.tokenizer.batch_decode(tokens, skip_special_tokens=True)):
+                if num_beams == 1:
+                    tokens = _greedy_answers(model, image_embeds[open_], qs, max_length, rows)
+                else:
+                    tokens = _beam_answers(model, image_embeds[open_], qs, max_length, num_beams, rows)
+                texts = model.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+            for i, text in zip(open_, texts):
                 answers[i] = text.strip()
         return answers
 
 
 # --------------------------------------------------------------------------------------- evaluation
+
+
+def _coverage(references: Sequence[str], pool: Sequence[str]) -> float | None:
+    """Share of references whose normalised form is in the pool: the ceiling of ranked accuracy."""
+    forms = {normalize_answer(a) for a in pool}
+    return sum(normalize_answer(r) in forms for r in references) / len(references) if references else None
 
 
 def vqa_records(records: Sequence[Record]) -> list[Record]:
@@ -419,6 +506,8 @@ def evaluate_vqa(
     *,
     out: str | Path | None = None,
     closed_scoring: Literal["likelihood", "generate"] = "likelihood",
+    open_scoring: Literal["generate", "rank"] = "generate",
+    top_k: int | None = 128,
     train_records: Sequence[Record] | None = None,
     max_length: int = 16,
     num_beams: int = 1,
@@ -433,7 +522,9 @@ def evaluate_vqa(
 
     Closed questions are answered from candidates (`closed_scoring="likelihood"`, the pool from
     `train_records`; without them, from the evaluated records' own closed answers, noted in the results)
-    or decoded like open ones (`"generate"`). Writes `results.json` and `predictions.jsonl` (id, question,
+    or decoded like open ones (`"generate"`). Open questions are decoded (`open_scoring="generate"`) or
+    ranked from the training split's open answers (`"rank"`, `open_answer_pool`; `top_k` shortlisted by
+    the first token; the share of open references in that pool is `open_pool.coverage`). Writes `results.json` and `predictions.jsonl` (id, question,
     reference, prediction, closed, candidates, correct) into `out` when given; prints a table.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -442,6 +533,8 @@ def evaluate_vqa(
 
     if closed_scoring not in ("likelihood", "generate"):
         raise ValueError(f"closed_scoring must be likelihood or generate, got {closed_scoring!r}")
+    if open_scoring not in ("generate", "rank"):
+        raise ValueError(f"open_scoring must be generate or rank, got {open_scoring!r}")
     start = time.perf_counter()
     records = vqa_records(records)
     if limit is not None:
@@ -458,6 +551,11 @@ def evaluate_vqa(
                       for r, c in zip(records, closed)]
     else:
         pool, pool_source, candidates = {}, None, [None] * len(records)
+    open_pool = None
+    if open_scoring == "rank":
+        open_pool = open_answer_pool(vqa_records(train_records or []))
+        if not open_pool:
+            raise ValueError("open_scoring='rank' needs training records with open answers to rank")
 
     predictions: list[str] = []
     console = console or Console()
@@ -468,7 +566,8 @@ def evaluate_vqa(
             batch = slice(len(predictions), len(predictions) + px.shape[0])
             predictions += answer_questions(model, px, [r.question for r in records[batch]], candidates[batch],
                                             max_length=max_length, num_beams=num_beams, batch_size=4 * batch_size,
-                                            modalities=[r.modality for r in records[batch]])
+                                            modalities=[r.modality for r in records[batch]], open_pool=open_pool,
+                                            top_k=top_k)
             bar.advance(task, px.shape[0])
 
     references = [r.answer for r in records]
@@ -484,6 +583,10 @@ def evaluate_vqa(
         "decoding": {"max_length": max_length, "num_beams": num_beams},
         "candidate_pool": {"source": pool_source, "answers": len(pool.get(ALL_TYPES, []))} if pool_source else None,
         "candidate_coverage": coverage,
+        "open_scoring": open_scoring,
+        "open_pool": None if open_pool is None else {
+            "answers": len(open_pool), "top_k": top_k,
+            "coverage": _coverage([r.answer for r, c in zip(records, closed) if not c], open_pool)},
         "choice_questions": sum(opts is not None and list(opts) != list(YES_NO) for opts in candidates),
         "metrics": metrics,
         "seconds": time.perf_counter() - start,
@@ -529,7 +632,8 @@ def print_vqa_table(results: dict[str, Any], console: Console | None = None) -> 
 
     from medunifier.eval.common import fmt
 
-    table = Table(title=f"VQA on {results['n']} questions (closed: {results['closed_scoring']}), %")
+    title = f"VQA on {results['n']} questions (closed: {results['closed_scoring']}"
+    table = Table(title=f"{title}, open: {results.get('open_scoring', 'generate')}), %")
     table.add_column("slice", no_wrap=True)
     for col in ("n", "acc", "closed", "closed acc", "open", "open acc", "open recall"):
         table.add_column(col, justify="right")
