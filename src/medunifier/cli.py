@@ -366,6 +366,8 @@ def eval_vqa(
                                      "(the likeliest of the train split's open answers, BLIP's rank inference)"),
     top_k: int = typer.Option(128, help="--open-scoring rank: candidates kept by first-token likelihood "
                               "before full scoring (0: score the whole answer list)"),
+    shuffle_images: bool = typer.Option(False, help="ask each question of another question's image (a fixed "
+                                        "permutation): the control for what the question alone gives"),
     out: Path | None = typer.Option(None, help="output folder (default <ckpt>/eval/vqa)"),
     limit: int | None = typer.Option(None, help="answer only the first N questions"),
     max_length: int = typer.Option(16, help="maximum generated answer tokens"),
@@ -386,7 +388,8 @@ def eval_vqa(
         _fail("--max-length, --num-beams, --batch-size and --limit must be at least 1")
     try:
         run_vqa(ckpt, data, _eval_out(out, ckpt, "vqa"), split=split, device=device, closed_scoring=closed_scoring,
-                open_scoring=open_scoring, top_k=top_k or None, limit=limit, max_length=max_length, num_beams=num_beams, batch_size=batch_size, console=console)
+                open_scoring=open_scoring, top_k=top_k or None, shuffle_images=shuffle_images,
+                limit=limit, max_length=max_length, num_beams=num_beams, batch_size=batch_size, console=console)
     except _EVAL_ERRORS as err:
         _fail(str(err))
 

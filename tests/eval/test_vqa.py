@@ -362,3 +362,33 @@ def test_ask_cli(vqa_rad_subset: Path, small_run: Path) -> None:
     assert "What organ is shown?" in r.output
     r = runner.invoke(app, ["ask", str(image), "Is it?", "--ckpt", str(small_run), "--candidates", ","])
     assert r.exit_code == 2 and "--candidates is empty" in r.output
+
+
+def test_shuffled_images_ask_each_question_of_the_permuted_image(vqa_rad_subset: Path, model, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The language-prior control: the model sees exactly the images of records permuted by hand."""
+    from medunifier.data.manifest import load_records
+    from medunifier.eval.vqa import evaluate_vqa
+
+    records = [r for r in load_records(vqa_rad_subset) if r.split == "val"][:10]
+    root = vqa_rad_subset.parent
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(0)).tolist()
+    by_hand = [r.model_copy(update={"image": records[i].image}) for r, i in zip(records, order)]
+    assert any(a.image != b.image for a, b in zip(records, by_hand))
+    seen: list[torch.Tensor] = []
+    features = model.image_features
+    monkeypatch.setattr(model, "image_features", lambda px: seen.append(px.clone()) or features(px))
+
+    def run(name: str, rows, shuffle: bool) -> tuple[torch.Tensor, list[str]]:
+        seen.clear()
+        res = evaluate_vqa(model, rows, root, shuffle_images=shuffle, out=tmp_path / name, closed_scoring="generate",
+                           max_length=3, progress=False)
+        assert res["shuffled_images"] is shuffle
+        lines = (tmp_path / name / "predictions.jsonl").read_text().splitlines()
+        return torch.cat(seen), [json.loads(x)["question"] for x in lines]
+
+    shuffled, questions = run("shuffled", records, True)
+    by_hand_pixels, _ = run("by_hand", by_hand, False)
+    real, _ = run("real", records, False)
+    assert questions == [r.question for r in records]  # the questions keep their order
+    assert torch.equal(shuffled, by_hand_pixels) and not torch.equal(shuffled, real)

@@ -15,6 +15,11 @@ tokens and the closing [SEP] are scored. Greedy answers and candidate scores use
   sum of log p(token) over the candidate's tokens and its closing [SEP], under the model's raw distribution
   (the one the training loss sees). The closing [SEP] makes "no" and "no evidence" different answers. The
   best-scoring candidate is the answer.
+* ranked open answers (`open_scoring="rank"`, BLIP's rank inference): the candidates are the training
+  split's distinct open answers (`open_answer_pool`); the first answer token's distribution at the
+  prefix's [SEP] shortlists the `top_k` candidates with the likeliest first token, and each is scored as
+  above, continuing from the question's KV cache. The answer can only be a training answer: the share of
+  open references in the pool (`open_pool.coverage` in the results) bounds open accuracy.
 * a model trained with modality embeddings (`encoder.modalities`) gets each question's modality (the
   record's `modality`), as its training samples did; other models ignore it.
 
@@ -508,6 +513,7 @@ def evaluate_vqa(
     closed_scoring: Literal["likelihood", "generate"] = "likelihood",
     open_scoring: Literal["generate", "rank"] = "generate",
     top_k: int | None = 128,
+    shuffle_images: bool = False,
     train_records: Sequence[Record] | None = None,
     max_length: int = 16,
     num_beams: int = 1,
@@ -524,7 +530,9 @@ def evaluate_vqa(
     `train_records`; without them, from the evaluated records' own closed answers, noted in the results)
     or decoded like open ones (`"generate"`). Open questions are decoded (`open_scoring="generate"`) or
     ranked from the training split's open answers (`"rank"`, `open_answer_pool`; `top_k` shortlisted by
-    the first token; the share of open references in that pool is `open_pool.coverage`). Writes `results.json` and `predictions.jsonl` (id, question,
+    the first token; the share of open references in that pool is `open_pool.coverage`). shuffle_images:
+    every question is asked of another question's image (a fixed permutation; the record's modality is
+    kept), the control for how much of the accuracy comes from the question alone. Writes `results.json` and `predictions.jsonl` (id, question,
     reference, prediction, closed, candidates, correct) into `out` when given; prints a table.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -562,7 +570,11 @@ def evaluate_vqa(
     columns = (TextColumn("vqa"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True, disable=not progress) as bar:
         task = bar.add_task("vqa", total=len(records))
-        for px in image_batches(records, root, model, batch_size, num_workers):
+        image_records = records
+        if shuffle_images:
+            order = torch.randperm(len(records), generator=torch.Generator().manual_seed(0)).tolist()
+            image_records = [records[i] for i in order]
+        for px in image_batches(image_records, root, model, batch_size, num_workers):
             batch = slice(len(predictions), len(predictions) + px.shape[0])
             predictions += answer_questions(model, px, [r.question for r in records[batch]], candidates[batch],
                                             max_length=max_length, num_beams=num_beams, batch_size=4 * batch_size,
@@ -584,6 +596,7 @@ def evaluate_vqa(
         "candidate_pool": {"source": pool_source, "answers": len(pool.get(ALL_TYPES, []))} if pool_source else None,
         "candidate_coverage": coverage,
         "open_scoring": open_scoring,
+        "shuffled_images": shuffle_images,
         "open_pool": None if open_pool is None else {
             "answers": len(open_pool), "top_k": top_k,
             "coverage": _coverage([r.answer for r, c in zip(records, closed) if not c], open_pool)},
