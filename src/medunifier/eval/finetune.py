@@ -206,7 +206,7 @@ def train_full(
 def run_finetune(
     model: Any,
     train: str | Path,
-    val: str | Path,
+    val: str | Path | None,
     test: str | Path,
     out: str | Path | None = None,
     fractions: Sequence[float] = (0.01, 0.1, 1.0),
@@ -221,11 +221,15 @@ def run_finetune(
     num_workers: int = 0,
     device: str | None = None,
     console: Console | None = None,
+    holdout: float = 0.1,
 ) -> dict[str, Any]:
     """Classification heads on the model's image representation at several label fractions and seeds.
 
     `train`, `val`, `test` are manifests (the same file is fine: a manifest holding several splits is
-    filtered to the one asked for). `seeds` is a count (0..n-1) or a list of seeds.
+    filtered to the one asked for). `seeds` is a count (0..n-1) or a list of seeds. Without `val` (a
+    dataset whose evaluation split is its only held-out one, e.g. PneumoniaMNIST's val used as the test),
+    a stratified `holdout` share of the training records, the same for every seed, does the model
+    selection (probe C, best epoch) and the label fractions are drawn from the rest.
     """
     if mode not in ("linear", "full"):
         raise ValueError(f"mode must be 'linear' or 'full', got {mode!r}")
@@ -235,7 +239,10 @@ def run_finetune(
     if hasattr(model, "eval"):
         model.eval()
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
-    splits = {name: load_split(path, name) for name, path in (("train", train), ("val", val), ("test", test))}
+    if val is None and not 0 < holdout < 1:
+        raise ValueError(f"holdout must lie in (0, 1) when no validation manifest is given, got {holdout}")
+    named = (("train", train), ("val", val), ("test", test))
+    splits = {name: load_split(path, name) for name, path in named if path is not None}
     classes = list(classes or infer_classes(splits["train"][0]))
     data = {}
     for name, (records, root) in splits.items():
@@ -243,6 +250,13 @@ def run_finetune(
         if len(recs) == 0:
             raise ValueError(f"{name} manifest: no record has an image and exactly one of {classes}")
         data[name] = {"records": recs, "root": root, "y": y, "dropped": dropped}
+    if val is None:
+        pool = data["train"]
+        held = stratified_subset(pool["y"], holdout, seed=0)
+        kept = np.setdiff1d(np.arange(len(pool["y"])), held)
+        for name, rows in (("val", held), ("train", kept)):
+            data[name] = {"records": [pool["records"][i] for i in rows], "root": pool["root"], "y": pool["y"][rows],
+                          "dropped": pool["dropped"] if name == "train" else 0}
     num_classes = len(classes)
     metric = primary_metric(num_classes)
 
@@ -303,7 +317,7 @@ def run_finetune(
         "seeds": seed_list,
         "fractions": [float(f) for f in fractions],
         "budget": {"epochs": epochs, "lr": lr, "batch_size": batch_size} if mode == "full" else {"probe_C_grid": list(PROBE_C_GRID)},
-        "data": {n: {"path": str(p), "n": len(data[n]["y"]), "dropped": data[n]["dropped"],
+        "data": {n: {"path": str(p) if p is not None else f"stratified {holdout:g} of train", "n": len(data[n]["y"]), "dropped": data[n]["dropped"],
                      "class_counts": {c: int((data[n]["y"] == i).sum()) for i, c in enumerate(classes)}}
                  for n, p in (("train", train), ("val", val), ("test", test))},
         "per_fraction": per_fraction,

