@@ -40,6 +40,14 @@ def test_frechet_distance_of_hand_worked_gaussians(method: str) -> None:
     assert frechet_distance(np.zeros(2), a, np.zeros(2), b, method=method) == pytest.approx(expected, abs=1e-9)
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Several tests here run on one thread; later test modules get the thread count back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_fid_of_identical_sets_is_zero_and_methods_agree() -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((300, 16)) @ rng.standard_normal((16, 16))
