@@ -263,11 +263,17 @@ def _score_pairs(model: Any, image_embeds: Tensor, rows: list[int], sequences: l
                         prefix_lengths=prefix, **_modality_kwargs(modality, rows))
     positions = torch.arange(1, ids.shape[1], device=ids.device)[None, :]
     scored = (mask[:, 1:] == 1) & (positions >= prefix[:, None])  # [N, T-1]: state t predicts answer token t+1
-    # the LM head only where an answer token is predicted (the question positions are most of the sequence)
-    logp = F.log_softmax(model.encoder.lm_logits(out.text_states[:, :-1][scored]).float(), dim=-1)  # [K, V]
-    token_logp = logp.gather(1, ids[:, 1:][scored][:, None]).squeeze(1)  # [K]
-    rows_of = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(scored)[scored]  # [K]
-    return torch.zeros(ids.shape[0], device=ids.device).index_add_(0, rows_of, token_logp)
+    return _summed_logp(model, out.text_states[:, :-1], ids[:, 1:], scored)
+
+
+def _summed_logp(model: Any, states: Tensor, targets: Tensor, scored: Tensor) -> Tensor:
+    """Per row, the sum of log p(targets[t] | states[t]) over the `scored` positions: states [N, T, H],
+    targets and scored [N, T] -> [N]. The LM head runs on the scored positions only (the question
+    positions are most of a sequence)."""
+    logp = F.log_softmax(model.encoder.lm_logits(states[scored]).float(), dim=-1)  # [K, V]
+    token_logp = logp.gather(1, targets[scored][:, None]).squeeze(1)  # [K]
+    rows_of = torch.arange(states.shape[0], device=states.device)[:, None].expand_as(scored)[scored]  # [K]
+    return torch.zeros(states.shape[0], device=states.device).index_add_(0, rows_of, token_logp)
 
 
 @torch.no_grad()
@@ -357,8 +363,9 @@ def rank_answers(
     first_scores = first_logp[:, first_ids].masked_fill(size[None, :] > room[:, None], float("-inf"))  # [B, A]
     k = len(answers) if top_k is None else min(top_k, len(answers))
     kept = first_scores.topk(k, dim=1).indices  # [B, k]
-    pairs = [(row, int(a)) for row in range(len(questions)) for a in kept[row].tolist()
-             if bool(torch.isfinite(first_scores[row, a]))]
+    fits = torch.isfinite(first_scores.gather(1, kept))  # [B, k]
+    fit_rows, fit_cols = fits.nonzero(as_tuple=True)
+    pairs = list(zip(fit_rows.tolist(), kept[fit_rows, fit_cols].tolist()))  # (question, pool index), row-major
 
     totals = torch.full((len(questions), len(answers)), float("-inf"), device=device)  # [B, A]
     for start in range(0, len(pairs), batch_size):
@@ -369,11 +376,7 @@ def rank_answers(
         states = model.encoder(input_ids=cand[:, :-1], attention_mask=cand_mask[:, :-1], mode="prefix",
                                prefix_lengths=lengths[rows], past_key_values=cache,
                                **_modality_kwargs(modality, rows)).text_states  # [N, T-1, H]
-        scored = cand_mask[:, 1:] == 1  # state j predicts token j + 1
-        logp = F.log_softmax(model.encoder.lm_logits(states[scored]).float(), dim=-1)  # [K, V]
-        token_logp = logp.gather(1, cand[:, 1:][scored][:, None]).squeeze(1)  # [K]
-        which = torch.arange(len(chunk), device=device)[:, None].expand_as(scored)[scored]
-        rest = torch.zeros(len(chunk), device=device).index_add_(0, which, token_logp)  # [N]
+        rest = _summed_logp(model, states, cand[:, 1:], cand_mask[:, 1:] == 1)  # [N]: state j predicts token j + 1
         cols = torch.tensor([a for _, a in chunk], device=device)
         totals[rows, cols] = first_logp[rows, first_ids[cols]] + rest
     best = totals.max(dim=1)

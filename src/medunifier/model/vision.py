@@ -31,8 +31,8 @@ stays in eval mode even when the parent model calls `.train()`, and its forward 
 After a convolutional backbone (`resnet`, `inception`) the output LayerNorm still trains (the fixed
 position encoding is added before it), like BLIP-2's `ln_vision` after its frozen ViT.
 A frozen encoder may cache its backbone's output by sample key (`vision.cache_features`), see
-`FeatureCache`; the trainable head after a convolutional backbone (position encoding, LayerNorm) runs on
-the cached output every time.
+`FeatureCache`; what follows a convolutional backbone (position encoding, the trainable LayerNorm) runs
+on the cached output every time.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from medunifier.pretrained import resolve_local
 
 BACKBONES = ("vit", "dinov2", "siglip", "clip", "blip2", "resnet", "inception")
 INCEPTION_SIZE = 299  # Inception-v3's input side: an 8x8 map before its final pool
+INCEPTION_CHANNELS, INCEPTION_GRID = 2048, 8  # its last map at that input: [2048, 8, 8]
 
 
 class FeatureCache:
@@ -218,8 +219,6 @@ class VisionEncoder(nn.Module):
             raise ValueError(
                 "vision.cache_features needs vision.frozen: true (a trained encoder's features change every step)"
             )
-        if vision.backbone == "inception" and not vision.frozen:
-            raise ValueError("vision.backbone inception is pretrained and frozen only: set vision.frozen: true")
         self.backbone_type = vision.backbone
         self.backbone = build_backbone(vision, image)
         cfg = self.backbone.config
@@ -231,9 +230,7 @@ class VisionEncoder(nn.Module):
                 raise ValueError(f"image.size ({image.size}) is not divisible by the resnet's output stride ({stride})")
             self._init_grid(cfg.hidden_sizes[-1], image.size // stride)
         elif vision.backbone == "inception":
-            with torch.no_grad():
-                probe = self.backbone(torch.zeros(1, 3, INCEPTION_SIZE, INCEPTION_SIZE))  # [1, 2048, 8, 8]
-            self._init_grid(probe.shape[1], probe.shape[-1])
+            self._init_grid(INCEPTION_CHANNELS, INCEPTION_GRID)
         else:
             patch = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0]
             backbone_size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
