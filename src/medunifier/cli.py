@@ -7,6 +7,7 @@ are imported inside each command so that `medunifier --help` stays fast.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -704,6 +705,69 @@ def pretrain(
         return
     console.print(f"done: step {result.step} ({result.samples_per_s:.1f} samples/s), model in {result.model_dir}, "
                   f"run folder {result.run_dir}")
+
+
+@app.command("pretrain-vision")
+def pretrain_vision_cmd(
+    data: Path = typer.Option(..., help="a manifest.jsonl (its train split is used)"),
+    out: Path = typer.Option(..., help="folder for the backbone (a Hugging Face folder); the run goes in OUT/stage0"),
+    config: str | None = typer.Option(None, help="a stage-0 YAML file (default: the built-in tiny stage 0)"),
+    resume: bool = typer.Option(False, help="continue from the last checkpoint in OUT/stage0"),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval",
+                                  help="after training: linear probe (and zero-shot for image-text runs) on the "
+                                  "manifest's 5x200 set, when it has one"),
+    overrides: list[str] | None = typer.Argument(None, help="overrides such as objective=image max_steps=500"),
+) -> None:
+    """Stage 0: pre-train the vision backbone that `pretrain` then freezes (vision.pretrained=OUT).
+
+    Objectives: image-report contrast against a locked pretrained text encoder (objective=text, default),
+    augmented-view contrast for sources without reports (objective=image), or both. Several processes:
+    `torchrun --nproc_per_node N -m medunifier.cli pretrain-vision ...`.
+    """
+    from medunifier.config import ConfigError, load_stage0_config
+    from medunifier.train.stage0 import evaluate_stage0, pretrain_vision
+
+    try:
+        cfg = load_stage0_config(config, overrides or [])
+        result = pretrain_vision(cfg, data, out, resume=resume)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    console.print(f"stage 0: {result.step} steps in {result.seconds / 60:.1f} min; backbone in {result.out_dir} "
+                  f"(use vision.pretrained={result.out_dir})")
+    five = data.parent / "manifest_5x200.jsonl"
+    if evaluate and five.exists() and int(os.environ.get("RANK", "0")) == 0:
+        results = evaluate_stage0(out, data, five)
+        console.print_json(json.dumps(results))
+
+
+@data_app.command("features")
+def data_features(
+    vision: Path = typer.Option(..., help="a vision backbone folder (e.g. written by `medunifier pretrain-vision`)"),
+    data: Path = typer.Option(..., help="a manifest.jsonl"),
+    out: Path = typer.Option(..., help="cache folder (cache.json, index-*.json, features-*.safetensors)"),
+    config: str = typer.Option("tiny_frozen", help="the stage-1 preset or YAML whose image settings the cache uses"),
+    shard_size: int = typer.Option(4096, help="entries per safetensors shard"),
+    dtype: str = typer.Option("float16", help="float16 (half the disk) or float32"),
+    split: list[str] | None = typer.Option(None, help="only these splits (repeatable; default all)"),
+    overrides: list[str] | None = typer.Argument(None, help="config overrides such as image.size=128"),
+) -> None:
+    """Cache a frozen backbone's outputs on disk, keyed by record id and image hash, for
+    `pretrain ... vision.feature_cache=OUT`. Several processes: `torchrun ... -m medunifier.cli data features`."""
+    from medunifier.config import ConfigError, load_config
+    from medunifier.train.features import write_feature_cache
+
+    if dtype not in ("float16", "float32", "bfloat16"):
+        _fail(f"--dtype must be float16, bfloat16 or float32, not {dtype!r}")
+    if shard_size < 1:
+        _fail("--shard-size must be at least 1")
+    try:
+        cfg = load_config(config, [*(overrides or []), f"vision.pretrained={vision}", "vision.frozen=true",
+                                   "vision.feature_cache=null"])
+        summary = write_feature_cache(cfg, data, out, shard_size=shard_size, dtype=dtype, splits=split or None)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    console.print(f"wrote {summary['entries']} feature entries in {summary['shards']} shards to {out} "
+                  f"({summary['seconds']:.0f} s); use vision.feature_cache={out}")
 
 
 # ------------------------------------------------------------------------- serving (report, classify, index)

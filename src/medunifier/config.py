@@ -52,11 +52,22 @@ class VisionConfig(_Strict):
     intermediate_size: int = Field(768, ge=8)
     patch_size: int = Field(8, ge=1)
     frozen: bool = True
-    cache_features: bool = False
+    cache_features: bool = Field(
+        False, description="keep the frozen backbone's outputs in memory by sample (small runs; see feature_cache)")
+    feature_cache: str | None = Field(
+        None,
+        description="folder written by `medunifier data features`: the frozen backbone's outputs on disk, keyed by "
+        "record id and image hash; refused when its fingerprint (weights, preprocessing) differs from this model's",
+    )
     drop_path: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> VisionConfig:
+        if self.feature_cache is not None and not self.frozen:
+            raise ValueError("vision.feature_cache needs vision.frozen: true (a trained backbone's features change "
+                             "every step)")
+        if self.feature_cache is not None and self.cache_features:
+            raise ValueError("vision.feature_cache (on disk) and vision.cache_features (in memory): choose one")
         if self.backbone == "inception":
             if not self.frozen or self.pretrained is not None:
                 raise ValueError("vision.backbone inception is the frozen ImageNet network shipped by "
@@ -377,9 +388,9 @@ class MedUnifierConfig(_Strict):
             )
         if self.text.max_length + 1 > self.encoder.max_position_embeddings:
             raise ValueError("text.max_length must be below encoder.max_position_embeddings")
-        if self.vision.cache_features and self.train.augment.enabled:
-            raise ValueError("vision.cache_features keys features by record id, which no longer identifies the "
-                             "pixels under train.augment: turn one of them off")
+        if (self.vision.cache_features or self.vision.feature_cache) and self.train.augment.enabled:
+            raise ValueError("a vision feature cache keys features by record (and image file), which no longer "
+                             "identifies the pixels under train.augment: turn one of them off")
         return self
 
     @property
@@ -388,6 +399,100 @@ class MedUnifierConfig(_Strict):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def _stage0_vision() -> VisionConfig:
+    return VisionConfig(backbone="resnet", hidden_size=192, num_layers=2, patch_size=8, frozen=False)
+
+
+def _stage0_augment() -> AugmentConfig:
+    return AugmentConfig(enabled=True, scale=(0.6, 1.0), rotate_degrees=10.0, translate=0.1, brightness=0.2,
+                         contrast=0.3)
+
+
+class Stage0Config(_Strict):
+    """Stage 0 (`medunifier pretrain-vision`): pre-train the vision backbone that stage 1 freezes.
+
+    The default is `tiny`'s image side (64 px grey, a two-stage ResNet) against the locked MiniLM-L6 text
+    tower, whose report embeddings are computed once and cached.
+    """
+
+    name: str = "stage0"
+    image: ImageConfig = Field(default_factory=lambda: ImageConfig(size=64, channels=1))
+    vision: VisionConfig = Field(default_factory=_stage0_vision, description="the backbone to pre-train")
+    objective: Literal["text", "image", "both"] = Field(
+        "text",
+        description="'text': image-report contrast (ConVIRT/CLIP); 'image': augmented-view contrast (SimCLR), "
+        "for sources without reports; 'both': their sum (the image term weighted by image_weight)",
+    )
+    text_encoder: str = Field("minilm", description="'minilm' or a local BERT-family folder (safetensors)")
+    text_tower: Literal["locked", "finetune"] = Field(
+        "locked",
+        description="'locked': frozen, report embeddings cached once (LiT with the roles reversed); "
+        "'finetune': the text encoder trains too (no cache, no queue)",
+    )
+    text_max_length: int = Field(128, ge=8, le=512)
+    embed_dim: int = Field(128, ge=8, description="shared embedding size")
+    temperature: float = Field(0.07, gt=0, description="initial image-text temperature (learned)")
+    soft_targets: bool = Field(False, description="same-finding reports are positives too (MedCLIP-style)")
+    queue_size: int = Field(
+        4096, ge=0, description="earlier reports kept as extra image-to-text negatives (locked tower only)")
+    ssl_temperature: float = Field(0.1, gt=0, description="NT-Xent temperature of the image-only objective")
+    image_weight: float = Field(1.0, ge=0, description="weight of the image-only term when objective is 'both'")
+    augment: AugmentConfig = Field(
+        default_factory=_stage0_augment,
+        description="views of the image-only objective (and, when enabled, of every image for 'text')")
+    augment_text_objective: bool = Field(False, description="augment the images of the image-text objective too")
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_steps: int = Field(300, ge=1)
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "auto"
+    log_every: int = Field(10, ge=1)
+    save_every: int = Field(100, ge=1)
+    keep_last: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Stage0Config:
+        if self.vision.backbone == "inception":
+            raise ValueError("vision.backbone inception is a fixed pretrained network: stage 0 has nothing to train")
+        if self.vision.frozen:
+            raise ValueError("stage 0 trains the backbone: set vision.frozen: false")
+        if self.vision.cache_features or self.vision.feature_cache:
+            raise ValueError("stage 0 trains the backbone: no vision feature cache")
+        if self.text_tower == "finetune" and self.queue_size:
+            raise ValueError("queue_size needs text_tower: locked (a fine-tuned tower's queued embeddings go "
+                             "stale): set queue_size=0")
+        if self.image.size % self.vision.patch_size:
+            raise ValueError(f"image.size ({self.image.size}) is not divisible by vision.patch_size "
+                             f"({self.vision.patch_size})")
+        return self
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: object) -> object:
+        return "no" if value is False else value
+
+
+def load_stage0_config(path: str | Path | None, overrides: list[str] | None = None) -> Stage0Config:
+    """A stage-0 YAML file (or the defaults) with `key=value` overrides, validated."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = resolve_config_path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path} must be a non-empty mapping")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return Stage0Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, str(path or "<stage 0 defaults>"))) from None
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -7,7 +7,8 @@ tokenizes a list of items into the batch the model consumes:
      "input_ids": LongTensor[B, T]       [CLS] ... [SEP], right-padded with [PAD],
      "attention_mask": LongTensor[B, T], "prefix_lengths": LongTensor[B] (0 unless vqa),
      "labels": FloatTensor[B, len(FINDINGS)] (1, 0, or -1 for unknown/uncertain),
-     "tasks": list[str], "modalities": list[str]}
+     "tasks": list[str], "modalities": list[str],
+     "cache_keys": list[str] (only from a dataset with `hash_images`: "<id>|<image file SHA-256, 16 digits>")}
 
 For `vqa` items the text is "[CLS] question [SEP] answer [SEP]" and `prefix_lengths` counts the
 "[CLS] question [SEP]" tokens, so a generation loss can be restricted to the answer.
@@ -34,6 +35,7 @@ restored so that an interrupted run continues at exactly the next sample.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import sys
@@ -113,7 +115,7 @@ class ManifestDataset(Dataset):
     def __init__(self, manifest: str | Path | Sequence[Record], root: str | Path | None = None,
                  image_size: int = 64, channels: int = 3, mean: float = 0.5, std: float = 0.5,
                  splits: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, hash_images: bool = False):
         if isinstance(manifest, (str, Path)):
             records = load_records(manifest)
             root = Path(manifest).parent if root is None else root
@@ -127,6 +129,7 @@ class ManifestDataset(Dataset):
                   "records without a target image)", file=sys.stderr, flush=True)
         self.image_size, self.channels, self.mean, self.std = image_size, channels, mean, std
         self.max_pixels = max_pixels
+        self.hash_images = hash_images  # items carry `cache_key` (record id | image file hash), see feature caches
         self._skipped: set[str] = set()
 
     def __len__(self) -> int:
@@ -163,7 +166,11 @@ class ManifestDataset(Dataset):
             source_pixel_values = self._pixels(record, record.image)
             if source_pixel_values is None:
                 return None
-        return make_item(record, pixel_values, source_pixel_values, objective)
+        item = make_item(record, pixel_values, source_pixel_values, objective)
+        if self.hash_images:
+            digest = hashlib.sha256((self.root / record.training_image()).read_bytes()).hexdigest()[:16]
+            item["cache_key"] = f"{record.id}|{digest}"
+        return item
 
 
 class Collator:
@@ -247,6 +254,8 @@ class Collator:
             batch["source_pixel_values"] = torch.stack([
                 it.get("source_pixel_values", torch.zeros_like(it["pixel_values"])) for it in kept])  # (B, C, S, S)
             batch["has_source"] = has_source
+        if all("cache_key" in it for it in kept):  # feature-cache keys (record id | image file hash)
+            batch["cache_keys"] = [it["cache_key"] for it in kept]
         if any("objective" in it for it in kept):
             batch["objectives"] = [it.get("objective", "all") for it in kept]
         return batch

@@ -234,10 +234,15 @@ class MedUnifier(nn.Module):
         return ids
 
     def image_features(self, pixel_values: Tensor, cache_keys: list[str] | None = None) -> Tensor:
-        """f_v = [f_cls, f_local]: [B, 1 + L, Dv]."""
-        if cache_keys is not None and self.config.vision.cache_features:
+        """f_v = [f_cls, f_local]: [B, 1 + L, Dv]; `cache_keys` reach a configured feature cache."""
+        if cache_keys is not None and (self.config.vision.cache_features or self.config.vision.feature_cache):
             return self.vision(pixel_values, cache_keys=cache_keys)
         return self.vision(pixel_values)
+
+    @staticmethod
+    def cache_keys(batch: dict[str, Any]) -> list[str] | None:
+        """A batch's feature-cache keys: record id and image hash when the data carries them, else the ids."""
+        return batch.get("cache_keys") or batch.get("ids")
 
     def query_states(
         self, image_embeds: Tensor, role: str = "understand", modality_ids: Tensor | None = None
@@ -294,7 +299,7 @@ class MedUnifier(nn.Module):
 
         task_experts = self.config.encoder.experts == "task"
         need_unimodal = weights.itc > 0 or weights.itm > 0 or (weights.tig > 0 and not task_experts)
-        image_embeds = self.image_features(pixel_values, batch.get("ids"))  # [B, 1+L, Dv]
+        image_embeds = self.image_features(pixel_values, self.cache_keys(batch))  # [B, 1+L, Dv]
         modality_ids = self._modality_ids(batch.get("modalities"), pixel_values.shape[0])  # [B] or None
         query_out = text_out = None
         if need_unimodal:

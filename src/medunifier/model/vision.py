@@ -45,6 +45,7 @@ import transformers
 from torch import Tensor, nn
 
 from medunifier.config import ImageConfig, VisionConfig
+from medunifier.model.feature_cache import DiskFeatureCache, fingerprint
 from medunifier.pretrained import resolve_local
 
 BACKBONES = ("vit", "dinov2", "siglip", "clip", "blip2", "resnet", "inception")
@@ -215,7 +216,7 @@ class VisionEncoder(nn.Module):
 
     def __init__(self, vision: VisionConfig, image: ImageConfig, cache_max_bytes: int = 2 * 1024**3):
         super().__init__()
-        if vision.cache_features and not vision.frozen:
+        if (vision.cache_features or vision.feature_cache) and not vision.frozen:
             raise ValueError(
                 "vision.cache_features needs vision.frozen: true (a trained encoder's features change every step)"
             )
@@ -252,7 +253,11 @@ class VisionEncoder(nn.Module):
         if self.frozen:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
-        self.feature_cache = FeatureCache(cache_max_bytes) if vision.cache_features else None
+        self.image_channels = image.channels
+        self.feature_cache: FeatureCache | DiskFeatureCache | None = (
+            FeatureCache(cache_max_bytes) if vision.cache_features else None)
+        # the disk cache opens at first use: its fingerprint is checked against the weights the model then has
+        self.feature_cache_dir = vision.feature_cache
 
     def _init_grid(self, hidden_size: int, grid: int) -> None:
         """Token grid, fixed 2D position encoding and output LayerNorm for a convolutional backbone."""
@@ -322,23 +327,45 @@ class VisionEncoder(nn.Module):
         """Features without the cache; no gradient into the backbone when it is frozen."""
         return self._head(self._frozen_output(pixel_values))
 
+    def preprocessing(self) -> dict[str, object]:
+        """What besides the weights decides the backbone's output (part of a disk cache's fingerprint)."""
+        return {"backbone": self.backbone_type, "size": self.image_size, "channels": self.image_channels,
+                "mean": self.image_mean, "std": self.image_std}
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.backbone, self.preprocessing())
+
+    def open_feature_cache(self) -> DiskFeatureCache | None:
+        """The disk cache of `vision.feature_cache`, opened (and its fingerprint checked) on first call."""
+        if self.feature_cache is None and self.feature_cache_dir is not None:
+            self.feature_cache = DiskFeatureCache(self.feature_cache_dir, self.fingerprint())
+        return self.feature_cache if isinstance(self.feature_cache, DiskFeatureCache) else None
+
     def forward(self, pixel_values: Tensor, cache_keys: list[str] | None = None) -> Tensor:
-        """[B, C, S, S] -> [B, 1 + L, Dv]; with `cache_keys` (one per sample) known keys skip the backbone."""
-        if self.feature_cache is None or cache_keys is None:
+        """[B, C, S, S] -> [B, 1 + L, Dv]; with `cache_keys` (one per sample) cached keys skip the backbone.
+
+        With a disk cache, features computed on a miss are rounded to the cache's dtype, so that a sample
+        gives the same features whether or not it is cached.
+        """
+        if cache_keys is None or (self.feature_cache is None and self.feature_cache_dir is None):
             return self.encode(pixel_values)
+        disk = self.open_feature_cache()
         if len(cache_keys) != pixel_values.shape[0]:
             raise ValueError(f"got {len(cache_keys)} cache keys for a batch of {pixel_values.shape[0]}")
         cached = [self.feature_cache.get(k) for k in cache_keys]
         missing = [i for i, c in enumerate(cached) if c is None]
         if missing:
             fresh = self._frozen_output(pixel_values[missing])  # [M, L or 1 + L, Dv]
+            if disk is not None:
+                fresh = fresh.to(disk.dtype)
             for row, i in enumerate(missing):
                 self.feature_cache.put(cache_keys[i], fresh[row])
                 cached[i] = fresh[row]
-        return self._head(torch.stack([c.to(pixel_values.device) for c in cached]))
+        dtype = next(self.backbone.parameters()).dtype
+        return self._head(torch.stack([c.to(pixel_values.device, dtype) for c in cached]))
 
     def clear_cache(self) -> None:
-        if self.feature_cache is not None:
+        if isinstance(self.feature_cache, FeatureCache):
             self.feature_cache.clear()
 
 

@@ -414,7 +414,8 @@ class Trainer:
         records = self.source.train_records if split == "train" else self.source.val_records
         if not records:
             return None
-        dataset = ManifestDataset(records, root=self.source.path.parent, **image_kw)
+        dataset = ManifestDataset(records, root=self.source.path.parent,
+                                  hash_images=cfg.vision.feature_cache is not None, **image_kw)
         if split == "train" and stage.mixture:
             sampler = make_mixture_sampler(dataset, stage.mixture, seed=seed, num_replicas=self.world,
                                            rank=self.rank, batch_size=tc.batch_size)
