@@ -477,8 +477,17 @@ class Stage0Config(_Strict):
         return "no" if value is False else value
 
 
+def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`update` laid over `base`, section by section."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def load_stage0_config(path: str | Path | None, overrides: list[str] | None = None) -> Stage0Config:
-    """A stage-0 YAML file (or the defaults) with `key=value` overrides, validated."""
+    """A stage-0 YAML file with `key=value` overrides, validated; keys the file or the overrides leave out keep
+    their defaults (`vision.hidden_size=96` changes the default backbone's width, not its kind)."""
     data: dict[str, Any] = {}
     if path is not None:
         path = resolve_config_path(path)
@@ -488,7 +497,7 @@ def load_stage0_config(path: str | Path | None, overrides: list[str] | None = No
             raise ConfigError(f"config {path} is not valid YAML: {err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config {path} must be a non-empty mapping")
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(_merged(Stage0Config().model_dump(mode="json"), data), overrides or [])
     try:
         return Stage0Config.model_validate(data)
     except ValidationError as err:
