@@ -62,27 +62,28 @@ def _calibrate_step_seconds(config: MedUnifierConfig, losses: list[LossWeights],
     return seconds
 
 
-# The demo's curriculum: ITM's three bidirectional passes cost more than half of a step, and in a
-# 10-minute budget ITM stays at chance while its arrival sets ITC back, so the first stage aligns and
-# grounds with ITC, ITG and TIG and only the last tenth adds ITM (all four objectives). Measured against
-# 75/25 the figures are level within one run's noise (docs/results.md, "Demo").
-# TIG is weighted 4: its MSE (about 0.02) is small beside ITC (about 3), and at weight 1 the shared vision
-# encoder keeps too little detail for the reconstructions in a 10-minute budget (held-out PSNR at 200 steps:
-# 22.2 dB at weight 1, 23.1 at 4, validation ITC 3.18 against 3.30; docs/results.md, session 15).
-DEMO_STAGES = [("align", 0.9, LossWeights(itc=1.0, itm=0.0, itg=1.0, tig=4.0)),
-               ("full", 0.1, LossWeights(itc=1.0, itm=1.0, itg=1.0, tig=4.0))]
+# The demo's stage 1 trains all four objectives from the first step: on the frozen stage-0 features ITM
+# learns (it stayed at its prior while the vision encoder was learned through the Q-Former), and ITC spreads
+# its target over same-finding reports (`itc_targets: findings`). TIG is weighted 4: its MSE (about 0.02) is
+# small beside ITC (about 3).
+DEMO_STAGES = [("full", 1.0, LossWeights(itc=1.0, itm=1.0, itg=1.0, tig=4.0))]
+DEMO_OVERRIDES = ["itc_targets=findings"]
 
 
 # A few timed steps on a rested machine run faster than the sustained training loop (which also loads
-# data, clips gradients, validates and checkpoints): the 10-minute demos `/tmp/demo5` and `/tmp/demo6`
-# trained for 11.9 and 12.9 minutes (docs/results.md), and the whole `make demo` must stay under 25.
+# data, clips gradients, validates and checkpoints): the whole `make demo` must stay under 25 minutes.
 CALIBRATION_MARGIN = 1.25
 
 
-def demo_config(tokenizer_dir: Path, minutes: float, seed: int, manifest: Path | None = None) -> MedUnifierConfig:
-    """The `tiny` preset with the demo's two stages, sized so that training fits in `minutes` here
-    (step costs timed on the first training reports of `manifest` when given)."""
-    config = load_config("tiny", [f"text.tokenizer={tokenizer_dir}", f"train.seed={seed}"])
+def demo_config(tokenizer_dir: Path, minutes: float, seed: int, manifest: Path | None = None,
+                vision_dir: Path | None = None, feature_cache: Path | None = None) -> MedUnifierConfig:
+    """The `tiny_frozen` preset (frozen stage-0 backbone `vision_dir`, its features read from `feature_cache`)
+    with the demo's stages, sized so that training fits in `minutes` here (step costs timed on the first
+    training reports of `manifest` when given)."""
+    overrides = [f"text.tokenizer={tokenizer_dir}", f"train.seed={seed}", *DEMO_OVERRIDES]
+    if vision_dir is not None:
+        overrides.append(f"vision.pretrained={vision_dir}")
+    config = load_config("tiny_frozen", overrides)
     texts = None
     if manifest is not None:
         from medunifier.data.manifest import load_records
@@ -94,21 +95,54 @@ def demo_config(tokenizer_dir: Path, minutes: float, seed: int, manifest: Path |
     console.print("measured " + ", ".join(f"{name} {s:.2f} s/step" for (name, _, _), s in zip(DEMO_STAGES, seconds))
                   + f" at batch {config.train.batch_size}: {steps} steps fit in {minutes:g} minutes")
     data = config.to_dict()
-    data["train"].update(max_steps=steps, save_every=max(steps // 4, 50), val_every=max(steps // 8, 25),
+    data["vision"]["feature_cache"] = str(feature_cache) if feature_cache is not None else None
+    data["train"].update(max_steps=steps, save_every=max(steps // 4, 50), val_every=max(steps // 4, 50),
                          stages=[{"name": name, "fraction": fraction, "losses": losses.model_dump()}
                                  for name, fraction, losses in DEMO_STAGES])
     return config_from_dict(data, "<demo config>")
 
 
-def run_demo(out: str | Path = "runs/demo", minutes: float = 10.0, n_images: int = 6000, seed: int = 0,
-             eval_limit: int = 200, prior_minutes: float | None = None) -> Path | None:
+def run_stage0(data_dir: Path, out: Path, minutes: float, seed: int) -> dict[str, Any]:
+    """Stage 0 within `minutes` (report embeddings included): the backbone folder `out`, and its probe figures."""
+    from medunifier.config import load_stage0_config
+    from medunifier.data.dataset import ManifestDataset
+    from medunifier.model.stage0 import TextTower
+    from medunifier.train.stage0 import RUN, TextBank, evaluate_stage0, pretrain_vision, seconds_per_step
+
+    manifest = data_dir / "manifest.jsonl"
+    config = load_stage0_config(None, [f"seed={seed}", "soft_targets=true"])
+    if not (out / "model.safetensors").exists():
+        start = time.perf_counter()
+        resume = (out / RUN / "config.json").exists()
+        if resume:  # the schedule was sized when stage 0 started: keep it
+            config = config.model_validate(json.loads((out / RUN / "config.json").read_text()))
+        else:
+            (out / RUN).mkdir(parents=True, exist_ok=True)
+            dataset = ManifestDataset(manifest, image_size=config.image.size, channels=config.image.channels,
+                                      splits=["train"])
+            tower = TextTower(config.text_encoder, max_length=config.text_max_length)
+            TextBank.build(dataset, tower, out / RUN / "text_embeddings.safetensors", config.text_encoder,
+                           console.print)  # cached: pretrain_vision reads it back
+            per_step = CALIBRATION_MARGIN * seconds_per_step(config, tower.width)
+            left = minutes * 60 - (time.perf_counter() - start)
+            steps = max(100, int(left / per_step))
+            console.print(f"stage 0: {per_step / CALIBRATION_MARGIN:.2f} s/step at batch {config.batch_size}: "
+                          f"{steps} steps in the {left / 60:.1f} minutes left")
+            config = config.model_copy(update={"max_steps": steps, "save_every": max(steps // 4, 50)})
+        pretrain_vision(config, manifest, out, resume=resume)
+    return evaluate_stage0(out, manifest, data_dir / "manifest_5x200.jsonl")
+
+
+def run_demo(out: str | Path = "runs/demo", minutes: float = 8.0, n_images: int = 6000, seed: int = 0,
+             eval_limit: int = 200, prior_minutes: float | None = None, stage0_minutes: float = 3.0) -> Path | None:
     """Run the demo into `out` and return the path of `report.html` (None when a signal stopped training:
     the same call resumes it).
 
-    `minutes` is the training budget of the model; the code priors get `prior_minutes` (default a
-    quarter of it) on top.
+    The paper's recipe: stage 0 pre-trains the vision backbone (`stage0_minutes`, report embeddings
+    included), its frozen outputs are cached on disk, stage 1 trains the image-text encoder and the generator
+    on them for `minutes`, and the code priors get `prior_minutes` (default half of `minutes`).
     """
-    prior_minutes = minutes / 4 if prior_minutes is None else prior_minutes
+    prior_minutes = minutes / 2 if prior_minutes is None else prior_minutes
     from medunifier.data.synthcxr import write_synthcxr
 
     out = Path(out)
@@ -118,12 +152,25 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 10.0, n_images: int
     data_dir = out / "data"
     start = time.perf_counter()
     if not (data_dir / "manifest.jsonl").exists():
-        console.rule("1/4 SynthCXR")
+        console.rule("1/5 SynthCXR")
         summary = write_synthcxr(data_dir, n=n_images, size=64, seed=seed)
         console.print(f"wrote {summary.get('n', n_images)} images and the 5x200 set to {data_dir}")
     timings["data_s"] = time.perf_counter() - start
 
-    console.rule("2/4 training the tiny model")
+    console.rule("2/5 stage 0: the vision backbone")
+    vision_dir = out / "vision"
+    start = time.perf_counter()
+    stage0 = run_stage0(data_dir, vision_dir, stage0_minutes, seed)
+    console.print("stage 0 (linear probe and zero-shot of the backbone alone, 5x200): " + json.dumps(stage0))
+    feature_dir = out / "features"
+    if not (feature_dir / "cache.json").exists():
+        from medunifier.train.features import write_feature_cache
+
+        write_feature_cache(load_config("tiny_frozen", [f"vision.pretrained={vision_dir}"]), data_dir / "manifest.jsonl",
+                            feature_dir)
+    timings["stage0_s"] = time.perf_counter() - start
+
+    console.rule("3/5 stage 1: the image-text encoder and the generator on the frozen features")
     # A WordPiece vocabulary fitted to the reports keeps the LM head small (MiniLM's has 30k rows).
     tokenizer_dir = data_dir / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").exists():
@@ -140,7 +187,7 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 10.0, n_images: int
         config = load_config(run_dir / "config.yaml")
         console.print(f"resuming the run in {run_dir} ({config.train.max_steps} steps)")
     else:
-        config = demo_config(tokenizer_dir, minutes, seed, data_dir / "manifest.jsonl")
+        config = demo_config(tokenizer_dir, minutes, seed, data_dir / "manifest.jsonl", vision_dir, feature_dir)
     start = time.perf_counter()
     result = train(config, data_dir / "manifest.jsonl", run_dir, resume=resume)
     timings["train_s"] = time.perf_counter() - start
@@ -150,7 +197,7 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 10.0, n_images: int
         return None
     model_dir = run_dir / "model"
 
-    console.rule("3/4 text-conditioned priors and evaluation")
+    console.rule("4/5 text-conditioned priors and evaluation")
     from medunifier.eval.common import load_model
     from medunifier.generate.demo import demo_generation_section, train_demo_priors
 
@@ -159,15 +206,17 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 10.0, n_images: int
     timings["prior_s"] = time.perf_counter() - start
 
     model = load_model(model_dir)
-    results: dict[str, Any] = {"train": {"steps": result.step, "samples_per_s": result.samples_per_s,
+    results: dict[str, Any] = {"stage0": stage0, "itm": final_itm(run_dir),
+                               "train": {"steps": result.step, "samples_per_s": result.samples_per_s,
                                          "seconds": timings["train_s"]}}
     start = time.perf_counter()
     results.update(_evaluate(model, data_dir, out / "eval", eval_limit))
     generation_html, results["synthesis"] = demo_generation_section(run_dir, data_dir, seed=seed)
     timings["eval_s"] = time.perf_counter() - start
 
-    console.rule("4/4 report")
+    console.rule("5/5 report")
     report = write_report(out, run_dir, model, data_dir, results, timings, generation_html)
+    results["timings_s"] = timings
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
     console.print(f"\n[bold green]done[/bold green]: open {report}")
     console.print(f"model: {model_dir}   (serve it with: medunifier serve --ckpt {model_dir})")
@@ -284,6 +333,62 @@ def _metric_tables(results: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def final_itm(run_dir: Path, windows: int = 3) -> dict[str, float]:
+    """ITM loss and in-batch accuracy over the last `windows` logged training windows of a run."""
+    metrics_path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
+        if metrics_path.exists() else []
+    rows = [r for r in rows if r.get("kind", "train") == "train" and "loss_itm" in r][-windows:]
+    if not rows:
+        return {}
+    return {"loss": float(np.mean([r["loss_itm"] for r in rows])),
+            "accuracy": float(np.mean([r.get("itm_acc", float("nan")) for r in rows])),
+            "prior_loss": float(-(np.log(1 / 3) / 3 + 2 * np.log(2 / 3) / 3)), "steps": rows[-1]["step"]}
+
+
+def _get(tree: Any, *path: Any) -> Any:
+    for key in path:
+        if isinstance(tree, dict):
+            tree = tree.get(key, tree.get(str(key)) if not isinstance(key, str) else None)
+        else:
+            return None
+    return tree
+
+
+def headline(results: dict[str, Any]) -> list[list[Any]]:
+    """The figures a reader looks for first: [what, value, chance or baseline]."""
+    from medunifier.data.findings import COMPETITION_FINDINGS
+
+    rows: list[list[Any]] = []
+    zs = _get(results, "zeroshot", "accuracy")
+    if zs is not None:
+        rows.append(["zero-shot 5-way accuracy (5x200)", zs, "chance 0.20"])
+    p1 = _get(results, "retrieval", "image_to_text", "precision_at_k", 1)
+    if p1 is not None:
+        rows.append(["image-to-text precision@1 (5x200)", p1, "chance 0.20"])
+    ce = _get(results, "report", "clinical_efficacy")
+    if ce:
+        rows.append(["generated reports: clinical-efficacy F1 (micro)", _get(ce, "micro", "f1"), ""])
+        named = [c for c in COMPETITION_FINDINGS if (_get(ce, "per_finding", c, "recall") or 0) >= 0.3]
+        rows.append(["CheXpert findings named in >= 30% of the reports of images that have them",
+                     f"{len(named)} of {len(COMPETITION_FINDINGS)}", ", ".join(named)])
+    itm = results.get("itm") or {}
+    if itm:
+        rows.append(["image-text matching: final loss / in-batch accuracy",
+                     f"{itm['loss']:.3f} / {itm['accuracy']:.3f}", f"prior {itm['prior_loss']:.3f} / 0.667"])
+    psnr = _get(results, "reconstruction", "psnr_db_mean")
+    if psnr is not None:
+        rows.append(["held-out reconstruction PSNR (dB)", psnr, ""])
+    consistency = _get(results, "synthesis", "consistency", "macro")
+    if consistency is not None:
+        rows.append(["text-to-image finding consistency", consistency, "chance 0.20"])
+    probe = _get(results, "stage0", "linear_probe", "accuracy_5way")
+    if probe is not None:
+        rows.append(["stage-0 backbone alone: linear probe / zero-shot (5x200)",
+                     f"{probe:.3f} / {_get(results, 'stage0', 'zeroshot_accuracy') or float('nan'):.3f}", ""])
+    return rows
+
+
 def _codebook_plot(run_dir: Path) -> str | None:
     metrics_path = run_dir / "metrics.jsonl"
     if not metrics_path.exists():
@@ -346,9 +451,12 @@ td, th {{ border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; text-al
 pre {{ background: #f6f6f6; padding: 1em; overflow: auto; max-height: 30em; }}
 </style></head><body>
 <h1>medunifier demo</h1>
-<p>SynthCXR 64x64, the <code>tiny</code> preset trained for {train.get('steps', '?')} steps
+<p>SynthCXR 64x64, the paper's recipe at <code>tiny</code> size: a vision backbone pre-trained in stage 0
+({timings.get('stage0_s', 0) / 60:.1f} min, report embeddings and feature cache included), then frozen; the
+image-text encoder and the generator trained on its cached features for {train.get('steps', '?')} steps
 ({timings.get('train_s', 0) / 60:.1f} min, {train.get('samples_per_s', 0):.1f} samples/s) on this machine.
 Every figure below was computed by this run.</p>
+{_table("What this model achieved", ["measure", "value", "for scale"], [[_fmt(c) for c in row] for row in headline(results)])}
 <h2>Loss curves</h2>
 {f"<img src='{loss_curves}' style='max-width:100%'>" if loss_curves else "<p>(no loss curve written)</p>"}
 <h2>Codebook usage</h2>

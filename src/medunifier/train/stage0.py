@@ -97,11 +97,16 @@ class TextBank:
 class Stage0Model(nn.Module):
     """Everything stage 0 trains: the image tower, the loss parameters and (fine-tuned) the text tower."""
 
-    def __init__(self, config: Stage0Config, text_tower: TextTower | None):
+    def __init__(self, config: Stage0Config, text_tower: TextTower | None, text_width: int | None = None):
+        """text_tower: the text encoder (needed to fine-tune it); a locked tower's cached embeddings need only
+        their `text_width`."""
         super().__init__()
         self.config = config
         uses_text = config.objective in ("text", "both")
-        self.tower = ImageTower(config.vision, config.image, text_tower.width if uses_text else 0, config.embed_dim)
+        width = text_tower.width if text_tower is not None else text_width
+        if uses_text and not width:
+            raise ValueError("an image-text stage 0 needs the text tower or its embedding width")
+        self.tower = ImageTower(config.vision, config.image, width if uses_text else 0, config.embed_dim)
         self.text_tower = text_tower if (uses_text and config.text_tower == "finetune") else None
         self.itc = ImageTextContrastiveLoss(config.temperature, config.soft_targets) if uses_text else None
         self.ntxent = NTXentLoss(config.ssl_temperature) if config.objective in ("image", "both") else None
@@ -382,3 +387,32 @@ def evaluate_stage0(out_dir: str | Path, data: str | Path, five: str | Path | No
     (out / RUN / "results.json").write_text(json.dumps(results, indent=1))
     return results
 
+
+
+def seconds_per_step(config: Stage0Config, text_width: int = 384, steps: int = 3) -> float:
+    """Median wall time of a few stage-0 training steps on random data of the configured sizes (the demo
+    sizes its schedule with it). The text side is a random locked bank, as a locked tower's cache would be."""
+    from medunifier.train.precision import autocast
+
+    c = config
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Stage0Model(c.model_copy(update={"text_tower": "locked", "queue_size": c.queue_size}), None,
+                            text_width)
+        n_bank = max(c.batch_size, c.queue_size) + c.batch_size
+        bank = TextBank([str(i) for i in range(n_bank)], torch.randint(0, 2, (n_bank, len(FINDINGS))).float(),
+                        F.normalize(torch.randn(n_bank, text_width), dim=-1))
+        queue = torch.arange(c.batch_size, c.batch_size + c.queue_size)
+        batch = {"pixel_values": torch.randn(c.batch_size, c.image.channels, c.image.size, c.image.size),
+                 "text_keys": torch.arange(c.batch_size), "texts": bank.texts[: c.batch_size]}
+        optimizer = torch.optim.AdamW(_parameter_groups(model, c.weight_decay), lr=c.lr)
+        times = []
+        for _ in range(steps + 1):
+            start = time.perf_counter()
+            with autocast(c.mixed_precision):
+                loss = model(batch, bank, queue if c.queue_size else None)["loss"]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - start)
+    return float(np.median(times[1:]))
