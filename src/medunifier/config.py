@@ -54,6 +54,11 @@ class VisionConfig(_Strict):
     frozen: bool = True
     cache_features: bool = False
     drop_path: float = Field(0.0, ge=0, lt=1)
+    ignore_weights: list[str] = Field(
+        default_factory=list,
+        description="fnmatch patterns of tensors that may be missing from vision.pretrained (they keep their random "
+        "init) or present but unused; any other mismatch is an error",
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> VisionConfig:
