@@ -100,7 +100,18 @@ class EncoderConfig(_Strict):
     """Image-text encoder E_Q (Q-Former style)."""
 
     pretrained: str | None = Field(
-        None, description="local BERT checkpoint folder, or 'minilm' for the packaged MiniLM-L6-H384"
+        None,
+        description="local BERT checkpoint folder, 'minilm' for the packaged MiniLM-L6-H384, or 'blip2:FOLDER' for "
+        "the Q-Former and query tokens of a BLIP-2 save",
+    )
+    text_pretrained: str | None = Field(
+        None, description="with encoder.pretrained 'blip2:FOLDER': the BERT folder for the text-side weights (word and "
+        "position embeddings, text feed-forward) that BLIP-2's Q-Former lacks",
+    )
+    ignore_weights: list[str] = Field(
+        default_factory=list,
+        description="fnmatch patterns of tensors that may stay unloaded (keeping their init) or be present but unused "
+        "in encoder.pretrained; any other mismatch is an error",
     )
     hidden_size: int = Field(256, ge=16)
     num_layers: int = Field(4, ge=1)
@@ -143,6 +154,9 @@ class EncoderConfig(_Strict):
             raise ValueError(
                 f"encoder.hidden_size ({self.hidden_size}) must be divisible by encoder.num_heads ({self.num_heads})"
             )
+        if self.text_pretrained and not (self.pretrained or "").startswith("blip2:"):
+            raise ValueError("encoder.text_pretrained completes a BLIP-2 Q-Former: set encoder.pretrained: blip2:FOLDER, "
+                             "or name the BERT folder in encoder.pretrained")
         if self.pretrained and self.norm_position != "post":
             raise ValueError("encoder.pretrained loads a BERT checkpoint, which needs encoder.norm_position: post")
         if self.expert_attention and self.experts != "task":

@@ -24,7 +24,8 @@ not use ("unexpected") are an error that lists them, unless an `ignore` pattern 
 parts of a full model (language model, Q-Former, text tower, classifier) are not the vision part and are
 never read. A ViT's pooler is not used (the encoder reads every token) and is not reported.
 
-BLIP-2's Q-Former and query tokens (`load_blip2_qformer`) load into `ImageTextEncoder`, see there.
+BLIP-2's Q-Former and query tokens (`load_blip2_qformer`, `encoder.pretrained: blip2:FOLDER`) load into
+`ImageTextEncoder`, see there; `load_encoder_weights` picks BERT or BLIP-2 from the encoder config.
 """
 
 from __future__ import annotations
@@ -198,10 +199,148 @@ def load_vision_backbone(backbone: str, spec: str, ignore: Iterable[str] = ()) -
     return model.eval()
 
 
+
+
+BLIP2_PREFIX = "blip2:"
+# encoder parameters a BLIP-2 generation checkpoint never holds and that may keep their init: the LM head
+# (its Q-Former has none; BERT's, when `encoder.text_pretrained` has one, is loaded)
+_QFORMER_OPTIONAL = ("lm_head.*",)
+
+
+def _qformer_pairs(num_layers: int, cross_freq: int) -> list[tuple[str, list[str]]]:
+    """(our parameter, the Q-Former tensors concatenated along dim 0 to make it) for a Blip2 Q-Former."""
+    pairs = [(f"embeddings.layer_norm.{p}", [f"qformer.layernorm.{p}"]) for p in ("weight", "bias")]
+    pairs.append(("query_tokens", ["query_tokens"]))
+    for i in range(num_layers):
+        src, dst = f"qformer.encoder.layer.{i}", f"layers.{i}"
+        modules = [
+            ("self_attention.qkv", [f"attention.attention.{n}" for n in ("query", "key", "value")]),
+            ("self_attention.out", ["attention.output.dense"]),
+            ("self_attention.norm", ["attention.output.LayerNorm"]),
+            ("query_ffn.up", ["intermediate_query.dense"]),
+            ("query_ffn.down", ["output_query.dense"]),
+            ("query_ffn.norm", ["output_query.LayerNorm"]),
+            # text FFN: only in Q-Formers with text input (use_qformer_text_input)
+            ("text_ffn.up", ["intermediate.dense"]),
+            ("text_ffn.down", ["output.dense"]),
+            ("text_ffn.norm", ["output.LayerNorm"]),
+        ]
+        if i % cross_freq == 0:
+            modules += [
+                ("cross_attention.query", ["crossattention.attention.query"]),
+                ("cross_attention.key_value", [f"crossattention.attention.{n}" for n in ("key", "value")]),
+                ("cross_attention.out", ["crossattention.output.dense"]),
+                ("cross_attention.norm", ["crossattention.output.LayerNorm"]),
+            ]
+        for ours, theirs in modules:
+            for p in ("weight", "bias"):
+                pairs.append((f"{dst}.{ours}.{p}", [f"{src}.{t}.{p}" for t in theirs]))
+    return pairs
+
+
+def _check_qformer_config(data: dict, encoder, folder: Path) -> None:
+    q, ours = data.get("qformer_config") or {}, encoder.config
+    pairs = [
+        ("hidden_size", "encoder.hidden_size", ours.hidden_size),
+        ("num_hidden_layers", "encoder.num_layers", ours.num_layers),
+        ("num_attention_heads", "encoder.num_heads", ours.num_heads),
+        ("intermediate_size", "encoder.intermediate_size", ours.intermediate_size),
+        ("cross_attention_frequency", "encoder.cross_attention_freq", ours.cross_attention_freq),
+        ("layer_norm_eps", "encoder.layer_norm_eps", ours.layer_norm_eps),
+        ("encoder_hidden_size", "the vision hidden size", encoder.vision_width),
+    ]
+    wrong = [f"{our_key} is {value} but the Q-Former's {key} is {q.get(key)}"
+             for key, our_key, value in pairs if q.get(key) != value]
+    if data.get("num_query_tokens") != ours.num_queries:
+        wrong.append(f"encoder.num_queries is {ours.num_queries} but num_query_tokens is {data.get('num_query_tokens')}")
+    if q.get("hidden_act", "gelu") != "gelu":
+        wrong.append(f"the Q-Former uses hidden_act={q.get('hidden_act')}, the encoder implements gelu")
+    if wrong:
+        raise ValueError(f"BLIP-2 checkpoint {folder} does not fit the config: " + "; ".join(wrong))
+
+
+def load_blip2_qformer(encoder, spec: str, ignore: Iterable[str] = (), preloaded: Iterable[str] = ()) -> dict:
+    """Copy a BLIP-2 folder's Q-Former and query tokens into `encoder` (an `ImageTextEncoder`).
+
+    Blip2QFormerModel is the encoder's query path layer for layer (BERT post-LN layers, cross-attention in
+    every `cross_attention_frequency`-th layer, the query feed-forward `intermediate_query`/`output_query`,
+    the input LayerNorm `qformer.layernorm` = our embedding LayerNorm): the query outputs are the same.
+    Its text-side parameters (word and position embeddings, the text feed-forward) are not in a BLIP-2
+    generation checkpoint; `preloaded` names the encoder parameters already loaded from elsewhere (BERT).
+    Any other encoder parameter left unloaded, or Q-Former tensor left unused, is an error unless `ignore`
+    (fnmatch patterns of our or their names) names it.
+
+    Args:
+        encoder: the `ImageTextEncoder` to load into.
+        spec: the folder of a `Blip2ForConditionalGeneration` / `Blip2Model` save.
+        ignore: patterns of tensors allowed to stay unloaded or unused.
+        preloaded: our parameter names loaded before (they count as present; the Q-Former overrides them).
+    Returns:
+        {loaded, initialised, skipped}: our parameters loaded / left as they were, their tensors unused.
+    """
+    folder = resolve_local(spec)
+    config_path = folder / "config.json"
+    data = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if data.get("model_type") != "blip-2":
+        raise ValueError(f"{folder} is not a BLIP-2 folder (config.json model_type '{data.get('model_type')}', "
+                         "expected 'blip-2'): name a Blip2ForConditionalGeneration or Blip2Model save")
+    _check_qformer_config(data, encoder, folder)
+    state = read_tensors(folder, keep=["qformer.", "query_tokens"])
+    params = dict(encoder.named_parameters())
+    pairs = [(ours, theirs) for ours, theirs in _qformer_pairs(encoder.config.num_layers,
+                                                                 encoder.config.cross_attention_freq)
+             if all(t in state for t in theirs)]
+    loaded = [ours for ours, _ in pairs]
+    used = {t for _, theirs in pairs for t in theirs}
+    wrong_shape = []
+    for ours, theirs in pairs:
+        value = torch.cat([state[t] for t in theirs], dim=0)
+        if value.shape != params[ours].shape:
+            wrong_shape.append(f"{'+'.join(theirs)} {tuple(value.shape)} (encoder {ours} {tuple(params[ours].shape)})")
+    present = set(loaded) | set(preloaded)
+    by_design = [n for n, _ in encoder.named_parameters() if n.startswith("modality_embeddings") or ".gen_" in n]
+    missing = [n for n in params if n not in present and n not in by_design
+               and not _matches(n, _QFORMER_OPTIONAL)]
+    unexpected = [n for n in state if n not in used]
+    check_mismatch(
+        f"encoder.pretrained {BLIP2_PREFIX}{folder} (text-side weights come from encoder.text_pretrained, a BERT "
+        "folder of the Q-Former's size)", missing, unexpected, wrong_shape, ignore, "encoder.ignore_weights",
+    )
+    with torch.no_grad():
+        for ours, theirs in pairs:
+            params[ours].copy_(torch.cat([state[t] for t in theirs], dim=0).to(params[ours].dtype))
+    loaded += encoder.sync_generation_experts()  # the generation experts start as copies
+    return {"loaded": loaded, "initialised": [n for n in params if n not in set(loaded) | present],
+            "skipped": sorted(unexpected)}
+
+
+def load_encoder_weights(encoder, config, tokenizer=None) -> dict:
+    """Initialise `encoder` from `config.pretrained` (an `EncoderConfig`): a BERT folder (or 'minilm'), or
+    'blip2:FOLDER' (BLIP-2's Q-Former and query tokens over BERT text weights from `config.text_pretrained`).
+
+    Args:
+        encoder: the `ImageTextEncoder`.
+        config: its `EncoderConfig`.
+        tokenizer: the model's tokenizer, checked against the BERT folder's vocabulary.
+    """
+    from medunifier.model.bert_weights import load_bert_weights
+
+    spec = config.pretrained
+    if not spec.startswith(BLIP2_PREFIX):
+        return load_bert_weights(encoder, spec, tokenizer, config.ignore_weights)
+    preloaded: list[str] = []
+    if config.text_pretrained:
+        preloaded = load_bert_weights(encoder, config.text_pretrained, tokenizer, config.ignore_weights)["loaded"]
+    return load_blip2_qformer(encoder, spec[len(BLIP2_PREFIX):], config.ignore_weights, preloaded)
+
+
 __all__ = [
+    "BLIP2_PREFIX",
     "VISION_MODELS",
     "WeightMismatchError",
     "check_mismatch",
+    "load_blip2_qformer",
+    "load_encoder_weights",
     "load_vision_backbone",
     "read_tensors",
     "safetensors_files",
