@@ -172,8 +172,12 @@ class GeneratorConfig(_Strict):
 
     top_size: int = Field(8, ge=1, description="side of the top latent map")
     bottom_size: int = Field(16, ge=1, description="side of the bottom latent map")
-    codebook_size: int = Field(512, ge=2)
-    codebook_dim: int = Field(768, ge=4)
+    codebook_size: int = Field(512, ge=2, description="entries per codebook (both levels unless overridden)")
+    codebook_dim: int = Field(768, ge=4, description="code vector size (both levels unless overridden)")
+    top_codebook_size: int | None = Field(None, ge=2, description="top level's codebook entries (default codebook_size)")
+    bottom_codebook_size: int | None = Field(None, ge=2, description="bottom level's (default codebook_size)")
+    top_codebook_dim: int | None = Field(None, ge=4, description="top level's code vector size (default codebook_dim)")
+    bottom_codebook_dim: int | None = Field(None, ge=4, description="bottom level's (default codebook_dim)")
     adapter_hidden: int = Field(256, ge=8)
     adapter_blocks: int = Field(2, ge=0)
     decoder_channels: int = Field(128, ge=8)
@@ -183,6 +187,11 @@ class GeneratorConfig(_Strict):
     kmeans_iters: int = Field(10, ge=1)
     threshold_ema_dead_code: float = Field(2.0, ge=0)
     rotation_trick: bool = True
+
+    def level_codebook(self, level: Literal["top", "bottom"]) -> tuple[int, int]:
+        """(codebook size, code dim) of one level: its override, else the shared value."""
+        size, dim = getattr(self, f"{level}_codebook_size"), getattr(self, f"{level}_codebook_dim")
+        return (self.codebook_size if size is None else size), (self.codebook_dim if dim is None else dim)
 
 
 class PriorConfigModel(_Strict):
