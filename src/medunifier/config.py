@@ -319,6 +319,11 @@ class TrainConfig(_Strict):
     save_every: int = Field(200, ge=1)
     keep_last: int = Field(2, ge=1)
     skip_nonfinite: bool = False
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass (a trainable transformer vision tower and "
+        "the encoder's layers): less memory, about one more forward of compute; losses and gradients unchanged",
+    )
+    compile: bool = Field(False, description="torch.compile the vision tower and the encoder (first steps are slow)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     stages: list[StageConfig] = Field(default_factory=list)
 
