@@ -84,7 +84,7 @@ def train_losses(model: MedUnifier, batches: list[dict], device: torch.device, s
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
-        losses.append(float(out.loss))
+        losses.append(out.loss.item())
     return losses
 
 
