@@ -60,6 +60,11 @@ class VisionConfig(_Strict):
         "record id and image hash; refused when its fingerprint (weights, preprocessing) differs from this model's",
     )
     drop_path: float = Field(0.0, ge=0, lt=1)
+    ignore_weights: list[str] = Field(
+        default_factory=list,
+        description="fnmatch patterns of tensors that may be missing from vision.pretrained (they keep their random "
+        "init) or present but unused; any other mismatch is an error",
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> VisionConfig:
@@ -106,7 +111,18 @@ class EncoderConfig(_Strict):
     """Image-text encoder E_Q (Q-Former style)."""
 
     pretrained: str | None = Field(
-        None, description="local BERT checkpoint folder, or 'minilm' for the packaged MiniLM-L6-H384"
+        None,
+        description="local BERT checkpoint folder, 'minilm' for the packaged MiniLM-L6-H384, or 'blip2:FOLDER' for "
+        "the Q-Former and query tokens of a BLIP-2 save",
+    )
+    text_pretrained: str | None = Field(
+        None, description="with encoder.pretrained 'blip2:FOLDER': the BERT folder for the text-side weights (word and "
+        "position embeddings, text feed-forward) that BLIP-2's Q-Former lacks",
+    )
+    ignore_weights: list[str] = Field(
+        default_factory=list,
+        description="fnmatch patterns of tensors that may stay unloaded (keeping their init) or be present but unused "
+        "in encoder.pretrained; any other mismatch is an error",
     )
     hidden_size: int = Field(256, ge=16)
     num_layers: int = Field(4, ge=1)
@@ -149,6 +165,9 @@ class EncoderConfig(_Strict):
             raise ValueError(
                 f"encoder.hidden_size ({self.hidden_size}) must be divisible by encoder.num_heads ({self.num_heads})"
             )
+        if self.text_pretrained and not (self.pretrained or "").startswith("blip2:"):
+            raise ValueError("encoder.text_pretrained completes a BLIP-2 Q-Former: set encoder.pretrained: blip2:FOLDER, "
+                             "or name the BERT folder in encoder.pretrained")
         if self.pretrained and self.norm_position != "post":
             raise ValueError("encoder.pretrained loads a BERT checkpoint, which needs encoder.norm_position: post")
         if self.expert_attention and self.experts != "task":
@@ -164,8 +183,12 @@ class GeneratorConfig(_Strict):
 
     top_size: int = Field(8, ge=1, description="side of the top latent map")
     bottom_size: int = Field(16, ge=1, description="side of the bottom latent map")
-    codebook_size: int = Field(512, ge=2)
-    codebook_dim: int = Field(768, ge=4)
+    codebook_size: int = Field(512, ge=2, description="entries per codebook (both levels unless overridden)")
+    codebook_dim: int = Field(768, ge=4, description="code vector size (both levels unless overridden)")
+    top_codebook_size: int | None = Field(None, ge=2, description="top level's codebook entries (default codebook_size)")
+    bottom_codebook_size: int | None = Field(None, ge=2, description="bottom level's (default codebook_size)")
+    top_codebook_dim: int | None = Field(None, ge=4, description="top level's code vector size (default codebook_dim)")
+    bottom_codebook_dim: int | None = Field(None, ge=4, description="bottom level's (default codebook_dim)")
     adapter_hidden: int = Field(256, ge=8)
     adapter_blocks: int = Field(2, ge=0)
     decoder_channels: int = Field(128, ge=8)
@@ -175,6 +198,11 @@ class GeneratorConfig(_Strict):
     kmeans_iters: int = Field(10, ge=1)
     threshold_ema_dead_code: float = Field(2.0, ge=0)
     rotation_trick: bool = True
+
+    def level_codebook(self, level: Literal["top", "bottom"]) -> tuple[int, int]:
+        """(codebook size, code dim) of one level: its override, else the shared value."""
+        size, dim = getattr(self, f"{level}_codebook_size"), getattr(self, f"{level}_codebook_dim")
+        return (self.codebook_size if size is None else size), (self.codebook_dim if dim is None else dim)
 
 
 class PriorConfigModel(_Strict):
@@ -302,6 +330,11 @@ class TrainConfig(_Strict):
     save_every: int = Field(200, ge=1)
     keep_last: int = Field(2, ge=1)
     skip_nonfinite: bool = False
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass (a trainable transformer vision tower and "
+        "the encoder's layers): less memory, about one more forward of compute; losses and gradients unchanged",
+    )
+    compile: bool = Field(False, description="torch.compile the vision tower and the encoder (first steps are slow)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     stages: list[StageConfig] = Field(default_factory=list)
 

@@ -239,7 +239,7 @@ def test_decode_codes_matches_forward_reconstruction():
     assert torch.equal(codes_top, out.codes_top) and torch.equal(codes_bottom, out.codes_bottom)
     assert torch.allclose(decoded, out.images, atol=1e-5)
     # changing the codes changes the image (decode really reads them)
-    other = gen.decode_codes(codes_top, (codes_bottom + 1) % gen.codebook_size)
+    other = gen.decode_codes(codes_top, (codes_bottom + 1) % gen.codebook_size_bottom)
     assert not torch.allclose(other, decoded, atol=1e-3)
 
 
@@ -288,3 +288,33 @@ def test_paper_preset_builds_and_runs():
         )
     assert out.images.shape == (1, 3, 224, 224)
     assert out.codes_top.shape == (1, 8, 8) and out.codes_bottom.shape == (1, 16, 16)
+
+
+def test_codebook_size_and_dim_per_level():
+    """Per-level overrides shape each quantiser, adapter and the decoder; the defaults keep one shared codebook."""
+    torch.manual_seed(0)
+    shared = small_generator()
+    assert shared.quantizer_top.codebook.shape == shared.quantizer_bottom.codebook.shape == (64, 16)
+    gen = small_generator(top_codebook_size=8, top_codebook_dim=12, bottom_codebook_size=128, bottom_codebook_dim=20)
+    assert gen.quantizer_top.codebook.shape == (8, 12) and gen.quantizer_bottom.codebook.shape == (128, 20)
+    gen.train()
+    out = gen(*random_inputs(4), target_images=smooth_images(4, 1, 32))
+    assert out.images.shape == (4, 1, 32, 32) and torch.isfinite(out.loss)
+    assert int(out.codes_top.max()) < 8 and out.codes_bottom.shape == (4, 8, 8)
+    assert out.usage_top * 8 == len(out.codes_top.unique())  # usage counts against the level's own size
+    out.loss.backward()
+    assert gen.top_adapter.out.weight.grad.abs().sum() > 0
+    gen.eval()
+    with torch.no_grad():
+        top, bottom = gen.encode_codes(*random_inputs(2))
+        assert gen.decode_codes(top, bottom).shape == (2, 1, 32, 32)
+
+
+def test_code_priors_need_one_codebook_size():
+    from medunifier.generate.train_prior import prior_config
+
+    config = load_config("tiny", ["generator.top_codebook_size=64", "generator.bottom_codebook_size=128"])
+    with pytest.raises(ValueError, match="one vocabulary"):
+        prior_config(config)
+    same = load_config("tiny", ["generator.top_codebook_size=64", "generator.bottom_codebook_size=64"])
+    assert prior_config(same).codebook_size == 64

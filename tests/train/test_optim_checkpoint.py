@@ -138,6 +138,19 @@ def test_rng_state_round_trip_replays_python_numpy_and_torch() -> None:
     assert first[0] == second[0] and first[1] == second[1] and torch.equal(first[2], second[2])
 
 
+def test_cuda_rng_states_are_restored_in_device_order(monkeypatch) -> None:
+    """With 12 GPUs, device 2 gets cuda_2's state, not cuda_10's (a string sort puts cuda_10 first)."""
+    tensors, meta = capture_rng_state()
+    for i in range(12):
+        tensors[f"cuda_{i}"] = torch.full((4,), i, dtype=torch.uint8)
+    restored: list[list[int]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 12)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append([int(s[0]) for s in states]))
+    restore_rng_state(tensors, json.loads(json.dumps(meta)))
+    assert restored == [list(range(12))]
+
+
 def test_checkpoint_resume_continues_exactly_and_prunes(tmp_path: Path) -> None:
     """Train 6 steps straight, or 3 + save + load into fresh objects + 3: same losses and weights."""
     torch.manual_seed(0)

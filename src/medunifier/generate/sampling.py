@@ -63,10 +63,11 @@ class Synthesizer:
     def __init__(self, model: Any, prior: HierarchicalPrior, meta: dict[str, Any] | None = None):
         g = model.config.generator
         c = prior.config
-        if (c.codebook_size, c.top_size, c.bottom_size) != (g.codebook_size, g.top_size, g.bottom_size):
+        sizes = (g.level_codebook("top")[0], g.level_codebook("bottom")[0])
+        if (c.codebook_size, c.codebook_size, c.top_size, c.bottom_size) != (*sizes, g.top_size, g.bottom_size):
             raise ValueError(
                 f"the prior (codebook {c.codebook_size}, maps {c.top_size}/{c.bottom_size}) does not match the "
-                f"model's generator (codebook {g.codebook_size}, maps {g.top_size}/{g.bottom_size})"
+                f"model's generator (codebooks {sizes[0]}/{sizes[1]}, maps {g.top_size}/{g.bottom_size})"
             )
         if c.text_width != model.config.encoder.hidden_size:
             raise ValueError(f"the prior reads text features of width {c.text_width}, the model gives "

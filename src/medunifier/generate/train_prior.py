@@ -108,8 +108,12 @@ def prior_config(model_config: MedUnifierConfig, settings: PriorConfigModel | No
     """The prior's architecture for a model: code sizes from its generator, text width from its encoder."""
     s = settings or model_config.prior
     g = model_config.generator
+    sizes = {g.level_codebook("top")[0], g.level_codebook("bottom")[0]}
+    if len(sizes) > 1:
+        raise ValueError(f"the code priors read both levels with one vocabulary, but the generator's codebooks have "
+                         f"{sorted(sizes)} entries: give generator.top_codebook_size and bottom_codebook_size one value")
     return PriorConfig(
-        kind=s.kind, codebook_size=g.codebook_size, top_size=g.top_size, bottom_size=g.bottom_size,
+        kind=s.kind, codebook_size=sizes.pop(), top_size=g.top_size, bottom_size=g.bottom_size,
         text_width=model_config.encoder.hidden_size, width=s.width, layers=s.layers, heads=s.heads,
         mlp_ratio=s.mlp_ratio, dropout=s.dropout, cond_dropout=s.cond_dropout, steps=s.steps,
     )  # fmt: skip

@@ -19,32 +19,64 @@ start at the mean embedding.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
+from medunifier.data.tokenizer import TASK_TOKENS
+from medunifier.model.checkpoint_loading import WeightMismatchError, check_mismatch, read_tensors
 from medunifier.model.encoder import ImageTextEncoder
 from medunifier.pretrained import resolve_local
+
+# checkpoint tensors a BERT folder may hold that the encoder never uses: pooler, next-sentence head, the
+# cached position ids
+_UNUSED = ("pooler.", "cls.seq_relationship.", "embeddings.position_ids")
 
 
 def _read_checkpoint(folder: Path) -> tuple[dict, dict[str, Tensor]]:
     config_path = folder / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face BERT checkpoint folder")
-    weights_path = folder / "model.safetensors"
-    if not weights_path.exists():
-        if (folder / "pytorch_model.bin").exists():
-            raise ValueError(
-                f"{folder} holds only pytorch_model.bin, a pickle file that medunifier never loads. Convert it "
-                "once, in an environment you trust, to model.safetensors, e.g. "
-                "`transformers.BertModel.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)`."
-            )
-        raise FileNotFoundError(f"{folder} has no model.safetensors")
     config = json.loads(config_path.read_text())
-    state = load_file(str(weights_path))
-    return config, state
+    return config, read_tensors(folder)  # safetensors only: a pickle-only folder is refused, with how to convert
+
+
+def _bert_names(num_layers: int) -> list[str]:
+    """The tensors every BERT checkpoint holds (without the `bert.` prefix)."""
+    names = [f"embeddings.{n}.weight" for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")]
+    names += ["embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"]
+    for i in range(num_layers):
+        for module in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                       "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm"):
+            names += [f"encoder.layer.{i}.{module}.weight", f"encoder.layer.{i}.{module}.bias"]
+    return names
+
+
+def check_vocabulary(words: int, encoder: ImageTextEncoder, folder: Path, tokenizer: Any | None = None) -> None:
+    """The tokenizer must be the checkpoint's: its vocabulary fills the checkpoint's `words` embedding rows,
+    plus at most the task tokens the tokenizer adds ([DEC], [ENC]), and (when the folder holds a vocab.txt)
+    gives every WordPiece the checkpoint's id."""
+    ours = encoder.embeddings.word_embeddings.num_embeddings
+    if not words <= ours <= words + len(TASK_TOKENS):
+        raise ValueError(
+            f"the text tokenizer has {ours} tokens but the checkpoint {folder} embeds {words}: its embedding rows "
+            f"would be read for other tokens. Set text.tokenizer to the checkpoint's folder ({folder}), whose "
+            f"vocabulary the weights were trained with (medunifier adds at most {', '.join(TASK_TOKENS)})."
+        )
+    vocab_file = folder / "vocab.txt"
+    if tokenizer is None or not vocab_file.is_file():
+        return
+    ids = tokenizer.get_vocab()
+    tokens = vocab_file.read_text(encoding="utf-8").splitlines()
+    moved = [f"{t!r} ({ids.get(t)} vs {i})" for i, t in enumerate(tokens) if ids.get(t) != i]
+    if moved:
+        raise ValueError(
+            f"the text tokenizer's ids differ from the vocabulary of {folder} for {len(moved)} tokens, e.g. "
+            f"{', '.join(moved[:5])} (ours vs the checkpoint's): set text.tokenizer to {folder}"
+        )
 
 
 def _check_sizes(config: dict, encoder: ImageTextEncoder, folder: Path) -> None:
@@ -69,17 +101,39 @@ def _check_sizes(config: dict, encoder: ImageTextEncoder, folder: Path) -> None:
         raise ValueError(f"BERT checkpoint {folder}: only absolute position embeddings are supported")
 
 
-def load_bert_weights(encoder: ImageTextEncoder, folder: str | Path) -> dict:
+def load_bert_weights(
+    encoder: ImageTextEncoder, folder: str | Path, tokenizer: Any | None = None, ignore: Iterable[str] = ()
+) -> dict:
     """Copy a BERT checkpoint into `encoder`; returns {loaded, initialised, skipped} name lists.
 
     `loaded`/`initialised` name our parameters, `skipped` the checkpoint tensors that were not used
-    (pooler, NSP head, tied decoder weight, ...). `folder` is a local folder or 'minilm'.
+    (pooler, NSP head, tied decoder weight). A BERT tensor the folder lacks, or a tensor it holds that is
+    none of those, is an error listing them; unused ones may be named by an `ignore` pattern (fnmatch).
+
+    Args:
+        encoder: the encoder to initialise.
+        folder: a local BERT folder (model.safetensors, config.json) or 'minilm'.
+        tokenizer: the model's tokenizer, checked against the folder's vocab.txt when it has one.
+        ignore: fnmatch patterns of checkpoint tensor names (without `bert.`) allowed to be unused.
     """
     folder = resolve_local(str(folder))
     config, state = _read_checkpoint(folder)
     _check_sizes(config, encoder, folder)
     if any(k.startswith("bert.") for k in state):
         state = {(k[len("bert.") :] if k.startswith("bert.") else k): v for k, v in state.items()}
+    missing = [n for n in _bert_names(encoder.config.num_layers) if n not in state]
+    unexpected = [
+        n for n in state
+        if not n.startswith(("embeddings.", "cls.predictions.")) and not n.startswith(_UNUSED)
+        and not any(n.startswith(f"encoder.layer.{i}.") for i in range(encoder.config.num_layers))
+    ]
+    if missing:
+        raise WeightMismatchError(
+            f"{folder} is not a complete BERT checkpoint: it lacks {', '.join(missing)}. Name a BERT folder "
+            "(BertModel / BertForMaskedLM / BertForPreTraining saved with safetensors)."
+        )
+    check_mismatch(f"encoder BERT checkpoint {folder}", [], unexpected, [], ignore, "encoder.ignore_weights")
+    check_vocabulary(state["embeddings.word_embeddings.weight"].shape[0], encoder, folder, tokenizer)
     used: set[str] = set()
     loaded: list[str] = []
     params = dict(encoder.named_parameters())
@@ -101,11 +155,6 @@ def load_bert_weights(encoder: ImageTextEncoder, folder: str | Path) -> dict:
     # embeddings
     words = take("embeddings.word_embeddings.weight")  # [V_ckpt, H]
     ours_words = params["embeddings.word_embeddings.weight"]
-    if ours_words.shape[0] < words.shape[0]:
-        raise ValueError(
-            f"the encoder vocabulary ({ours_words.shape[0]}) is smaller than the checkpoint's ({words.shape[0]}): "
-            "use the checkpoint's tokenizer"
-        )
     with torch.no_grad():
         ours_words[: words.shape[0]] = words.to(ours_words.dtype)
         ours_words[words.shape[0] :] = words.mean(dim=0).to(ours_words.dtype)

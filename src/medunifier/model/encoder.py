@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from medunifier.config import EncoderConfig
@@ -408,6 +409,8 @@ class ImageTextEncoder(nn.Module):
             nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.norm_position == "pre" else None
         )
         self.lm_head = LMHead(config.hidden_size, vocab_size, config.layer_norm_eps)
+        # recompute each layer in the backward pass instead of keeping its activations (train only)
+        self.gradient_checkpointing = False
         self.apply(self._init_weights)
         nn.init.normal_(self.query_tokens, std=config.initializer_range)
         # made after the random init, without random draws: a config with experts or modalities starts
@@ -555,8 +558,12 @@ class ImageTextEncoder(nn.Module):
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             layer_past = None if past is None else (past.keys[i], past.values[i])
-            x, (k, v) = layer(x, num_queries, mask, image_embeds, layer_past, text_rows, generate,
-                              queries_only and i == last)
+            args = (x, num_queries, mask, image_embeds, layer_past, text_rows, generate, queries_only and i == last)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # the RNG state is replayed in the recomputation: dropout masks, loss and gradients are unchanged
+                x, (k, v) = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+            else:
+                x, (k, v) = layer(*args)
             if use_cache:
                 new_keys.append(k)
                 new_values.append(v)

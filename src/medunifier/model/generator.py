@@ -5,7 +5,8 @@
             (conditioned on the quantised top, as in VQ-VAE-2)
     decoder D(z_q_top, z_q_bottom) -> image [B, C, S, S];   loss = MSE(image, target) + vq_top + vq_bottom
 
-D = `codebook_dim`, t = `top_size`, b = `bottom_size`, S = `image.size`, C = `image.channels`.
+D = `codebook_dim`, t = `top_size`, b = `bottom_size`, S = `image.size`, C = `image.channels`. Each level may
+have its own codebook size and code dim (`generator.{top,bottom}_codebook_{size,dim}`), D_top and D_bottom.
 
 Quantisers are `vector_quantize_pytorch.VectorQuantize` with an EMA codebook (so the codebook term of the VQ-VAE
 loss is replaced by the EMA update and the returned VQ loss is beta * ||z - sg[q]||^2, beta = `commitment_weight`),
@@ -136,7 +137,9 @@ class BottomAdapter(nn.Module):
         size: int,
         top_size: int,
         code_dim: int,
+        top_dim: int | None = None,
     ):
+        """code_dim: the bottom codes' size; top_dim: the quantised top's (default code_dim)."""
         super().__init__()
         self.grid = math.isqrt(num_patches)
         if self.grid * self.grid != num_patches:
@@ -144,7 +147,7 @@ class BottomAdapter(nn.Module):
         self.size = size
         self.mlp = mlp(vision_width + text_width, hidden)
         self.register_buffer("pos", sinusoidal_position_encoding_2d(hidden, size, size), persistent=False)
-        self.top_decoder = upsample_conv(code_dim, hidden, size // top_size)
+        self.top_decoder = upsample_conv(top_dim or code_dim, hidden, size // top_size)
         self.fuse = nn.Conv2d(2 * hidden, hidden, 1)
         self.blocks = nn.Sequential(*[ResBlock(hidden) for _ in range(blocks)])
         self.out = nn.Conv2d(hidden, code_dim, 1)
@@ -183,11 +186,13 @@ class Decoder(nn.Module):
         bottom_size: int,
         image_size: int,
         out_channels: int,
+        bottom_dim: int | None = None,
     ):
+        """code_dim: the top codes' size; bottom_dim: the bottom codes' (default code_dim)."""
         super().__init__()
         self.image_size = image_size
         self.top_up = upsample_conv(code_dim, code_dim, bottom_size // top_size)
-        self.fuse = nn.Conv2d(2 * code_dim, channels, 3, padding=1)
+        self.fuse = nn.Conv2d(code_dim + (bottom_dim or code_dim), channels, 3, padding=1)
         self.blocks = nn.Sequential(*[ResBlock(channels) for _ in range(DECODER_RES_BLOCKS)])
         stages: list[nn.Module] = []
         width, side = channels, bottom_size
@@ -201,7 +206,7 @@ class Decoder(nn.Module):
         self.out = nn.Conv2d(width, out_channels, 3, padding=1)
 
     def forward(self, quantized_top: Tensor, quantized_bottom: Tensor) -> Tensor:
-        x = torch.cat([self.top_up(quantized_top), quantized_bottom], dim=1)  # [B, 2D, b, b]
+        x = torch.cat([self.top_up(quantized_top), quantized_bottom], dim=1)  # [B, D_top + D_bottom, b, b]
         x = self.upsample(self.blocks(self.fuse(x)))  # [B, w, b * 2^k, b * 2^k]
         if self.needs_resize:
             x = F.interpolate(
@@ -219,12 +224,13 @@ def _distributed_world() -> bool:
     )
 
 
-def make_quantizer(gen: GeneratorConfig) -> VectorQuantize:
-    """EMA VQ codebook of `codebook_size` x `codebook_dim` on channel-first maps (no projection in or out)."""
+def make_quantizer(gen: GeneratorConfig, level: str = "top") -> VectorQuantize:
+    """EMA VQ codebook of one level's codebook size x code dim on channel-first maps (no projection in or out)."""
+    size, dim = gen.level_codebook(level)
     return VectorQuantize(
-        dim=gen.codebook_dim,
-        codebook_size=gen.codebook_size,
-        codebook_dim=gen.codebook_dim,
+        dim=dim,
+        codebook_size=size,
+        codebook_dim=dim,
         decay=gen.ema_decay,
         kmeans_init=gen.kmeans_init,
         kmeans_iters=gen.kmeans_iters,
@@ -269,10 +275,11 @@ class TextGroundedGenerator(nn.Module):
         self.config = gen
         self.image_size, self.channels = image.size, image.channels
         self.top_size, self.bottom_size = gen.top_size, gen.bottom_size
-        self.codebook_size = gen.codebook_size
+        (self.codebook_size_top, top_dim), (self.codebook_size_bottom, bottom_dim) = (
+            gen.level_codebook("top"), gen.level_codebook("bottom"))
         self.commitment_weight = gen.commitment_weight
         self.top_adapter = TopAdapter(
-            query_width, num_queries, gen.adapter_hidden, gen.adapter_blocks, gen.top_size, gen.codebook_dim
+            query_width, num_queries, gen.adapter_hidden, gen.adapter_blocks, gen.top_size, top_dim
         )
         self.bottom_adapter = BottomAdapter(
             vision_width,
@@ -282,12 +289,14 @@ class TextGroundedGenerator(nn.Module):
             gen.adapter_blocks,
             gen.bottom_size,
             gen.top_size,
-            gen.codebook_dim,
+            bottom_dim,
+            top_dim=top_dim,
         )
-        self.quantizer_top = make_quantizer(gen)
-        self.quantizer_bottom = make_quantizer(gen)
+        self.quantizer_top = make_quantizer(gen, "top")
+        self.quantizer_bottom = make_quantizer(gen, "bottom")
         self.decoder = Decoder(
-            gen.codebook_dim, gen.decoder_channels, gen.top_size, gen.bottom_size, image.size, image.channels
+            top_dim, gen.decoder_channels, gen.top_size, gen.bottom_size, image.size, image.channels,
+            bottom_dim=bottom_dim,
         )
 
     def _quantize(self, quantizer: VectorQuantize, latents: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -330,8 +339,8 @@ class TextGroundedGenerator(nn.Module):
             loss = mse + vq_top + vq_bottom
         else:
             mse = loss = images.new_zeros((), dtype=torch.float32)
-        usage_top, perplexity_top = code_statistics(codes_top, self.codebook_size)
-        usage_bottom, perplexity_bottom = code_statistics(codes_bottom, self.codebook_size)
+        usage_top, perplexity_top = code_statistics(codes_top, self.codebook_size_top)
+        usage_bottom, perplexity_bottom = code_statistics(codes_bottom, self.codebook_size_bottom)
         return GeneratorOutput(
             images=images,
             loss=loss,

@@ -161,9 +161,9 @@ class MedUnifier(nn.Module):
             enc, vocab_size=len(self.tokenizer), vision_width=self.vision.hidden_size, pad_token_id=self.special["pad"]
         )
         if load_pretrained and enc.pretrained:
-            from medunifier.model.bert_weights import load_bert_weights
+            from medunifier.model.checkpoint_loading import load_encoder_weights
 
-            self.bert_load_report = load_bert_weights(self.encoder, enc.pretrained)
+            self.bert_load_report = load_encoder_weights(self.encoder, enc, self.tokenizer)
         self.image_proj = nn.Linear(enc.hidden_size, enc.embed_dim)  # H_q
         self.text_proj = nn.Linear(enc.hidden_size, enc.embed_dim)  # H_t
         self.itm_head = nn.Linear(enc.hidden_size, 2)

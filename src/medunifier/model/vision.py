@@ -46,7 +46,6 @@ from torch import Tensor, nn
 
 from medunifier.config import ImageConfig, VisionConfig
 from medunifier.model.feature_cache import DiskFeatureCache, fingerprint
-from medunifier.pretrained import resolve_local
 
 BACKBONES = ("vit", "dinov2", "siglip", "clip", "blip2", "resnet", "inception")
 INCEPTION_SIZE = 299  # Inception-v3's input side: an 8x8 map before its final pool
@@ -196,18 +195,10 @@ def build_backbone(vision: VisionConfig, image: ImageConfig) -> nn.Module:
         return InceptionGrid()
     cls = getattr(transformers, _MODEL_CLASSES[vision.backbone])
     extra = {"add_pooling_layer": False} if vision.backbone == "vit" else {}
-    if vision.pretrained is not None:
-        folder = resolve_local(vision.pretrained)
-        if vision.backbone == "resnet":  # convolutional: no attention implementation to choose
-            return cls.from_pretrained(str(folder), local_files_only=True)
-        try:
-            return cls.from_pretrained(
-                str(folder), attn_implementation="sdpa", local_files_only=True, **extra
-            )
-        except ValueError as err:  # a backbone without SDPA support
-            if "sdpa" not in str(err).lower():
-                raise
-            return cls.from_pretrained(str(folder), local_files_only=True, **extra)
+    if vision.pretrained is not None:  # every tensor checked, see checkpoint_loading
+        from medunifier.model.checkpoint_loading import load_vision_backbone
+
+        return load_vision_backbone(vision.backbone, vision.pretrained, vision.ignore_weights)
     return cls(_backbone_config(vision, image), **extra)
 
 

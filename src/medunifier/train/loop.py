@@ -47,6 +47,7 @@ from medunifier.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from medunifier.train.compute import configure_compute
 from medunifier.train.curriculum import Stage, resolve_stages, stage_at, total_steps, validate_stages
 from medunifier.train.metrics import MetricsLogger, plot_loss_curves, truncate_metrics
 from medunifier.train.optim import WarmupCosineSchedule, build_optimizer
@@ -322,6 +323,7 @@ class Trainer:
         set_seed(self.tc.seed)  # identical initialisation on every process
         model = build_model(config)
         model.set_trainable(None)  # the optimiser holds every parameter any stage may train
+        configure_compute(model, self.tc)  # train.gradient_checkpointing, train.compile
         optimizer = build_optimizer(model, self.tc.lr, self.tc.weight_decay, tuple(self.tc.betas),
                                     self.tc.lr_scale)
         self.model, self.optimizer = acc.prepare(model, optimizer)
