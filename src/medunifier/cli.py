@@ -41,6 +41,21 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+@app.callback()
+def _options(
+    image_root: Path | None = typer.Option(
+        None, "--image-root", help="let manifest image paths resolve anywhere inside this folder (default: only "
+        "inside each manifest's own folder); paths stay relative to the manifest's folder"),
+) -> None:
+    """Options of every command."""
+    from medunifier.data.manifest import set_image_root
+
+    try:
+        set_image_root(image_root)
+    except FileNotFoundError as err:
+        _fail(str(err))
+
+
 # --------------------------------------------------------------------------------------------- data
 
 
@@ -142,6 +157,12 @@ def data_merge(
     for path, n in counts.items():
         console.print(f"{n:>8} records from {path}")
     console.print(f"wrote {sum(counts.values())} records to {out}")
+    outside = [p for p in counts if not Path(p).resolve().parent.is_relative_to(out.resolve().parent)]
+    if outside:
+        import os
+
+        common = os.path.commonpath([out.resolve().parent, *(Path(p).resolve().parent for p in outside)])
+        console.print(f"note: its image paths leave {out.parent}; read it with `medunifier --image-root {common} ...`")
 
 
 @data_app.command("tokenizer")
