@@ -74,12 +74,14 @@ def data_info(
     for err in report.errors:
         console.print(f"[yellow]skipped[/yellow] {err}")
     summary = summarize(records)
-    summary["skipped_lines"] = report.skipped
+    summary["skipped_lines"] = report.skipped  # each left-out line once: bad records and later duplicate ids
+    summary["skipped_by_reason"] = report.by_reason()
     if as_json:
         print(json.dumps(summary, indent=2))
         return
     console.print(f"[bold]{manifest}[/bold]: {summary['records']} records "
-                  f"({summary['with_image']} with an image, {report.skipped} bad lines skipped)")
+                  f"({summary['with_image']} with an image, {report.skipped} lines skipped"
+                  + "".join(f", {n} {reason}" for reason, n in report.by_reason().items()) + ")")
     for key in ("split", "source", "task", "modality"):
         console.print(f"  {key}: " + ", ".join(f"{k}={v}" for k, v in summary[key].items()))
     if summary["labels"]:
