@@ -703,7 +703,10 @@ def pretrain(
     max_steps: int | None = typer.Option(
         None, help="stop this invocation after this many optimiser steps (the learning-rate schedule and "
         "the curriculum still span train.max_steps / the stages; continue later with --resume)"),
-    resume: bool = typer.Option(False, help="continue from the last checkpoint in --out"),
+    resume: bool = typer.Option(False, help="continue from the newest intact checkpoint in --out (a damaged "
+                                "newer one is moved aside to step-N.damaged)"),
+    resume_from: Path | None = typer.Option(None, help="continue from this checkpoint folder "
+                                            "(RUN/checkpoints/step-N)"),
     overrides: list[str] | None = typer.Argument(None, help="config overrides such as train.lr=3e-4"),
 ) -> None:
     """Pre-train MedUnifier (ITC, ITM, ITG, TIG) with Hugging Face Accelerate; resumable.
@@ -715,7 +718,8 @@ def pretrain(
     from medunifier.train.loop import DataError, NonFiniteLossError, train
 
     try:
-        result = train(config, data, out, max_steps=max_steps, resume=resume, overrides=overrides or [])
+        result = train(config, data, out, max_steps=max_steps, resume=resume, overrides=overrides or [],
+                       resume_from=resume_from)
     except (ConfigError, DataError, FileNotFoundError) as err:
         _fail(str(err))
     except NonFiniteLossError as err:

@@ -42,9 +42,11 @@ from medunifier.data.augment import augment_batch
 from medunifier.data.manifest import ReadReport, Record, read_manifest
 from medunifier.train.checkpoint import (
     capture_rng_state,
+    checkpoint_problem,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    resume_checkpoint,
     save_checkpoint,
 )
 from medunifier.train.curriculum import Stage, resolve_stages, stage_at, total_steps, validate_stages
@@ -794,13 +796,16 @@ def train(
     max_steps: int | None = None,
     resume: bool = False,
     overrides: list[str] | None = None,
+    resume_from: str | Path | None = None,
 ) -> TrainResult:
     """Pre-train MedUnifier on `data` (manifest or shards) into the run folder `out`.
 
     `config` is a preset name, a YAML path or a config object; `overrides` are `key=value` strings.
     `max_steps` stops this invocation early (the schedule still spans the config's steps);
-    `resume` continues from the last checkpoint in `out`. Everything that can be checked without the
-    model (config, data path, curriculum against the data, the run folder) is checked first.
+    `resume` continues from the newest intact checkpoint in `out` (a damaged newer one is moved aside to
+    `step-N.damaged`); `resume_from` names the checkpoint folder to continue from instead. Everything that
+    can be checked without the model (config, data path, curriculum against the data, the run folder,
+    the checkpoint) is checked first.
     """
     if isinstance(config, MedUnifierConfig):
         cfg = config
@@ -828,14 +833,24 @@ def train(
 
     run_dir = Path(out)
     existing = list_checkpoints(run_dir)
-    resume_from = None
-    if resume:
-        resume_from = latest_checkpoint(run_dir)
-        if resume_from is None:
+    checkpoint = None
+    if resume_from is not None:
+        checkpoint = Path(resume_from)
+        problem = checkpoint_problem(checkpoint)
+        if problem is not None:
+            raise ConfigError(f"--resume-from {checkpoint}: cannot resume from it ({problem}); pick another "
+                              f"checkpoint folder, e.g. an older one under {run_dir / 'checkpoints'}")
+    elif resume:
+        checkpoint = resume_checkpoint(run_dir, move_aside=int(os.environ.get("RANK", "0")) == 0)
+        if checkpoint is None and existing:
+            raise ConfigError(f"{run_dir}: every checkpoint is damaged (moved aside as step-N.damaged): start a "
+                              "new run in another --out, or repair one and pass --resume-from")
+        if checkpoint is None:
             print(f"warning: --resume given but {run_dir} has no checkpoint: starting a new run", file=sys.stderr)
     elif existing:
         raise ConfigError(f"{run_dir} already holds checkpoints (latest {existing[-1].name}): pass --resume to "
                           "continue it, or choose another --out")
+    resume_from = checkpoint
     total = total_steps(stages)
     schedule_changed = resume_from is not None and _check_resumable(resume_from, stages)
     stop_at = total if max_steps is None else min(max_steps, total)
