@@ -944,26 +944,25 @@ def serve(
     overrides: list[str] | None = typer.Argument(None, help="limit overrides such as max_upload_bytes=5000000"),
 ) -> None:
     """Serve a trained model over REST (FastAPI) with the web co-pilot page at /."""
-    import ipaddress
     import logging
 
     import torch
     import uvicorn
 
     from medunifier.serve.app import create_app
-    from medunifier.serve.settings import SettingsError, load_settings
+    from medunifier.serve.settings import SettingsError, is_loopback, load_settings
 
     try:
         limits = load_settings(settings, overrides or [], token_file)
     except SettingsError as err:
         _fail(str(err))
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
+    loopback = is_loopback(host)
     if not loopback and limits.token is None:
         console.print(f"[yellow]warning:[/yellow] binding to {host} without --token-file: anyone who can reach "
                       "this port can use the model")
+    if not loopback and limits.allowed_hosts is None:
+        console.print(f"[yellow]note:[/yellow] binding to {host}: any Host header is accepted; list the names "
+                      "clients use in allowed_hosts (settings) to refuse DNS-rebinding requests")
     if threads is not None:
         if threads < 1:
             _fail("--threads must be at least 1")
@@ -974,7 +973,7 @@ def serve(
         console.print(f"[yellow]note:[/yellow] synthesis and editing are off ({copilot.generation_reason})")
     console.print(f"serving {copilot.model_dir} ({copilot.checksum}) on http://{host}:{port}/ "
                   + (f"with {len(copilot.index)} indexed cases" if copilot.index is not None else "without an index"))
-    uvicorn.run(create_app(copilot, limits), host=host, port=port, log_level="info", workers=1)
+    uvicorn.run(create_app(copilot, limits, bind_host=host), host=host, port=port, log_level="info", workers=1)
 
 
 @app.command("demo")
