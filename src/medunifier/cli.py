@@ -121,6 +121,8 @@ def data_convert(
     test_fraction: float | None = typer.Option(None, help="fraction for test of a drawn split"),
     flag: str | None = typer.Option(None, help="medmnist: dataset name (default from the file name)"),
     lang: str | None = typer.Option(None, help="slake: question language en (default), zh or all"),
+    qc: bool = typer.Option(False, "--qc", help="run `data qc` at the end: the converter's manifest becomes "
+                            "manifest.raw.jsonl, the checked one manifest.jsonl, plus qc_report.json/.html"),
 ) -> None:
     """Convert a public dataset from its official layout to a manifest (+ PNG images), with quality control."""
     from medunifier.data.converters import ConversionError, convert
@@ -142,6 +144,42 @@ def data_convert(
         console.print(line, highlight=False, markup=False, soft_wrap=True)
     if summary.records == 0:
         _fail("no records written (see above)", 1)
+    if qc:
+        raw = out / "manifest.raw.jsonl"
+        (out / "manifest.jsonl").replace(raw)
+        _run_qc(raw, out / "manifest.jsonl")
+
+
+def _run_qc(manifest: Path, out: Path, **kwargs) -> None:
+    from medunifier.data.qc import run_qc
+
+    try:
+        result = run_qc(manifest, out, **kwargs)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    counts = ", ".join(f"{reason} {n}" for reason, n in result.by_reason().items()) or "nothing found"
+    console.print(f"qc: {result.records} records, kept {result.kept}, dropped {result.dropped} ({counts})",
+                  highlight=False)
+    console.print(f"wrote {result.manifest}, {result.report_json}, {result.report_html}", highlight=False)
+
+
+@data_app.command("qc")
+def data_qc(
+    manifest: Path = typer.Argument(..., help="the manifest.jsonl to check (never modified)"),
+    out: Path = typer.Option(..., help="the cleaned manifest.jsonl; qc_report.json and qc_report.html go beside it"),
+    keep: bool = typer.Option(False, "--keep", help="flag problems (qc_flags on each record) instead of dropping"),
+    near_bits: int = typer.Option(10, help="near duplicates: dHash distance (of 256 bits) at or below this"),
+    min_words: int = typer.Option(3, help="reports and captions with fewer words are dropped"),
+    max_aspect: float = typer.Option(3.0, help="images with a longer/shorter side ratio above this are dropped"),
+    views: bool = typer.Option(True, help="drop chest X-rays whose recorded view is not PA or AP"),
+    labels: bool = typer.Option(True, help="drop records whose 0/1 labels the report labeler reads otherwise"),
+) -> None:
+    """Check a manifest's images and reports; write a cleaned manifest and a report of what was dropped and why."""
+    from medunifier.data.qc import QCSettings
+
+    settings = QCSettings(near_bits=near_bits, min_words=min_words, max_aspect=max_aspect, check_views=views,
+                          check_labels=labels)
+    _run_qc(manifest, out, settings=settings, keep=keep)
 
 
 @data_app.command("merge")
