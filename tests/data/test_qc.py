@@ -100,7 +100,7 @@ def test_qc_finds_every_planted_problem_and_drops_no_clean_record(planted) -> No
     assert not {f.id for f in dropped} & set(clean_ids) - {None}, [(f.id, f.reason) for f in dropped
                                                                    if f.id in clean_ids]
 
-    kept, report = read_manifest(result.manifest, strict=True)
+    kept, _ = read_manifest(result.manifest, strict=True)
     assert [r.id for r in kept] == clean_ids  # every clean record, in order, none of the planted ones
     deid = kept[3]
     assert "___" not in deid.text and "XXXX" not in deid.text and deid.text.endswith("Discussed with Dr. on.")
@@ -116,7 +116,7 @@ def test_qc_finds_every_planted_problem_and_drops_no_clean_record(planted) -> No
 
 
 def test_keep_flags_without_dropping_and_thresholds_apply(planted) -> None:
-    manifest, expected, clean_ids = planted
+    manifest, _, clean_ids = planted
     result = run_qc(manifest, manifest.with_name("flagged.jsonl"), keep=True,
                     settings=QCSettings(check_views=False, check_labels=False))
     kept, _ = read_manifest(result.manifest)
@@ -129,7 +129,7 @@ def test_keep_flags_without_dropping_and_thresholds_apply(planted) -> None:
 
 
 def test_cli_data_qc(planted) -> None:
-    manifest, expected, _ = planted
+    manifest, _, _ = planted
     out = manifest.parent / "qc" / "manifest.jsonl"
     result = CliRunner().invoke(app, ["data", "qc", str(manifest), "--out", str(out)])
     assert result.exit_code == 0, result.output
