@@ -3,7 +3,9 @@
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from medunifier.cli import app
 from medunifier.config import ConfigError, load_config, save_config
 
 
@@ -83,3 +85,21 @@ def test_lr_scale_override_builds_the_mapping_and_rejects_a_non_positive_multipl
     assert config.train.lr_scale == {"generator": 3.0}
     with pytest.raises(ConfigError, match=r"train\.lr_scale"):
         load_config("tiny", ["train.lr_scale.generator=0"])
+
+
+def test_empty_config_file_is_an_error(tmp_path: Path) -> None:
+    for text in ("", "\n# only a comment\n"):
+        path = tmp_path / "empty.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=r"empty\.yaml is empty"):
+            load_config(path)
+
+
+@pytest.mark.parametrize("value", ["!!python/object/apply:os.system [ls]", "[1, 2", "{a: 1", "'open"])
+def test_bad_override_value_is_one_line_naming_the_key(value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", [f"train.lr={value}"])
+    message = str(err.value)
+    assert "'train.lr'" in message and "not valid YAML" in message and "\n" not in message
+    result = CliRunner().invoke(app, ["pretrain", "--data", "x.jsonl", "--out", "run", f"train.lr={value}"])
+    assert result.exit_code == 2 and "train.lr" in result.output and "Traceback" not in result.output

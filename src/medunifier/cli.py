@@ -42,6 +42,21 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+@app.callback()
+def _options(
+    image_root: Path | None = typer.Option(
+        None, "--image-root", help="let manifest image paths resolve anywhere inside this folder (default: only "
+        "inside each manifest's own folder); paths stay relative to the manifest's folder"),
+) -> None:
+    """Options of every command."""
+    from medunifier.data.manifest import set_image_root
+
+    try:
+        set_image_root(image_root)
+    except FileNotFoundError as err:
+        _fail(str(err))
+
+
 # --------------------------------------------------------------------------------------------- data
 
 
@@ -60,12 +75,14 @@ def data_info(
     for err in report.errors:
         console.print(f"[yellow]skipped[/yellow] {err}")
     summary = summarize(records)
-    summary["skipped_lines"] = report.skipped
+    summary["skipped_lines"] = report.skipped  # each left-out line once: bad records and later duplicate ids
+    summary["skipped_by_reason"] = report.by_reason()
     if as_json:
         print(json.dumps(summary, indent=2))
         return
     console.print(f"[bold]{manifest}[/bold]: {summary['records']} records "
-                  f"({summary['with_image']} with an image, {report.skipped} bad lines skipped)")
+                  f"({summary['with_image']} with an image, {report.skipped} lines skipped"
+                  + "".join(f", {n} {reason}" for reason, n in report.by_reason().items()) + ")")
     for key in ("split", "source", "task", "modality"):
         console.print(f"  {key}: " + ", ".join(f"{k}={v}" for k, v in summary[key].items()))
     if summary["labels"]:
@@ -105,6 +122,8 @@ def data_convert(
     test_fraction: float | None = typer.Option(None, help="fraction for test of a drawn split"),
     flag: str | None = typer.Option(None, help="medmnist: dataset name (default from the file name)"),
     lang: str | None = typer.Option(None, help="slake: question language en (default), zh or all"),
+    qc: bool = typer.Option(False, "--qc", help="run `data qc` at the end: the converter's manifest becomes "
+                            "manifest.raw.jsonl, the checked one manifest.jsonl, plus qc_report.json/.html"),
 ) -> None:
     """Convert a public dataset from its official layout to a manifest (+ PNG images), with quality control."""
     from medunifier.data.converters import ConversionError, convert
@@ -126,6 +145,42 @@ def data_convert(
         console.print(line, highlight=False, markup=False, soft_wrap=True)
     if summary.records == 0:
         _fail("no records written (see above)", 1)
+    if qc:
+        raw = out / "manifest.raw.jsonl"
+        (out / "manifest.jsonl").replace(raw)
+        _run_qc(raw, out / "manifest.jsonl")
+
+
+def _run_qc(manifest: Path, out: Path, **kwargs) -> None:
+    from medunifier.data.qc import run_qc
+
+    try:
+        result = run_qc(manifest, out, **kwargs)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    counts = ", ".join(f"{reason} {n}" for reason, n in result.by_reason().items()) or "nothing found"
+    console.print(f"qc: {result.records} records, kept {result.kept}, dropped {result.dropped} ({counts})",
+                  highlight=False)
+    console.print(f"wrote {result.manifest}, {result.report_json}, {result.report_html}", highlight=False)
+
+
+@data_app.command("qc")
+def data_qc(
+    manifest: Path = typer.Argument(..., help="the manifest.jsonl to check (never modified)"),
+    out: Path = typer.Option(..., help="the cleaned manifest.jsonl; qc_report.json and qc_report.html go beside it"),
+    keep: bool = typer.Option(False, "--keep", help="flag problems (qc_flags on each record) instead of dropping"),
+    near_bits: int = typer.Option(10, help="near duplicates: dHash distance (of 256 bits) at or below this"),
+    min_words: int = typer.Option(3, help="reports and captions with fewer words are dropped"),
+    max_aspect: float = typer.Option(3.0, help="images with a longer/shorter side ratio above this are dropped"),
+    views: bool = typer.Option(True, help="drop chest X-rays whose recorded view is not PA or AP"),
+    labels: bool = typer.Option(True, help="drop records whose 0/1 labels the report labeler reads otherwise"),
+) -> None:
+    """Check a manifest's images and reports; write a cleaned manifest and a report of what was dropped and why."""
+    from medunifier.data.qc import QCSettings
+
+    settings = QCSettings(near_bits=near_bits, min_words=min_words, max_aspect=max_aspect, check_views=views,
+                          check_labels=labels)
+    _run_qc(manifest, out, settings=settings, keep=keep)
 
 
 @data_app.command("merge")
@@ -143,6 +198,12 @@ def data_merge(
     for path, n in counts.items():
         console.print(f"{n:>8} records from {path}")
     console.print(f"wrote {sum(counts.values())} records to {out}")
+    outside = [p for p in counts if not Path(p).resolve().parent.is_relative_to(out.resolve().parent)]
+    if outside:
+        import os
+
+        common = os.path.commonpath([out.resolve().parent, *(Path(p).resolve().parent for p in outside)])
+        console.print(f"note: its image paths leave {out.parent}; read it with `medunifier --image-root {common} ...`")
 
 
 @data_app.command("tokenizer")
@@ -681,7 +742,10 @@ def pretrain(
     max_steps: int | None = typer.Option(
         None, help="stop this invocation after this many optimiser steps (the learning-rate schedule and "
         "the curriculum still span train.max_steps / the stages; continue later with --resume)"),
-    resume: bool = typer.Option(False, help="continue from the last checkpoint in --out"),
+    resume: bool = typer.Option(False, help="continue from the newest intact checkpoint in --out (a damaged "
+                                "newer one is moved aside to step-N.damaged)"),
+    resume_from: Path | None = typer.Option(None, help="continue from this checkpoint folder "
+                                            "(RUN/checkpoints/step-N)"),
     overrides: list[str] | None = typer.Argument(None, help="config overrides such as train.lr=3e-4"),
 ) -> None:
     """Pre-train MedUnifier (ITC, ITM, ITG, TIG) with Hugging Face Accelerate; resumable.
@@ -693,7 +757,8 @@ def pretrain(
     from medunifier.train.loop import DataError, NonFiniteLossError, train
 
     try:
-        result = train(config, data, out, max_steps=max_steps, resume=resume, overrides=overrides or [])
+        result = train(config, data, out, max_steps=max_steps, resume=resume, overrides=overrides or [],
+                       resume_from=resume_from)
     except (ConfigError, DataError, FileNotFoundError) as err:
         _fail(str(err))
     except NonFiniteLossError as err:
@@ -981,26 +1046,25 @@ def serve(
     overrides: list[str] | None = typer.Argument(None, help="limit overrides such as max_upload_bytes=5000000"),
 ) -> None:
     """Serve a trained model over REST (FastAPI) with the web co-pilot page at /."""
-    import ipaddress
     import logging
 
     import torch
     import uvicorn
 
     from medunifier.serve.app import create_app
-    from medunifier.serve.settings import SettingsError, load_settings
+    from medunifier.serve.settings import SettingsError, is_loopback, load_settings
 
     try:
         limits = load_settings(settings, overrides or [], token_file)
     except SettingsError as err:
         _fail(str(err))
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
+    loopback = is_loopback(host)
     if not loopback and limits.token is None:
         console.print(f"[yellow]warning:[/yellow] binding to {host} without --token-file: anyone who can reach "
                       "this port can use the model")
+    if not loopback and limits.allowed_hosts is None:
+        console.print(f"[yellow]note:[/yellow] binding to {host}: any Host header is accepted; list the names "
+                      "clients use in allowed_hosts (settings) to refuse DNS-rebinding requests")
     if threads is not None:
         if threads < 1:
             _fail("--threads must be at least 1")
@@ -1011,7 +1075,7 @@ def serve(
         console.print(f"[yellow]note:[/yellow] synthesis and editing are off ({copilot.generation_reason})")
     console.print(f"serving {copilot.model_dir} ({copilot.checksum}) on http://{host}:{port}/ "
                   + (f"with {len(copilot.index)} indexed cases" if copilot.index is not None else "without an index"))
-    uvicorn.run(create_app(copilot, limits), host=host, port=port, log_level="info", workers=1)
+    uvicorn.run(create_app(copilot, limits, bind_host=host), host=host, port=port, log_level="info", workers=1)
 
 
 @app.command("demo")

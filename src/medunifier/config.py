@@ -555,7 +555,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key:
         raise ConfigError(f"override '{text}' has an empty key")
-    return key.split("."), yaml.safe_load(raw) if raw else None
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"override of '{key}': the value {raw!r} is not valid YAML ({problem}); write a plain "
+                          "value such as 3e-4, true or [a, b], or quote it") from None
+    return key.split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -595,9 +601,12 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
     """Load a preset or YAML file, apply `key=value` overrides, validate everything."""
     path = resolve_config_path(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+    if data is None:
+        raise ConfigError(f"config {path} is empty: copy a preset (configs/tiny.yaml) into it, or pass a preset "
+                          "name such as --config tiny")
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping at the top level")
     data = apply_overrides(data, overrides or [])

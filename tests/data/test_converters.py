@@ -428,3 +428,16 @@ def test_cli_data_convert(tmp_path: Path):
     rsna = fx.make_rsna(tmp_path / "rsna")
     result = runner.invoke(app, ["data", "convert", "rsna", "--root", str(rsna), "--out", str(tmp_path / "r")])
     assert result.exit_code == 0 and "missing" in result.output and "p3.dcm" in result.output
+
+
+def test_cli_data_convert_qc(tmp_path: Path):
+    npz = fx.make_medmnist(tmp_path / "breastmnist.npz", 2)
+    result = CliRunner().invoke(app, ["data", "convert", "medmnist", "--root", str(npz), "--out", str(tmp_path / "o"),
+                                      "--qc"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "o"
+    raw = out / "manifest.raw.jsonl"
+    assert raw.exists() and (out / "qc_report.json").exists() and (out / "qc_report.html").exists()
+    report = json.loads((out / "qc_report.json").read_text())
+    assert report["input"] == str(raw) and report["records"] == 20
+    assert len(load(tmp_path / "o")) == report["kept"] and "qc: 20 records" in result.output

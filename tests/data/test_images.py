@@ -230,11 +230,14 @@ def test_malformed_lines_are_named_and_nothing_else_is_lost(tmp_path: Path, caps
     assert len(kept) == 3 and "skipped 5 bad manifest lines" in capsys.readouterr().out
 
 
-def test_duplicate_ids_reported(tmp_path: Path):
+def test_duplicate_ids_keep_the_first_and_report_each_other(tmp_path: Path):
     path = tmp_path / "dup.jsonl"
-    path.write_text("\n".join([_good(1), _good(1), _good(2)]) + "\n")
+    first = json.dumps({"id": "r1", "image": "images/1.png", "text": "the first copy"})
+    path.write_text("\n".join([first, _good(1), _good(2), _good(1)]) + "\n")
     records, report = read_manifest(path)
-    assert len(records) == 3 and any("duplicate" in e for e in report.errors)
+    assert [r.id for r in records] == ["r1", "r2"] and records[0].text == "the first copy"
+    assert report.skipped == 2 and report.by_reason() == {"duplicate_id": 2}
+    assert [p.line for p in report.problems] == [2, 4] and "first on line 1" in report.errors[0]
     with pytest.raises(ManifestError, match="duplicate"):
         read_manifest(path, strict=True)
 

@@ -31,13 +31,14 @@ def test_merge_rewrites_paths_and_loads(tiny_manifest: Path, tmp_path: Path) -> 
     out = tmp_path / "merged" / "deeper" / "manifest.jsonl"
     counts = merge_manifests([tiny_manifest, other], out)
     assert list(counts.values()) == [12, 12]
-    records = load_records(out)
+    assert load_records(out) == []  # its paths leave its folder: refused without an image root
+    records = load_records(out, image_root=tmp_path)
     assert len(records) == 24 and len({r.id for r in records}) == 24
     assert records[0].image.startswith("..") and records[-1].image.startswith("..")
     # every rewritten path points at the same file as before
     originals = {r.id: tiny_manifest.parent / r.image for r in load_records(tiny_manifest)}
     assert all((out.parent / r.image).resolve() == originals[r.id].resolve() for r in records if r.id in originals)
-    dataset = ManifestDataset(records, root=out.parent, image_size=16, channels=1)
+    dataset = ManifestDataset(records, root=out.parent, image_size=16, channels=1, image_root=tmp_path)
     assert dataset[23]["pixel_values"].shape == (1, 16, 16) and dataset[23]["modality"] == "ct"
 
 

@@ -80,7 +80,8 @@ def make_client(make_copilot: Callable[..., Copilot]) -> Callable[..., object]:
     from medunifier.serve.app import create_app
 
     def make(index: bool = True, generator: bool = True, **settings) -> TestClient:
-        return TestClient(create_app(make_copilot(index=index, generator=generator), ServeSettings(**settings)))
+        return TestClient(create_app(make_copilot(index=index, generator=generator), ServeSettings(**settings)),
+                          base_url="http://localhost")
 
     return make
 
@@ -96,6 +97,6 @@ def make_client_module(base_copilot: Copilot, case_index: EmbeddingIndex) -> Cal
         c = base_copilot.image_config
         copilot = Copilot(base_copilot.model, model_dir=base_copilot.model_dir, checksum=base_copilot.checksum,
                           index=case_index, generator=FakeGenerator(c.channels, c.size))
-        return TestClient(create_app(copilot, ServeSettings(**settings)))
+        return TestClient(create_app(copilot, ServeSettings(**settings)), base_url="http://localhost")
 
     return make

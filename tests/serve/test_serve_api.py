@@ -220,7 +220,7 @@ def test_a_run_with_a_trained_prior_serves_the_real_synthesizer(run_dir, tmp_pat
     assert result.max_abs_difference == 0  # nothing re-sampled: the edit is the reconstruction
     result = copilot.edit(picture(4), "Large right pleural effusion.", strength=1.0, steps=2, seed=1)
     assert result.max_abs_difference > 0
-    client = TestClient(create_app(copilot))
+    client = TestClient(create_app(copilot), base_url="http://localhost")
     assert client.get("/v1/model").json()["generation"]["available"] is True
     body = client.post("/v1/synthesize", json={"text": "Cardiomegaly.", "n": 1, "steps": 2, "seed": 0}).json()
     assert body["synthetic"] is True and len(body["images"]) == 1

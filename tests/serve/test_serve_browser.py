@@ -132,3 +132,46 @@ def test_page_shows_report_findings_cases_synthesis_and_edit(server, case_index,
     if target:
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, target)
+
+
+def test_qc_report_renders_with_thumbnails(tmp_path) -> None:
+    """`data qc`'s HTML report in Chromium: the counts table and every dropped image's thumbnail load."""
+    sync_playwright = _require_browser()
+    import json
+
+    import numpy as np
+
+    from medunifier.data.images import save_png
+    from medunifier.data.qc import run_qc
+
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(4):
+        save_png(rng.random((32, 32)).astype(np.float32), tmp_path / "images" / f"{i}.png")
+        records.append({"id": f"r{i}", "image": f"images/{i}.png", "text": "The lungs are clear today."})
+    save_png(np.full((32, 32), 0.5, np.float32), tmp_path / "images" / "blank.png")
+    records += [{"id": "blank", "image": "images/blank.png", "text": "The lungs are clear today."},
+                {"id": "copy", "image": "images/0.png", "text": "The lungs are clear today."},
+                {"id": "short", "image": "images/1.png", "text": "<b>Ok"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = run_qc(tmp_path / "m.jsonl", tmp_path / "qc" / "m.jsonl")
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=["--headless", "--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.on("pageerror", lambda err: errors.append(str(err)))
+            page.goto(result.report_html.as_uri())
+            assert "kept 4, dropped 3" in page.inner_text("body")
+            counts = page.inner_text("#counts")
+            for reason in ("blank_image", "exact_duplicate", "short_report"):
+                assert reason in counts
+            images = page.locator("figure img")
+            assert images.count() >= 3
+            loaded = page.eval_on_selector_all("figure img", "els => els.map(e => e.complete && e.naturalWidth)")
+            assert all(w and w > 0 for w in loaded), loaded
+            assert "<b>Ok" in page.inner_text("#short_report")  # report text shown escaped, not as markup
+        finally:
+            browser.close()
+    assert not errors, errors

@@ -49,7 +49,7 @@ from torch.utils.data import Dataset, Sampler
 from medunifier.config import split_mixture_key
 from medunifier.data.findings import FINDINGS
 from medunifier.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image, to_tensor
-from medunifier.data.manifest import Record, load_records
+from medunifier.data.manifest import Record, UnsafePathError, contained_path, get_image_root, load_records
 from medunifier.data.tokenizer import special_ids
 
 Item = dict[str, Any]
@@ -107,6 +107,8 @@ class ManifestDataset(Dataset):
     """Map-style dataset over a manifest (or a list of records whose paths are relative to `root`).
 
     Records without an image (and edit records without a target image) are left out (reported once).
+    Image paths must stay inside `image_root` (default: the one set by `set_image_root`, else `root`); one
+    that leaves it is treated like an unreadable image.
     An image that cannot be read makes `__getitem__` return None after one warning; `Collator` drops
     such items and `skipped` counts them (per process: each DataLoader worker keeps its own count).
     An index may be an int or, from a `MixtureSampler` with objective keys, (int, objective).
@@ -115,13 +117,17 @@ class ManifestDataset(Dataset):
     def __init__(self, manifest: str | Path | Sequence[Record], root: str | Path | None = None,
                  image_size: int = 64, channels: int = 3, mean: float = 0.5, std: float = 0.5,
                  splits: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, hash_images: bool = False):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, image_root: str | Path | None = None,
+                 hash_images: bool = False):
+        image_root = image_root if image_root is not None else get_image_root()
         if isinstance(manifest, (str, Path)):
-            records = load_records(manifest)
+            records = load_records(manifest, image_root=image_root)
             root = Path(manifest).parent if root is None else root
         else:
             records = list(manifest)
         self.root = Path(root) if root is not None else Path(".")
+        # fixed here so that DataLoader workers, which may not share the process-wide setting, check the same
+        self.image_root = Path(image_root) if image_root is not None else self.root
         records = filter_records(records, splits, tasks)
         self.records = [r for r in records if trainable(r)]
         if len(self.records) < len(records):
@@ -147,11 +153,11 @@ class ManifestDataset(Dataset):
     def _pixels(self, record: Record, relative: str) -> torch.Tensor | None:
         path = self.root / relative
         try:
-            array = load_image(path, self.max_pixels)
-        except ImageLoadError as err:
+            array = load_image(contained_path(self.root, relative, self.image_root), self.max_pixels)
+        except (ImageLoadError, UnsafePathError) as err:
             if record.id not in self._skipped:
                 self._skipped.add(record.id)
-                warn_skipped(path, err.reason)
+                warn_skipped(path, err.reason if isinstance(err, ImageLoadError) else str(err))
             return None
         return to_tensor(array, self.image_size, self.channels, self.mean, self.std)
 
@@ -168,7 +174,8 @@ class ManifestDataset(Dataset):
                 return None
         item = make_item(record, pixel_values, source_pixel_values, objective)
         if self.hash_images:
-            digest = hashlib.sha256((self.root / record.training_image()).read_bytes()).hexdigest()[:16]
+            path = contained_path(self.root, record.training_image(), self.image_root)  # checked in _pixels
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
             item["cache_key"] = f"{record.id}|{digest}"
         return item
 

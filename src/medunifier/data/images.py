@@ -91,8 +91,9 @@ def _read_pil(source: Any, path: str | Path, max_pixels: int) -> np.ndarray:
                 return _pil_to_array(img)
     except ImageLoadError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageLoadError(path, f"refused as a decompression bomb ({err})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own message names its internal limit (twice max_pixels): state the configured one
+        raise ImageLoadError(path, f"refused as a decompression bomb: more than {max_pixels} pixels") from None
     except Exception as err:  # Pillow raises many types for truncated/corrupt files
         raise ImageLoadError(path, f"not a readable image ({type(err).__name__}: {err})") from None
     finally:

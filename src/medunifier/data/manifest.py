@@ -3,6 +3,11 @@
 JSON Lines, one record per sample; `image` is relative to the manifest's folder. Reading
 validates every line and names the line number and field of a bad record; by default bad lines
 are reported and skipped so that no other record is lost.
+
+Containment: every image or mask path (`PATH_FIELDS`) must resolve, symlinks followed, inside the
+manifest's folder, or inside an explicit image root (`--image-root`, `set_image_root`) when the images
+live elsewhere (a merged manifest points into its inputs' folders). Paths stay relative to the manifest's
+folder either way; an absolute path or one that escapes the root is rejected per record.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -51,11 +56,12 @@ class Record(BaseModel):
             raise ValueError(f"label values must be -1, 0 or 1, got {bad}")
         return labels
 
-    def image_path(self, root: str | Path) -> Path | None:
-        return None if self.image is None else Path(root) / self.image
+    def image_path(self, root: str | Path, image_root: str | Path | None = None) -> Path | None:
+        """`root / image`, checked to stay inside `image_root` (see `contained_path`)."""
+        return None if self.image is None else contained_path(root, self.image, image_root)
 
-    def target_image_path(self, root: str | Path) -> Path | None:
-        return None if self.target_image is None else Path(root) / self.target_image
+    def target_image_path(self, root: str | Path, image_root: str | Path | None = None) -> Path | None:
+        return None if self.target_image is None else contained_path(root, self.target_image, image_root)
 
     def training_image(self) -> str | None:
         """The image this record trains on: an edit record's target (it goes with the target report), else `image`."""
@@ -64,8 +70,85 @@ class Record(BaseModel):
         return self.image
 
 
+PATH_FIELDS = ("image", "target_image", "edit_region")  # relative to the manifest's folder
+
+
 class ManifestError(ValueError):
-    """A manifest line that is not a valid record; names the file, line and field."""
+    """A manifest line that is not a valid record; names the file, line and field.
+
+    `reason` is a short key for counting: invalid_json, invalid_record, unsafe_path, duplicate_id.
+    """
+
+    def __init__(self, message: str, reason: str = "invalid_record", line: int | None = None):
+        super().__init__(message)
+        self.reason, self.line = reason, line
+
+
+class UnsafePathError(ValueError):
+    """An image or mask path that is absolute or resolves outside the allowed root."""
+
+
+# ------------------------------------------------------------------------------------- containment
+
+_image_root: Path | None = None
+
+
+def set_image_root(path: str | Path | None) -> None:
+    """Allow image paths anywhere inside `path` (None: only inside each manifest's own folder)."""
+    global _image_root
+    if path is not None and not Path(path).is_dir():
+        raise FileNotFoundError(f"image root {path} is not a folder")
+    _image_root = None if path is None else Path(path).resolve()
+
+
+def get_image_root() -> Path | None:
+    return _image_root
+
+
+def contained_path(base: str | Path, relative: str, image_root: str | Path | None = None) -> Path:
+    """`base / relative` after checking that it resolves (symlinks followed) inside the allowed root.
+
+    The root is `image_root`, else the one set by `set_image_root`, else `base` (the manifest's folder).
+    Raises UnsafePathError saying why: an absolute path, a path that escapes, a symlink that leaves.
+    """
+    if PurePosixPath(relative).is_absolute() or PureWindowsPath(relative).is_absolute() or \
+            PureWindowsPath(relative).drive:
+        raise UnsafePathError(f"absolute path '{relative}' refused: image paths must be relative to the "
+                              "manifest's folder")
+    base = Path(base)
+    root = Path(image_root) if image_root is not None else _image_root if _image_root is not None else base
+    root = root.resolve()
+    joined = base / relative
+    if not joined.resolve().is_relative_to(root):
+        hint = "move the file inside it or pass --image-root with a folder that holds it"
+        if Path(os.path.normpath(base.resolve() / relative)).is_relative_to(root):
+            raise UnsafePathError(f"'{relative}' is a symlink that leads outside {root}: {hint}")
+        raise UnsafePathError(f"'{relative}' resolves outside {root}: {hint}")
+    return joined
+
+
+def check_paths(record: Record, base: str | Path, image_root: str | Path | None = None) -> None:
+    """Raise UnsafePathError when any image or mask path of `record` leaves the allowed root."""
+    for name in PATH_FIELDS:
+        value = getattr(record, name, None)
+        if isinstance(value, str) and value:
+            try:
+                contained_path(base, value, image_root)
+            except UnsafePathError as err:
+                raise UnsafePathError(f"field '{name}': {err}") from None
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+@dataclass
+class Problem:
+    """One record left out of a manifest: its line, a short reason key and the full message."""
+
+    line: int | None
+    reason: str
+    message: str
+    id: str | None = None
 
 
 @dataclass
@@ -73,20 +156,43 @@ class ReadReport:
     """What reading a manifest skipped, so a caller can print it."""
 
     path: Path
-    errors: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[str]:
+        return [p.message for p in self.problems]
 
     @property
     def skipped(self) -> int:
-        return len(self.errors)
+        return len(self.problems)
+
+    def by_reason(self) -> dict[str, int]:
+        return dict(Counter(p.reason for p in self.problems).most_common())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"manifest": str(self.path), "skipped": self.skipped, "by_reason": self.by_reason(),
+                "problems": [vars(p) for p in self.problems]}
+
+    def summary_lines(self, first: int = 5) -> list[str]:
+        """'N records left out (reason: n, ...)' and the first few messages."""
+        if not self.problems:
+            return []
+        counts = ", ".join(f"{k}: {v}" for k, v in self.by_reason().items())
+        lines = [f"{self.path}: {self.skipped} records left out ({counts})"]
+        lines += [f"  {m}" for m in self.errors[:first]]
+        if self.skipped > first:
+            lines.append(f"  ... and {self.skipped - first} more")
+        return lines
 
 
 def parse_line(line: str, lineno: int, path: str | Path) -> Record:
     try:
         data = json.loads(line)
     except json.JSONDecodeError as err:
-        raise ManifestError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+        raise ManifestError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})",
+                            "invalid_json", lineno) from None
     if not isinstance(data, dict):
-        raise ManifestError(f"{path}:{lineno}: a record must be a JSON object")
+        raise ManifestError(f"{path}:{lineno}: a record must be a JSON object", "invalid_record", lineno)
     try:
         return Record.model_validate(data)
     except ValidationError as err:
@@ -94,11 +200,26 @@ def parse_line(line: str, lineno: int, path: str | Path) -> Record:
         for e in err.errors():
             key = ".".join(str(p) for p in e["loc"]) or "(record)"
             parts.append(f"field '{key}': {e['msg']}")
-        raise ManifestError(f"{path}:{lineno}: " + "; ".join(parts)) from None
+        raise ManifestError(f"{path}:{lineno}: " + "; ".join(parts), "invalid_record", lineno) from None
 
 
-def iter_manifest(path: str | Path, strict: bool = False, report: ReadReport | None = None) -> Iterator[Record]:
+def iter_manifest(path: str | Path, strict: bool = False, report: ReadReport | None = None,
+                  image_root: str | Path | None = None) -> Iterator[Record]:
     """Yield valid records; a bad line raises when `strict`, else is noted in `report` and skipped."""
+    for _, record in iter_numbered(path, strict, report, image_root):
+        yield record
+
+
+def iter_numbered(path: str | Path, strict: bool = False, report: ReadReport | None = None,
+                  image_root: str | Path | None = None) -> Iterator[tuple[int, Record]]:
+    """(line number, record) of each valid record; a bad line raises when `strict`, else goes to `report`.
+
+    Args:
+        path: the manifest.jsonl.
+        strict: raise ManifestError on the first bad line instead of skipping it.
+        report: collects the skipped lines.
+        image_root: the folder image paths must stay in (default: see `contained_path`).
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"manifest not found: {path}")
@@ -107,30 +228,43 @@ def iter_manifest(path: str | Path, strict: bool = False, report: ReadReport | N
             if not line.strip():
                 continue
             try:
-                yield parse_line(line, lineno, path)
+                record = parse_line(line, lineno, path)
+                try:
+                    check_paths(record, path.parent, image_root)
+                except UnsafePathError as err:
+                    raise ManifestError(f"{path}:{lineno}: record '{record.id}': {err}", "unsafe_path",
+                                        lineno) from None
             except ManifestError as err:
                 if strict:
                     raise
                 if report is not None:
-                    report.errors.append(str(err))
+                    report.problems.append(Problem(err.line, err.reason, str(err)))
+                continue
+            yield lineno, record
 
 
-def read_manifest(path: str | Path, strict: bool = False) -> tuple[list[Record], ReadReport]:
+def read_manifest(path: str | Path, strict: bool = False,
+                  image_root: str | Path | None = None) -> tuple[list[Record], ReadReport]:
+    """Valid records and a report of the skipped ones; of records sharing an id the first is kept."""
     report = ReadReport(Path(path))
-    records = list(iter_manifest(path, strict=strict, report=report))
-    ids = Counter(r.id for r in records)
-    duplicates = [i for i, n in ids.items() if n > 1]
-    if duplicates:
-        msg = f"{path}: {len(duplicates)} duplicate ids, e.g. {duplicates[:3]}"
-        if strict:
-            raise ManifestError(msg)
-        report.errors.append(msg)
+    records: list[Record] = []
+    first_line: dict[str, int] = {}
+    for line, record in iter_numbered(path, strict=strict, report=report, image_root=image_root):
+        if record.id in first_line:
+            msg = f"{path}:{line}: duplicate id '{record.id}' (first on line {first_line[record.id]}): left out"
+            if strict:
+                raise ManifestError(msg, "duplicate_id", line)
+            report.problems.append(Problem(line, "duplicate_id", msg, record.id))
+            continue
+        first_line[record.id] = line
+        records.append(record)
     return records, report
 
 
-def load_records(path: str | Path, splits: Iterable[str] | None = None) -> list[Record]:
+def load_records(path: str | Path, splits: Iterable[str] | None = None,
+                 image_root: str | Path | None = None) -> list[Record]:
     """Read a manifest, print what was skipped, keep the given splits."""
-    records, report = read_manifest(path)
+    records, report = read_manifest(path, image_root=image_root)
     for err in report.errors:
         print(f"warning: {err}")
     if report.skipped:
@@ -155,9 +289,6 @@ def write_manifest(records: Iterable[Record | dict[str, Any]], path: str | Path)
             count += 1
     tmp.replace(path)
     return count
-
-
-PATH_FIELDS = ("image", "target_image", "edit_region")  # relative to the manifest's folder
 
 
 def merge_manifests(manifests: Iterable[str | Path], out: str | Path) -> dict[str, int]:

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from medunifier.data.images import load_image, to_tensor
-from medunifier.data.manifest import Record, load_records
+from medunifier.data.manifest import Record, get_image_root, load_records
 
 NEGATIVE_CLASS_NAMES = ("normal", "no_finding", "none", "negative")
 
@@ -139,6 +139,7 @@ class ImageRecords(Dataset):
     def __init__(self, records: Sequence[Record], root: str | Path, image_config: Any):
         self.records = list(records)
         self.root = Path(root)
+        self.image_root = get_image_root()  # fixed here for DataLoader workers
         self.cfg = image_config
 
     def __len__(self) -> int:
@@ -146,7 +147,7 @@ class ImageRecords(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         rec = self.records[index]
-        arr = load_image(rec.image_path(self.root))
+        arr = load_image(rec.image_path(self.root, self.image_root))
         c = self.cfg
         return to_tensor(arr, c.size, channels=c.channels, mean=c.mean, std=c.std), index
 

@@ -6,8 +6,8 @@ A cache folder holds
     index-<rank>.json          entry key -> shard file, one per writing process
     features-<rank>-<k>.safetensors   one tensor per entry, named by its key: the backbone's output [L, Dv]
 
-An entry key is `<record id>|<first 16 hex digits of the image file's SHA-256>`, so an edited image
-misses instead of returning stale features. The fingerprint is a SHA-256 over the backbone's weights
+An entry key is `<record id>|<first 16 hex digits of the image file's SHA-256>` (made by
+`ManifestDataset(..., hash_images=True)`), so an edited image misses instead of returning stale features. The fingerprint is a SHA-256 over the backbone's weights
 (every tensor, by name) and the preprocessing (backbone type, image size, channels, mean, std): a model
 refuses a cache built from other weights or other preprocessing.
 """
@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-__all__ = ["CACHE_FILE", "DiskFeatureCache", "FeatureCacheMismatch", "cache_key", "fingerprint", "image_digest"]
+__all__ = ["CACHE_FILE", "DiskFeatureCache", "FeatureCacheMismatch", "fingerprint"]
 
 CACHE_FILE = "cache.json"
 FORMAT = 1
@@ -31,15 +31,6 @@ FORMAT = 1
 
 class FeatureCacheMismatch(ValueError):
     """A feature cache that does not belong to this model (other weights or preprocessing)."""
-
-
-def image_digest(path: str | Path) -> str:
-    """First 16 hex digits of the SHA-256 of an image file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
-def cache_key(record_id: str, digest: str) -> str:
-    return f"{record_id}|{digest}"
 
 
 def fingerprint(backbone: nn.Module, preprocessing: dict[str, Any]) -> str:

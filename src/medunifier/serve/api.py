@@ -28,7 +28,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath, PureWindowsPath
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -222,6 +222,17 @@ def _label_key(label: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- Copilot
+
+
+def _hide_paths(value: Any) -> Any:
+    """`value` with every absolute filesystem path (a tokenizer folder, the index's manifest) cut to its name."""
+    if isinstance(value, dict):
+        return {k: _hide_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_hide_paths(v) for v in value]
+    if isinstance(value, str) and (value.startswith(("/", "~", "\\")) or PureWindowsPath(value).drive):
+        return PurePath(value).name
+    return value
 
 
 class Copilot:
@@ -519,18 +530,18 @@ class Copilot:
     # ------------------------------------------------------------------------------------- metadata
 
     def info(self) -> dict[str, Any]:
-        """Version, weights checksum, config and capabilities (the REST `/v1/model`)."""
-        config = self.model.config.to_dict() if hasattr(self.model.config, "to_dict") else {}
+        """Version, weights checksum, config and capabilities (the REST `/v1/model`); no filesystem paths, which
+        would tell a caller about the server's disk."""
+        config = _hide_paths(self.model.config.to_dict()) if hasattr(self.model.config, "to_dict") else {}
         counts = self.model.parameter_counts() if hasattr(self.model, "parameter_counts") else {}
         return {
             "version": __version__,
             "checksum": self.checksum,
-            "model_dir": str(self.model_dir) if self.model_dir is not None else None,
             "config": config,
             "parameters": sum(v["total"] for v in counts.values()) if counts else None,
             "device": str(self.device),
             "image": {"size": self.image_config.size, "channels": self.image_config.channels},
             "labels": self.default_labels,
-            "index": self.index.summary() if self.index is not None else None,
+            "index": _hide_paths(self.index.summary()) if self.index is not None else None,
             "generation": {"available": self.can_generate, "reason": self.generation_reason or None},
         }

@@ -12,7 +12,10 @@ Every rejection is a 4xx whose JSON body is {"error": {"status", "code", "messag
 capability the server lacks (no index, no generator) is a 501 of the same shape. Inputs are uploaded bytes
 only (never a path on the server); uploads are sniffed (PNG, JPEG or DICOM magic), bounded in bytes and
 in decoded pixels. With a token configured, every /v1 route but health needs `Authorization: Bearer
-<token>` (compared in constant time). The model itself is behind the Copilot's lock.
+<token>` (compared in constant time). Every request must name an allowed host in its Host header (by
+default, when bound to loopback: localhost names and loopback addresses), so that a web page cannot reach
+the loopback server through DNS rebinding; another host gets 400 `bad_host`. JSON bodies with unknown
+fields and a second image where one is expected are 422. The model itself is behind the Copilot's lock.
 """
 
 import hmac
@@ -29,7 +32,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -334,9 +337,24 @@ def _clean_text(text: str, what: str) -> str:
 # ------------------------------------------------------------------------------------------- the app
 
 
-def create_app(copilot: Copilot, settings: ServeSettings | None = None) -> FastAPI:
-    """The FastAPI app serving `copilot` under the limits of `settings`."""
+def host_name(header: str) -> str:
+    """The host of a Host header, lower case, without port or IPv6 brackets."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def create_app(copilot: Copilot, settings: ServeSettings | None = None, bind_host: str = "127.0.0.1") -> FastAPI:
+    """The FastAPI app serving `copilot` under the limits of `settings`.
+
+    Args:
+        copilot: the loaded model (and index, generator).
+        settings: limits and options (default: `ServeSettings()`).
+        bind_host: the address the server listens on; it decides the default Host allow-list.
+    """
     settings = settings or ServeSettings()
+    allowed_hosts = settings.hosts_for(bind_host)
     app = FastAPI(
         title="medunifier co-pilot",
         version=__version__,
@@ -348,6 +366,17 @@ def create_app(copilot: Copilot, settings: ServeSettings | None = None) -> FastA
     app.state.copilot = copilot
     app.state.settings = settings
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+
+    @app.middleware("http")
+    async def check_host(request: Request, call_next: Any) -> Any:
+        # runs before the body is read; the security-header middleware below wraps its answer too
+        if allowed_hosts is not None:
+            host = host_name(request.headers.get("host", ""))
+            if host not in allowed_hosts:
+                shown = host[:100] or "(none)"
+                return error_response(400, "bad_host", f"Host '{shown}' is not served here: use one of "
+                                      f"{sorted(allowed_hosts)}, or add it to the server's allowed_hosts setting")
+        return await call_next(request)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next: Any) -> Any:
@@ -415,6 +444,15 @@ def create_app(copilot: Copilot, settings: ServeSettings | None = None) -> FastA
                                               description="PNG, JPEG or DICOM files (repeat the field for several)")]
     OneImage = Annotated[UploadFile, File(description="a PNG, JPEG or DICOM file")]
 
+    async def one_image(request: Request) -> None:
+        """A second file under 'image' where the endpoint takes one would be silently ignored: refuse it."""
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            count = len((await request.form()).getlist("image"))
+            if count > 1:
+                raise ApiError(422, "too_many_images", f"{count} images; this endpoint takes one 'image'")
+
+    single = [*auth, Depends(one_image)]  # the endpoints that take at most one image
+
     def read_images(uploads: list[UploadFile]) -> list[np.ndarray]:
         if len(uploads) > s.max_images:
             raise ApiError(422, "too_many_images", f"{len(uploads)} images; at most {s.max_images} per request")
@@ -465,7 +503,7 @@ def create_app(copilot: Copilot, settings: ServeSettings | None = None) -> FastA
                  for u, r in zip(image, results)]
         return ClassifyResponse(labels=results[0].labels, ensemble=ensemble, results=items)
 
-    @app.post("/v1/ask", response_model=AskResponse, dependencies=auth, tags=["understand"],
+    @app.post("/v1/ask", response_model=AskResponse, dependencies=single, tags=["understand"],
               responses=_error_responses(400, 401, 413, 415, 422))
     def ask(
         image: OneImage,
@@ -503,7 +541,7 @@ def create_app(copilot: Copilot, settings: ServeSettings | None = None) -> FastA
             thumbnails.popitem(last=False)
         return url
 
-    @app.post("/v1/retrieve", response_model=RetrieveResponse, dependencies=auth, tags=["understand"],
+    @app.post("/v1/retrieve", response_model=RetrieveResponse, dependencies=single, tags=["understand"],
               responses=_error_responses(400, 401, 413, 415, 422, 501))
     def retrieve(
         image: Annotated[UploadFile | None, File(description="a query image (or give text)")] = None,
@@ -528,6 +566,7 @@ def create_app(copilot: Copilot, settings: ServeSettings | None = None) -> FastA
 
     SynthesizeRequest = create_model(
         "SynthesizeRequest",
+        __config__=ConfigDict(extra="forbid"),  # a misspelt field is an error, not silently the default
         text=(str, Field(min_length=1, max_length=s.max_text_chars, description="a report or finding description")),
         n=(int, Field(1, ge=1, le=s.max_n, description="number of images")),
         guidance=(float, Field(s.default_guidance, ge=0.0, le=s.max_guidance, allow_inf_nan=False)),
@@ -545,7 +584,7 @@ def create_app(copilot: Copilot, settings: ServeSettings | None = None) -> FastA
         return SynthesizeResponse(notice=SYNTHETIC_NOTICE, text=text,
                                   images=[SyntheticImageItem(image=data_url(im.png()), seed=im.seed) for im in images])
 
-    @app.post("/v1/edit", response_model=EditResponse, dependencies=auth, tags=["generate"],
+    @app.post("/v1/edit", response_model=EditResponse, dependencies=single, tags=["generate"],
               responses=_error_responses(400, 401, 413, 415, 422, 501))
     def edit(
         image: OneImage,

@@ -5,9 +5,11 @@ Layout of an index folder (no pickle anywhere):
     embeddings.safetensors   image [N, Q, E]  per-query ITC image embeddings (L2-normalised)
                              text  [N, E]     ITC text embeddings of the reports (L2-normalised)
     index.json               {"format", "version", "model": {"dir", "checksum"}, "manifest", "root",
-                              "count", "entries": [{"id", "text", "image", "labels"}]}
+                              "image_root", "count", "entries": [{"id", "text", "image", "labels"}]}
 
-`image` paths stay relative to the manifest's folder (`root`), as in the manifest.
+`image` paths stay relative to the manifest's folder (`root`), as in the manifest; a thumbnail is served
+only when its path resolves inside `image_root` (the manifest's folder unless the index was built with
+`--image-root`), symlinks followed.
 
 Search is cosine similarity, in one of two ways for each query modality:
 
@@ -105,7 +107,8 @@ class EmbeddingIndex:
     """Embeddings of N cases plus their ids, reports, image paths and labels."""
 
     def __init__(self, image_embeds: Tensor, text_embeds: Tensor, entries: list[dict[str, Any]],
-                 meta: dict[str, Any] | None = None, root: str | Path | None = None):
+                 meta: dict[str, Any] | None = None, root: str | Path | None = None,
+                 image_root: str | Path | None = None):
         if image_embeds.ndim != 3 or text_embeds.ndim != 2:
             raise ValueError(f"expected image [N, Q, E] and text [N, E], got {tuple(image_embeds.shape)} "
                              f"and {tuple(text_embeds.shape)}")
@@ -119,6 +122,7 @@ class EmbeddingIndex:
         self.entries = entries
         self.meta = dict(meta or {})
         self.root = Path(root) if root is not None else None
+        self.image_root = Path(image_root) if image_root is not None else self.root
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -133,11 +137,17 @@ class EmbeddingIndex:
                 "model_checksum": self.model_checksum, "created": self.meta.get("created")}
 
     def image_path(self, i: int) -> Path | None:
-        """Absolute path of case i's image, or None when the index has no root or the file is gone."""
+        """Absolute path of case i's image, or None when the index has no root, the file is gone or its path
+        leaves the image root."""
+        from medunifier.data.manifest import UnsafePathError, contained_path
+
         rel = self.entries[i].get("image")
-        if rel is None or self.root is None:
+        if not isinstance(rel, str) or self.root is None:
             return None
-        path = self.root / rel
+        try:
+            path = contained_path(self.root, rel, self.image_root)
+        except UnsafePathError:
+            return None
         return path if path.is_file() else None
 
     # -------------------------------------------------------------------------------------- search
@@ -189,7 +199,8 @@ class EmbeddingIndex:
         save_file({"image": self.image_embeds.contiguous(), "text": self.text_embeds.contiguous()},
                   str(out / EMBEDDINGS_NAME), metadata={"format": INDEX_FORMAT, "version": str(INDEX_VERSION)})
         meta = {**self.meta, "format": INDEX_FORMAT, "version": INDEX_VERSION, "count": len(self),
-                "root": str(self.root) if self.root is not None else None, "entries": self.entries}
+                "root": str(self.root) if self.root is not None else None,
+                "image_root": str(self.image_root) if self.image_root is not None else None, "entries": self.entries}
         tmp = out / f".{META_NAME}.tmp"
         tmp.write_text(json.dumps(meta, indent=1))
         tmp.replace(out / META_NAME)
@@ -211,10 +222,12 @@ class EmbeddingIndex:
         tensors = load_file(str(emb_path))
         entries = meta.pop("entries")
         root = meta.pop("root", None)
+        image_root = meta.pop("image_root", None)
         root_path = Path(root) if root else None
         if root_path is not None and not root_path.is_dir():
             root_path = None  # moved to another machine: search works, thumbnails do not
-        return cls(tensors["image"], tensors["text"], entries, meta=meta, root=root_path)
+        image_root_path = Path(image_root) if image_root and root_path is not None else root_path
+        return cls(tensors["image"], tensors["text"], entries, meta=meta, root=root_path, image_root=image_root_path)
 
 
 def build_index(
@@ -231,6 +244,7 @@ def build_index(
     `config.image`). model_meta: {"dir", "checksum"} of the model, stored so a query can load the same model
     and a server can refuse an index built by another one.
     """
+    from medunifier.data.manifest import get_image_root
     from medunifier.eval.common import encode_images, encode_texts, load_split, record_text
 
     manifest = Path(manifest)
@@ -244,7 +258,8 @@ def build_index(
     entries = [{"id": r.id, "text": t, "image": r.image, "labels": dict(r.labels)} for r, t in zip(records, texts)]
     meta = {"model": dict(model_meta or {}), "manifest": str(manifest.resolve()), "split": split,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    index = EmbeddingIndex(image_embeds, text_embeds, entries, meta=meta, root=root.resolve())
+    index = EmbeddingIndex(image_embeds, text_embeds, entries, meta=meta, root=root.resolve(),
+                           image_root=get_image_root() or root.resolve())
     if out is not None:
         index.save(out)
     return index

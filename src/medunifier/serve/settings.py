@@ -15,6 +15,20 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+LOOPBACK_HOSTS = ("localhost", "localhost.localdomain", "127.0.0.1", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address or name is loopback-only."""
+    import ipaddress
+
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
 
 class SettingsError(ValueError):
     """A settings file or override that cannot be used; the message names the key."""
@@ -47,6 +61,10 @@ class ServeSettings(BaseModel):
     default_guidance: float = Field(3.0, ge=0.0)
     # security
     token: SecretStr | None = Field(None, description="bearer token required on /v1/* (health excepted)")
+    allowed_hosts: list[str] | None = Field(
+        None, description="Host header names accepted (a request naming another host gets 400, which stops DNS "
+        "rebinding); '*' accepts any. Default: localhost names and loopback addresses when bound to loopback, "
+        "any host otherwise")
     thumbnails: bool = Field(True, description="include small PNG previews of retrieved cases")
 
     @model_validator(mode="after")
@@ -59,7 +77,16 @@ class ServeSettings(BaseModel):
                 raise ValueError(f"{default} ({getattr(self, default)}) exceeds {limit} ({getattr(self, limit)})")
         if self.token is not None and not self.token.get_secret_value().strip():
             raise ValueError("token is empty")
+        if self.allowed_hosts is not None and not all(h.strip() for h in self.allowed_hosts):
+            raise ValueError("allowed_hosts has an empty name")
         return self
+
+    def hosts_for(self, bind_host: str) -> set[str] | None:
+        """The Host names accepted when serving on `bind_host` (lower case, no port); None accepts any."""
+        if self.allowed_hosts is not None:
+            names = {h.strip().lower().strip("[]") for h in self.allowed_hosts}
+            return None if "*" in names else names
+        return set(LOOPBACK_HOSTS) if is_loopback(bind_host) else None
 
     @property
     def token_value(self) -> str | None:

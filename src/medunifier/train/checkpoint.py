@@ -11,7 +11,8 @@ A checkpoint is a folder `RUN/checkpoints/step-000040/`:
 
 Every file is written into `checkpoints/.tmp-step-000040/` first; the folder is renamed into place
 with `os.replace` once complete, so a crash mid-write never leaves a half checkpoint that
-`latest_checkpoint` would pick.
+`latest_checkpoint` would pick. A checkpoint damaged later (a full disk, a copy cut short) is caught by
+`checkpoint_problem`; `resume_checkpoint` moves it aside to `step-N.damaged` and takes the newest intact one.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import os
 import random
 import re
 import shutil
+import struct
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -211,6 +214,85 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The most recent complete checkpoint of a run, or None."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+MAIN_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", TRAINER_STATE, "rank-0.safetensors",
+              "rank-0.json")
+DAMAGED_SUFFIX = ".damaged"
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is unusable (missing, header cut or not JSON, data shorter than the header
+    says), or None. Reads the header only."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"{path.name} is truncated ({size} bytes, no header)"
+            (length,) = struct.unpack("<Q", head)
+            if length > size - 8:
+                return f"{path.name} is truncated (a {length}-byte header in a {size}-byte file)"
+            header = json.loads(fh.read(length))
+    except FileNotFoundError:
+        return f"{path.name} is missing"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"{path.name} has an unreadable header ({type(err).__name__})"
+    if not isinstance(header, dict):
+        return f"{path.name} has an unreadable header"
+    ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+            and len(v.get("data_offsets", ())) == 2]
+    need = 8 + length + max(ends, default=0)
+    if size < need:
+        return f"{path.name} is truncated ({size} of {need} bytes)"
+    return None
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (its first problem), or None when it looks intact:
+    every expected file present, safetensors headers and lengths consistent, JSON files parse."""
+    path = Path(path)
+    if not path.is_dir():
+        return f"{path} is not a folder"
+    for name in MAIN_FILES:
+        file = path / name
+        if name.endswith(".safetensors"):
+            problem = safetensors_problem(file)
+            if problem is not None:
+                return problem
+            continue
+        try:
+            data = json.loads(file.read_text())
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            return f"{name} is not valid JSON ({type(err).__name__})"
+        if not isinstance(data, dict) or (name == TRAINER_STATE and not isinstance(data.get("step"), int)):
+            return f"{name} does not hold the expected fields"
+    return None
+
+
+def resume_checkpoint(run_dir: str | Path, move_aside: bool = True) -> Path | None:
+    """The newest intact checkpoint of a run, or None. Each damaged newer one is named on stderr and, with
+    `move_aside` (the main process only), renamed to `step-N.damaged` so later runs skip it too."""
+    for path in reversed(list_checkpoints(run_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        message = f"warning: checkpoint {path} is damaged ({problem})"
+        if move_aside:
+            target = path.with_name(path.name + DAMAGED_SUFFIX)
+            n = 1
+            while target.exists():
+                n += 1
+                target = path.with_name(f"{path.name}{DAMAGED_SUFFIX}-{n}")
+            try:
+                os.replace(path, target)
+                message += f": moved aside to {target.name}"
+            except OSError as err:
+                message += f" and could not be moved aside ({err})"
+        print(message + "; trying the next older one", file=sys.stderr, flush=True)
+    return None
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:

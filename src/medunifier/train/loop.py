@@ -39,12 +39,14 @@ from torch.utils.data import DataLoader
 
 from medunifier.config import ConfigError, MedUnifierConfig, load_config, save_config
 from medunifier.data.augment import augment_batch
-from medunifier.data.manifest import Record, read_manifest
+from medunifier.data.manifest import ReadReport, Record, read_manifest
 from medunifier.train.checkpoint import (
     capture_rng_state,
+    checkpoint_problem,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    resume_checkpoint,
     save_checkpoint,
 )
 from medunifier.train.compute import configure_compute
@@ -54,6 +56,7 @@ from medunifier.train.optim import WarmupCosineSchedule, build_optimizer
 from medunifier.train.precision import resolve_mixed_precision
 
 SHARD_INDEX = "shards.json"
+DATA_REPORT = "data_report.json"  # in the run folder: the manifest records left out, and why
 MAX_VAL_BATCHES = 50  # validation reads at most this many batches per process
 
 
@@ -92,10 +95,17 @@ class DataSource:
     train_records: list[Record] = field(default_factory=list)
     val_records: list[Record] = field(default_factory=list)
     shard_total: int | None = None
+    report: ReadReport | None = None  # the manifest records left out, and why
 
 
-def resolve_data(path: str | Path) -> DataSource:
-    """Check that `path` is usable training data: a manifest.jsonl, a folder holding one, or shards."""
+def resolve_data(path: str | Path, report_dir: str | Path | None = None) -> DataSource:
+    """Check that `path` is usable training data: a manifest.jsonl, a folder holding one, or shards.
+
+    Args:
+        path: the `--data` argument.
+        report_dir: where `data_report.json` (every left-out record with its line and reason) is written
+            when the manifest has bad records (by the main process only).
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"data path not found: {path}")
@@ -117,8 +127,15 @@ def resolve_data(path: str | Path) -> DataSource:
         records, report = read_manifest(path)
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"cannot read manifest {path}: {err}") from None
-    for err in report.errors[:5]:
-        print(f"warning: {err}", file=sys.stderr)
+    lines = report.summary_lines(first=5)
+    if lines and report_dir is not None:
+        target = Path(report_dir) / DATA_REPORT
+        if int(os.environ.get("RANK", "0")) == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps(report.to_dict(), indent=1))
+        lines.append(f"  the full list: {target}")
+    for line in lines:
+        print(f"warning: {line}", file=sys.stderr)
     with_image = [r for r in records if r.image is not None]
     train_records = [r for r in with_image if r.split == "train"]
     if not train_records:
@@ -127,7 +144,7 @@ def resolve_data(path: str | Path) -> DataSource:
             + (f" ({report.skipped} lines skipped as invalid)" if report.skipped else "")
         )
     val_records = [r for r in with_image if r.split == "val"]
-    return DataSource(path, "manifest", train_records=train_records, val_records=val_records)
+    return DataSource(path, "manifest", train_records=train_records, val_records=val_records, report=report)
 
 
 def _equalize(batch: dict[str, Any], n: int) -> dict[str, Any]:
@@ -782,13 +799,16 @@ def train(
     max_steps: int | None = None,
     resume: bool = False,
     overrides: list[str] | None = None,
+    resume_from: str | Path | None = None,
 ) -> TrainResult:
     """Pre-train MedUnifier on `data` (manifest or shards) into the run folder `out`.
 
     `config` is a preset name, a YAML path or a config object; `overrides` are `key=value` strings.
     `max_steps` stops this invocation early (the schedule still spans the config's steps);
-    `resume` continues from the last checkpoint in `out`. Everything that can be checked without the
-    model (config, data path, curriculum against the data, the run folder) is checked first.
+    `resume` continues from the newest intact checkpoint in `out` (a damaged newer one is moved aside to
+    `step-N.damaged`); `resume_from` names the checkpoint folder to continue from instead. Everything that
+    can be checked without the model (config, data path, curriculum against the data, the run folder,
+    the checkpoint) is checked first.
     """
     if isinstance(config, MedUnifierConfig):
         cfg = config
@@ -801,7 +821,7 @@ def train(
     if max_steps is not None and max_steps < 1:
         raise ConfigError(f"max_steps must be >= 1, got {max_steps}")
     stages = resolve_stages(cfg)
-    source = resolve_data(data)
+    source = resolve_data(data, report_dir=out)
     if source.kind == "shards" and any(s.mixture for s in stages):
         raise ConfigError("curriculum mixtures need a manifest: shards are read as a stream in file order")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun sets it before any process group exists
@@ -816,14 +836,24 @@ def train(
 
     run_dir = Path(out)
     existing = list_checkpoints(run_dir)
-    resume_from = None
-    if resume:
-        resume_from = latest_checkpoint(run_dir)
-        if resume_from is None:
+    checkpoint = None
+    if resume_from is not None:
+        checkpoint = Path(resume_from)
+        problem = checkpoint_problem(checkpoint)
+        if problem is not None:
+            raise ConfigError(f"--resume-from {checkpoint}: cannot resume from it ({problem}); pick another "
+                              f"checkpoint folder, e.g. an older one under {run_dir / 'checkpoints'}")
+    elif resume:
+        checkpoint = resume_checkpoint(run_dir, move_aside=int(os.environ.get("RANK", "0")) == 0)
+        if checkpoint is None and existing:
+            raise ConfigError(f"{run_dir}: every checkpoint is damaged (moved aside as step-N.damaged): start a "
+                              "new run in another --out, or repair one and pass --resume-from")
+        if checkpoint is None:
             print(f"warning: --resume given but {run_dir} has no checkpoint: starting a new run", file=sys.stderr)
     elif existing:
         raise ConfigError(f"{run_dir} already holds checkpoints (latest {existing[-1].name}): pass --resume to "
                           "continue it, or choose another --out")
+    resume_from = checkpoint
     total = total_steps(stages)
     schedule_changed = resume_from is not None and _check_resumable(resume_from, stages)
     stop_at = total if max_steps is None else min(max_steps, total)
