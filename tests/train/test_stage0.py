@@ -20,7 +20,7 @@ from medunifier.train.features import write_feature_cache
 from medunifier.train.stage0 import Stage0Model, TextBank, _collate_with_keys, pretrain_vision
 
 STAGE0_SMALL = ["image.size=32", "vision.hidden_size=32", "vision.num_layers=2", "vision.patch_size=8",
-                "embed_dim=16", "batch_size=8", "queue_size=16", "text_max_length=64", "mixed_precision=no",
+                "embed_dim=16", "batch_size=8", "queue_size=16", "text_max_length=64",
                 "log_every=1"]
 
 

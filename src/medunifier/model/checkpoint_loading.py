@@ -39,6 +39,7 @@ import torch
 import transformers
 from safetensors import safe_open
 from torch import Tensor, nn
+from transformers.initialization import no_init_weights  # a lazily loaded submodule: import it by name
 
 from medunifier.pretrained import resolve_local
 
@@ -192,7 +193,7 @@ def load_vision_backbone(backbone: str, spec: str, ignore: Iterable[str] = ()) -
     if missing:  # deliberately missing tensors keep the model's random init
         model = cls(config, **extra)
     else:
-        with transformers.initialization.no_init_weights():
+        with no_init_weights():
             model = cls(config, **extra)
     result = model.load_state_dict({k: state[n] for k, n in found.items()}, strict=False)
     assert sorted(result.missing_keys) == sorted(missing), result  # the check above saw the same names
