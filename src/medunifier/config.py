@@ -26,6 +26,11 @@ def split_mixture_key(key: str) -> tuple[str | None, str]:
     return (prefix, rest) if sep and prefix in OBJECTIVE_GROUPS else (None, key)
 
 
+def _yaml_no(value: object) -> object:
+    """YAML reads an unquoted `no` (in a file or as `mixed_precision=no`) as false: give the string back."""
+    return "no" if value is False else value
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and the reason."""
 
@@ -375,8 +380,7 @@ class TrainConfig(_Strict):
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _yaml_no(cls, value: object) -> object:
-        """YAML reads an unquoted `no` (in a file or as `train.mixed_precision=no`) as false."""
-        return "no" if value is False else value
+        return _yaml_no(value)
 
 
 class MedUnifierConfig(_Strict):
@@ -507,7 +511,7 @@ class Stage0Config(_Strict):
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _yaml_no(cls, value: object) -> object:
-        return "no" if value is False else value
+        return _yaml_no(value)
 
 
 def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

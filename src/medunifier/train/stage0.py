@@ -397,8 +397,7 @@ def seconds_per_step(config: Stage0Config, text_width: int = 384, steps: int = 3
     c = config
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = Stage0Model(c.model_copy(update={"text_tower": "locked", "queue_size": c.queue_size}), None,
-                            text_width)
+        model = Stage0Model(c.model_copy(update={"text_tower": "locked"}), None, text_width)
         n_bank = max(c.batch_size, c.queue_size) + c.batch_size
         bank = TextBank([str(i) for i in range(n_bank)], torch.randint(0, 2, (n_bank, len(FINDINGS))).float(),
                         F.normalize(torch.randn(n_bank, text_width), dim=-1))
