@@ -45,12 +45,16 @@ def _config(tokenizer_dir: Path, *extra: str):
 
 @pytest.mark.slow
 def test_itc_itg_tig_halve_and_reconstruction_sharpens(synth: tuple[Path, Path]) -> None:
-    """All four objectives on one batch: ITC, ITG and TIG at most half their first values after 200 steps.
+    """All four objectives on one batch: ITC, ITG and TIG at most half their first values after 200 steps,
+    and the reconstruction gains 4 dB.
 
-    ITM is trained too but not asserted: on one batch with ITC beside it, it stays at its prior (0.636)
-    for about 350 steps at this initialisation before it falls (docs/results.md, session 14)."""
+    The learning rate decays to zero so that the check reads a settled model: at a constant rate the
+    final PSNR swung by up to 2.5 dB between neighbouring steps and one CI run gained only 3.0 dB. Decayed,
+    six seeds on two threads gained 5.5-6.6 dB (TIG ratio at most 0.28) and three on one thread 5.7-6.3.
+    ITM is trained too but not asserted: on one batch with ITC beside it, it stays near its prior (0.636)
+    for about 350 steps at this initialisation before it falls (docs/results.md)."""
     manifest, tokenizer_dir = synth
-    result = overfit(_config(tokenizer_dir), manifest, n=32, steps=200, lr=1e-3)
+    result = overfit(_config(tokenizer_dir), manifest, n=32, steps=200, lr=1e-3, decay=True)
     ratios = result.ratios()
     assert set(ratios) == set(OBJECTIVES)
     assert all(ratios[k] <= 0.5 for k in ("itc", "itg", "tig")), (ratios, result.first, result.last)

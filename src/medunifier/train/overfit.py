@@ -8,6 +8,7 @@ Used by `tests/model/test_overfit.py` (a shrunk model) and `benchmarks/overfit_t
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,12 +47,20 @@ def fixed_batch(config: MedUnifierConfig, manifest: str | Path, n: int, tokenize
 
 
 def overfit(config: MedUnifierConfig, manifest: str | Path, n: int = 32, steps: int = 300, lr: float = 1e-3,
-            seed: int = 0, window: int = 10) -> OverfitResult:
-    """Train on one batch of `n` samples for `steps` AdamW steps; compare the first and last `window` steps."""
+            seed: int = 0, window: int = 10, decay: bool = False) -> OverfitResult:
+    """Train on one batch of `n` samples for `steps` AdamW steps; compare the first and last `window` steps.
+
+    Args:
+        decay: cosine-decay the learning rate to zero over the run. At a constant rate the last steps
+            still move by whole decibels from step to step (the codebooks and TIG jump), so a check on the
+            final state is a check on one noisy sample; decayed, the run ends settled.
+    """
     torch.manual_seed(seed)
     model = MedUnifier(config)
     batch = fixed_batch(config, manifest, n, model.tokenizer)
     optimizer = torch.optim.AdamW(model.trainable_parameter_groups(0.0), lr=lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, (lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))) if decay else (lambda step: 1.0))
     model.train()
     history: list[dict[str, float]] = []
     start = time.perf_counter()
@@ -61,6 +70,7 @@ def overfit(config: MedUnifierConfig, manifest: str | Path, n: int = 32, steps: 
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        scheduler.step()
         row = {k: float(v.detach()) for k, v in out.losses.items()}
         row["psnr"] = out.metrics.get("psnr", float("nan"))
         history.append(row)
