@@ -5,7 +5,8 @@
         --image runs/demo/data/images_5x200/000000.png --out docs/screenshot_copilot.png
 
 Serves the run (its priors included) on a free loopback port, uploads the image, waits for the draft
-report, the finding bars and the similar cases, synthesises two images from `--prompt`, and saves a full-page
+report, the finding bars and the similar cases, synthesises two images from `--prompt`, runs a counterfactual edit that adds
+`--edit-finding`, and saves a full-page
 screenshot. Needs Playwright (the dev extra) and Debian's /usr/bin/chromium; never downloads a browser.
 """
 
@@ -26,6 +27,7 @@ def main() -> None:
     parser.add_argument("--index", type=Path, default=None, help="an index folder for similar cases")
     parser.add_argument("--image", type=Path, required=True)
     parser.add_argument("--prompt", default="Moderate cardiomegaly. Small right pleural effusion.")
+    parser.add_argument("--edit-finding", default="cardiomegaly", help="the finding the counterfactual edit adds")
     parser.add_argument("--out", type=Path, default=Path("docs/screenshot_copilot.png"))
     args = parser.parse_args()
 
@@ -72,6 +74,10 @@ def main() -> None:
                 page.fill("#synth-seed", "5")
                 page.click("#synth-form button[type=submit]")
                 expect(page.locator("#synth-images img")).to_have_count(2)
+                page.select_option("#edit-finding", args.edit_finding)
+                page.fill("#edit-strength", "0.7")
+                page.click("#edit-form button[type=submit]")
+                page.wait_for_selector("#edit-result:not([hidden])")
             page.locator("#report-text").scroll_into_view_if_needed()
             args.out.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(args.out), full_page=True)

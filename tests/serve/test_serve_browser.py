@@ -112,11 +112,13 @@ def test_page_shows_report_findings_cases_synthesis_and_edit(server, case_index,
             expect(page.locator("#synth-images img")).to_have_count(2)
             assert page.locator("#synth-images .badge").count() == 2
 
-            # 3. counterfactual edit: source, edited and difference side by side
+            # 3. counterfactual edit: source, edited and difference side by side, shown only once there is one
+            expect(page.locator("#edit-result")).to_be_hidden()
             page.select_option("#edit-finding", "pleural_effusion")
             page.fill("#edit-strength", "0.7")
             page.click("#edit-form button[type=submit]")
             page.wait_for_selector("#edit-result:not([hidden])")
+            expect(page.locator("#edit-result")).to_be_visible()
             for sel in ("#edit-source", "#edit-edited", "#edit-diff"):
                 assert page.locator(sel).get_attribute("src").startswith("data:image/png")
             assert "mean" in page.inner_text("#edit-diff-caption")
