@@ -469,6 +469,12 @@ class Stage0Config(_Strict):
         "'finetune': the text encoder trains too (no cache, no queue)",
     )
     text_max_length: int = Field(128, ge=8, le=512)
+    texts_per_image: Literal["join", "each"] = Field(
+        "join",
+        description="'join': the texts of every training record of one image become that image's single text "
+        "(a VQA source's question-answer pairs about an image read as its description); 'each': every record "
+        "is its own pair, and two records of one image are each other's negatives",
+    )
     embed_dim: int = Field(128, ge=8, description="shared embedding size")
     temperature: float = Field(0.07, gt=0, description="initial image-text temperature (learned)")
     soft_targets: bool = Field(False, description="same-finding reports are positives too (MedCLIP-style)")

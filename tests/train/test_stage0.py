@@ -12,12 +12,19 @@ from safetensors.torch import load_file
 
 from medunifier.config import ConfigError, ImageConfig, VisionConfig, load_config, load_stage0_config
 from medunifier.data.dataset import ManifestDataset
+from medunifier.data.manifest import Record
 from medunifier.data.synthcxr import write_synthcxr
 from medunifier.model.feature_cache import DiskFeatureCache, FeatureCacheMismatch
 from medunifier.model.stage0 import ImageTextContrastiveLoss, TextTower, same_labels
 from medunifier.model.vision import VisionEncoder
 from medunifier.train.features import write_feature_cache
-from medunifier.train.stage0 import Stage0Model, TextBank, _collate_with_keys, pretrain_vision
+from medunifier.train.stage0 import (
+    Stage0Model,
+    TextBank,
+    _collate_with_keys,
+    join_texts_by_image,
+    pretrain_vision,
+)
 
 STAGE0_SMALL = ["image.size=32", "vision.hidden_size=32", "vision.num_layers=2", "vision.patch_size=8",
                 "embed_dim=16", "batch_size=8", "queue_size=16", "text_max_length=64",
@@ -76,6 +83,22 @@ def test_text_bank_is_cached_and_locked(synth: Path, text_tower: TextTower, tmp_
     again = TextBank.build(dataset, text_tower, cache, "minilm")
     assert cache.stat().st_mtime_ns == stamp and torch.equal(again.embeddings, first.embeddings)
     assert not any(p.requires_grad for p in text_tower.parameters())
+
+
+def test_question_answer_pairs_of_one_image_become_its_one_text() -> None:
+    """A VQA source's records of one image read as one description (else each is the others' false negative)."""
+    def rec(i: int, image: str | None, text: str) -> Record:
+        return Record(id=f"r{i}", image=image, text=text, split="train")
+
+    records = [rec(0, "a.png", "Question: Is it the brain? Answer: yes"), rec(1, "b.png", "Question: Organ? Answer: lung"),
+               rec(2, "a.png", "Question: Modality? Answer: MRI"), rec(3, None, "a text without an image"),
+               rec(4, "a.png", "Question: Is it the brain? Answer: yes"), rec(5, "c.png", "")]
+    joined = join_texts_by_image(records)
+    assert [r.id for r in joined] == ["r0", "r1", "r3", "r5"]  # the first record of each image, in order
+    assert joined[0].text == "Question: Is it the brain? Answer: yes Question: Modality? Answer: MRI"  # no repeats
+    assert joined[1].text == records[1].text and joined[3].text == ""
+    assert records[0].text == "Question: Is it the brain? Answer: yes"  # the input is not modified
+    assert join_texts_by_image(joined) == joined
 
 
 def test_contrastive_soft_targets_and_queue() -> None:

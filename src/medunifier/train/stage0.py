@@ -32,6 +32,7 @@ from medunifier.config import Stage0Config
 from medunifier.data.augment import apply_parameters, draw_parameters
 from medunifier.data.dataset import ManifestDataset
 from medunifier.data.findings import FINDINGS
+from medunifier.data.manifest import Record, get_image_root, load_records
 from medunifier.model.stage0 import ImageTextContrastiveLoss, ImageTower, NTXentLoss, TextTower, save_backbone
 from medunifier.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from medunifier.train.metrics import MetricsLogger
@@ -154,6 +155,28 @@ class Stage0Result:
     interrupted: bool = False
 
 
+def join_texts_by_image(records: list[Record]) -> list[Record]:
+    """One record per image: the texts of all records of the same image, in manifest order, joined by a space.
+
+    A VQA source holds several question-answer pairs per image; read together they describe the image, and
+    as separate pairs each would be a false negative of the others in a contrastive batch. Records without
+    an image or without text pass unchanged; the first record of an image keeps its id and labels.
+    """
+    by_image: dict[str, list[Record]] = {}
+    out: list[Record] = []
+    for record in records:
+        if not record.image or not record.text:
+            out.append(record)
+            continue
+        group = by_image.setdefault(record.image, [])
+        if not group:
+            out.append(record)
+        group.append(record)
+    joined = {id(group[0]): " ".join(dict.fromkeys(r.text for r in group)) for group in by_image.values()
+              if len(group) > 1}
+    return [r.model_copy(update={"text": joined[id(r)]}) if id(r) in joined else r for r in out]
+
+
 def _collate_with_keys(bank: TextBank | None):
     def collate(items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
         kept = [it for it in items if it is not None]
@@ -205,8 +228,11 @@ def pretrain_vision(config: Stage0Config, data: str | Path, out_dir: str | Path,
     accelerator.wait_for_everyone()
 
     c = config
-    dataset = ManifestDataset(data, image_size=c.image.size, channels=c.image.channels, mean=c.image.mean,
-                              std=c.image.std, splits=["train"])
+    records = load_records(data, splits=["train"], image_root=get_image_root())
+    if c.objective in ("text", "both") and c.texts_per_image == "join":
+        records = join_texts_by_image(records)
+    dataset = ManifestDataset(records, root=Path(data).parent, image_size=c.image.size, channels=c.image.channels,
+                              mean=c.image.mean, std=c.image.std)
     if len(dataset) < c.batch_size * world:
         raise ValueError(f"{len(dataset)} training images for a global batch of {c.batch_size * world}: "
                          "lower batch_size")
