@@ -1,6 +1,7 @@
 """Typed, validated configuration for every medunifier run.
 
-A preset (`medunifier/configs/tiny.yaml`, `base.yaml`, `paper.yaml`) is a YAML file that loads into
+A preset (`medunifier/configs/tiny.yaml`, `base.yaml`, `paper.yaml`, shipped inside the package and found
+through `CONFIG_DIR`) or a user's own YAML file loads into
 `MedUnifierConfig`. Unknown keys, wrong types and impossible values fail at load time with the
 offending key named, before any model is built or any data is read.
 """
@@ -611,8 +612,8 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
     except yaml.YAMLError as err:
         raise ConfigError(f"config {path} is not valid YAML: {err}") from None
     if data is None:
-        raise ConfigError(f"config {path} is empty: copy a preset (medunifier/configs/tiny.yaml) into it, or pass a preset "
-                          "name such as --config tiny")
+        raise ConfigError(f"config {path} is empty: copy a preset ({CONFIG_DIR / 'tiny.yaml'}) into it, or pass a "
+                          "preset name such as --config tiny")
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping at the top level")
     data = apply_overrides(data, overrides or [])
