@@ -103,7 +103,7 @@ def main() -> None:
             out = model(batch)
             loss, shown = out.loss, {k: round(float(v.detach()), 3) for k, v in out.losses.items()}
             if "itm_acc" in out.metrics:
-                shown["itm_acc"] = round(out.metrics["itm_acc"], 3)
+                shown["itm_acc"] = round(float(out.metrics["itm_acc"]), 3)
         else:
             features = model.image_features(batch["pixel_values"])  # [B, 1 + L, Dv]
             text = F.normalize(model.text_proj(model.text_states(batch["input_ids"], batch["attention_mask"])[:, 0]), dim=-1)

@@ -1,12 +1,14 @@
 """Typed, validated configuration for every medunifier run.
 
-A preset (`configs/tiny.yaml`, `base.yaml`, `paper.yaml`) is a YAML file that loads into
+A preset (`medunifier/configs/tiny.yaml`, `base.yaml`, `paper.yaml`, shipped inside the package and found
+through `CONFIG_DIR`) or a user's own YAML file loads into
 `MedUnifierConfig`. Unknown keys, wrong types and impossible values fail at load time with the
 offending key named, before any model is built or any data is read.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import itertools
 from pathlib import Path
 from typing import Any, Literal
@@ -14,7 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+# The presets and prompt sets ship inside the package (package data), so a plain `pip install` has them.
+CONFIG_DIR = Path(str(importlib.resources.files("medunifier") / "configs"))
 OBJECTIVES = ("itc", "itm", "itg", "tig")
 # objective groups a curriculum mixture key can be routed to: "t2i:report" = report records, TIG only
 OBJECTIVE_GROUPS = {"i2t": ("itc", "itm", "itg"), "t2i": ("tig",)}
@@ -615,8 +618,8 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
     except yaml.YAMLError as err:
         raise ConfigError(f"config {path} is not valid YAML: {err}") from None
     if data is None:
-        raise ConfigError(f"config {path} is empty: copy a preset (configs/tiny.yaml) into it, or pass a preset "
-                          "name such as --config tiny")
+        raise ConfigError(f"config {path} is empty: copy a preset ({CONFIG_DIR / 'tiny.yaml'}) into it, or pass a "
+                          "preset name such as --config tiny")
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping at the top level")
     data = apply_overrides(data, overrides or [])

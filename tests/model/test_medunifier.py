@@ -59,6 +59,9 @@ def test_forward_returns_every_loss_and_their_weighted_sum() -> None:
     for key in ("itc_acc", "itm_acc", "codebook_usage_top", "perplexity_bottom", "psnr", "itc_global_batch"):
         assert key in out.metrics
     assert out.metrics["itc_global_batch"] == 4
+    # the diagnostics stay on the device, detached, so the training loop reads them once per log window
+    tensors = {k: v for k, v in out.metrics.items() if k != "itc_global_batch"}
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in tensors.values())
 
 
 def test_frozen_vision_gets_no_gradient() -> None:

@@ -124,6 +124,68 @@ def test_nan_loss_is_skipped_and_counted_when_configured(
     assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
 
 
+def test_nan_in_one_micro_batch_skips_the_whole_accumulated_step(
+    tiny_manifest: Path, tmp_path: Path, small, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """grad_accum=2: a NaN loss in step 2's first micro-batch (forward call 3) throws away both micro-batches'
+    gradients; the error names that micro-batch, and the last good state is step 1."""
+    overrides = small("train.max_steps=3", "train.grad_accum=2", "train.batch_size=4")
+    with monkeypatch.context() as patch, pytest.raises(NonFiniteLossError) as info:
+        _nan_on_call(patch, 3)
+        train("tiny", tiny_manifest, tmp_path / "stop", overrides=overrides)
+    assert "non-finite loss at step 2" in str(info.value) and "micro-batch 0" in str(info.value)
+    assert latest_checkpoint(tmp_path / "stop").name == "step-000001"
+
+    _nan_on_call(monkeypatch, 3)
+    run = tmp_path / "skip"
+    result = train("tiny", tiny_manifest, run, overrides=[*overrides, "train.skip_nonfinite=true"])
+    assert result.step == 3 and result.skipped_steps == 1
+    records = {r["step"]: r for r in read_metrics(run, "train")}
+    assert "loss" not in records[2] and isinstance(records[3]["loss"], float)
+    assert records[3]["samples_seen"] == 3 * 2 * 4  # the skipped step read both of its micro-batches
+    weights = load_file(str(run / "model" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+
+
+class _InfiniteGradient(torch.autograd.Function):
+    """The identity forward; an infinite gradient backward (a finite loss whose gradients overflow)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_non_finite_gradient_norm_stops_after_saving_the_last_good_state(
+    tiny_manifest: Path, tmp_path: Path, small, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = MedUnifier.forward
+    calls = {"n": 0}
+
+    def forward(self, batch, loss_weights=None):
+        out = original(self, batch, loss_weights)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                out.loss = _InfiniteGradient.apply(out.loss)
+        return out
+
+    monkeypatch.setattr(MedUnifier, "forward", forward)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError) as info:
+        train("tiny", tiny_manifest, run, overrides=small("train.max_steps=3"))
+    message = str(info.value)
+    assert "non-finite gradient norm at step 2" in message and "grad_norm" in message
+    assert "'loss': nan" not in message  # the losses themselves were finite
+    ckpt = latest_checkpoint(run)
+    assert ckpt.name == "step-000001"
+    weights = load_file(str(ckpt / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+
+
 def test_unreadable_image_mid_run_is_skipped_and_logged(
     tiny_manifest: Path, tmp_path: Path, small, capfd: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,6 +1,6 @@
 """Zero-shot classification with GLoRIA-style prompt ensembles (paper Table 3).
 
-A prompt file (`configs/prompts/*.yaml`) gives, per class, severity x subtype x location phrases whose
+A prompt file (`medunifier/configs/prompts/*.yaml`, shipped in the package) gives, per class, severity x subtype x location phrases whose
 combinations fill a template. Each image is scored against every prompt of a class (ITC similarity,
 max over queries), the prompt similarities are ensembled (mean or max), and the best class wins.
 Scores: accuracy, macro-F1 and one-vs-rest AUROC.
@@ -36,7 +36,7 @@ PROMPT_DIR = CONFIG_DIR / "prompts"
 
 
 def resolve_prompts_path(name_or_path: str | Path) -> Path:
-    """A prompt file path, or the name of one shipped in configs/prompts ('chexpert5', 'pneumonia')."""
+    """A prompt file path, or the name of one shipped in medunifier/configs/prompts ('chexpert5', 'pneumonia')."""
     path = Path(name_or_path)
     if path.exists():
         return path
@@ -66,7 +66,7 @@ def expand_prompts(spec: dict[str, Any], template: str, max_prompts: int | None,
 
 
 def load_prompts(path: str | Path, seed: int | None = None, max_prompts: int | None = None) -> dict[str, list[str]]:
-    """Class name -> prompts, expanded from a GLoRIA-style YAML file (see configs/prompts/chexpert5.yaml).
+    """Class name -> prompts, expanded from a GLoRIA-style YAML file (see medunifier/configs/prompts/chexpert5.yaml).
 
     `seed` and `max_prompts` override the file's values; the same seed always gives the same prompts.
     """

@@ -414,7 +414,8 @@ def train_prior(
     stop = StopFlag()
     stop.install()
     start_time = time.perf_counter()
-    window: dict[str, float] = {"loss": 0.0, "top": 0.0, "bottom": 0.0, "n": 0}
+    # float64 sums on the device, read once per log window
+    window: dict[str, Any] = {"loss": 0.0, "top": 0.0, "bottom": 0.0, "n": 0}
     last_loss, interrupted, checkpoint = None, False, None
     start_step = step
 
@@ -429,7 +430,7 @@ def train_prior(
             index = batch_indices(len(codes), settings.batch_size, step, settings.seed)
             states, mask = text(index)
             out = prior.loss(codes.top[index].to(dev), codes.bottom[index].to(dev), states, mask)
-            if not torch.isfinite(out["loss"]):
+            if not torch.isfinite(out["loss"]):  # host-device sync: the step's one
                 raise RuntimeError(f"non-finite prior loss at step {step}: {float(out['loss'])}")
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
@@ -438,14 +439,15 @@ def train_prior(
             schedule.step()
             step += 1
             for k in ("loss", "top", "bottom"):
-                window[k] += float(out[k].detach())
+                window[k] = window[k] + out[k].detach().double()
             window["n"] += 1
             over_time = time_limit_s is not None and time.perf_counter() - start_time > time_limit_s
             if step % LOG_EVERY == 0 or step == stop_at or stop.requested or over_time:
                 n = window.pop("n")
                 elapsed = time.perf_counter() - start_time
+                means = torch.stack([window[k] / n for k in ("loss", "top", "bottom")]).tolist()  # one sync
                 record = {"kind": "train", "step": step, "lr": schedule.get_last_lr()[0],
-                          **{k: v / n for k, v in window.items()},
+                          **dict(zip(("loss", "top", "bottom"), means)),
                           "samples_per_s": (step - start_step) * settings.batch_size / max(elapsed, 1e-9)}
                 logger.log(record)
                 last_loss = record["loss"]

@@ -131,7 +131,8 @@ def build_attention_mask(
         dim=1,
     )  # [B, K]
     if mode in ("text", "query", "bidirectional"):
-        if bool(key_valid.all()):
+        # no text and no cache: nothing to mask, known from the shapes without a host-device sync
+        if (num_text == 0 and past_key_mask is None) or bool(key_valid.all()):
             return None
         allowed = key_valid[:, None, :].expand(batch, rows, -1)
     else:
@@ -529,7 +530,9 @@ class ImageTextEncoder(nn.Module):
             )
             past_lengths = past.text_lengths if past is not None else input_ids.new_zeros(batch)
             position_ids = (past_lengths[:, None] + text_valid.long().cumsum(1) - 1).clamp(min=0)  # [B, T]
-            if int(position_ids.max()) >= self.config.max_position_embeddings:
+            # without a cache the positions are below the text length: the check needs no host-device sync then
+            longest = self.config.max_position_embeddings
+            if (past is not None or input_ids.shape[1] > longest) and int(position_ids.max()) >= longest:
                 raise ValueError(
                     f"text position {int(position_ids.max())} exceeds encoder.max_position_embeddings "
                     f"({self.config.max_position_embeddings})"

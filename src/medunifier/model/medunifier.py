@@ -48,9 +48,18 @@ TOKENIZER_DIR = "tokenizer"
 
 @dataclass
 class MedUnifierOutput:
+    """What one forward pass gives the training loop.
+
+    loss: the weighted total, [] (with grad).
+    losses: each objective's loss, [] tensors (`tig_mse`, `vq_top`, `vq_bottom` detached).
+    metrics: training diagnostics (`itc_acc`, `itm_acc`, `temperature`, codebook usage, `psnr`, ...), detached
+        [] tensors on the model's device, so reading them is the caller's choice of when to wait for the
+        device; `itc_global_batch` is a Python float (a shape).
+    """
+
     loss: Tensor
     losses: dict[str, Tensor] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Tensor | float] = field(default_factory=dict)
 
 
 def _world() -> tuple[int, int]:
@@ -123,12 +132,11 @@ def sample_hard_negatives(sim: Tensor, forbidden: Tensor, generator: torch.Gener
     """
     weights = torch.softmax(sim.float(), dim=1).masked_fill(forbidden, 0.0)
     weights = torch.nan_to_num(weights, nan=0.0)
-    empty = weights.sum(dim=1) <= 0
-    if empty.any():
-        fallback = (~forbidden[empty]).float()
-        none_left = fallback.sum(dim=1) <= 0
-        fallback[none_left] = 1.0
-        weights[empty] = fallback
+    # the fallback is computed for every row and taken where needed: no host-device sync in the training step
+    empty = weights.sum(dim=1, keepdim=True) <= 0  # [B, 1]
+    fallback = (~forbidden).float()
+    fallback = fallback.masked_fill(fallback.sum(dim=1, keepdim=True) <= 0, 1.0)
+    weights = torch.where(empty, fallback, weights)
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
@@ -294,7 +302,7 @@ class MedUnifier(nn.Module):
         attention_mask: Tensor = batch["attention_mask"]
         device = pixel_values.device
         losses: dict[str, Tensor] = {}
-        metrics: dict[str, float] = {}
+        metrics: dict[str, Tensor | float] = {}  # detached device tensors: no host sync here
         total = pixel_values.new_zeros(())
 
         task_experts = self.config.encoder.experts == "task"
@@ -319,7 +327,7 @@ class MedUnifier(nn.Module):
             sim_i2t, _ = itc_similarity(image_feats, all_text_feats, self.temperature)  # [B, B_all]
             _, sim_t2i = itc_similarity(all_image_feats, text_feats, self.temperature)  # [B, B_all]
             metrics["itc_global_batch"] = float(all_text_feats.shape[0])
-            metrics["temperature"] = float(self.temperature.detach())
+            metrics["temperature"] = self.temperature.detach().clone()
             if weights.itc > 0:
                 targets = torch.arange(bsz, device=device) + rank * bsz
                 eps = self.config.label_smoothing
@@ -333,8 +341,8 @@ class MedUnifier(nn.Module):
                 )
                 losses["itc"] = loss_itc
                 total = total + weights.itc * loss_itc
-                metrics["itc_acc"] = float(
-                    0.5 * ((sim_i2t.argmax(1) == targets).float().mean() + (sim_t2i.argmax(1) == targets).float().mean())
+                metrics["itc_acc"] = 0.5 * (
+                    (sim_i2t.argmax(1) == targets).float().mean() + (sim_t2i.argmax(1) == targets).float().mean()
                 )
 
         if weights.itm > 0:
@@ -365,11 +373,11 @@ class MedUnifier(nn.Module):
             losses["vq_bottom"] = gen.vq_bottom.detach()
             total = total + weights.tig * gen.loss
             metrics.update(
-                codebook_usage_top=float(gen.usage_top),
-                codebook_usage_bottom=float(gen.usage_bottom),
-                perplexity_top=float(gen.perplexity_top),
-                perplexity_bottom=float(gen.perplexity_bottom),
-                psnr=float(psnr(gen.images.detach(), pixel_values, self.config.image.std)),
+                codebook_usage_top=gen.usage_top.detach(),
+                codebook_usage_bottom=gen.usage_bottom.detach(),
+                perplexity_top=gen.perplexity_top.detach(),
+                perplexity_bottom=gen.perplexity_bottom.detach(),
+                psnr=psnr(gen.images.detach(), pixel_values, self.config.image.std),
             )
         return MedUnifierOutput(loss=total, losses=losses, metrics=metrics)
 
@@ -409,8 +417,9 @@ class MedUnifier(nn.Module):
         sim_i2t: Tensor,
         sim_t2i: Tensor,
         modality_ids: Tensor | None = None,
-    ) -> tuple[Tensor, float]:
-        """ITM with one hard negative text per image and one hard negative image per text (global pool).
+    ) -> tuple[Tensor, Tensor]:
+        """(loss, accuracy []) of ITM with one hard negative text per image and one hard negative image per text
+        (global pool).
 
         A pair's modality is its image's (the negative image's for the (negative image, text) pairs).
         """
@@ -452,7 +461,7 @@ class MedUnifier(nn.Module):
         logits = self.itm_head(out.query_states).mean(dim=1)  # [3B, 2]
         labels = torch.cat([torch.ones(bsz), torch.zeros(2 * bsz)]).long().to(device)
         loss = F.cross_entropy(logits, labels)
-        acc = float((logits.argmax(1) == labels).float().mean())
+        acc = (logits.argmax(1) == labels).float().mean().detach()
         return loss, acc
 
     def _itg_loss(

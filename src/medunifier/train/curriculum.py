@@ -10,7 +10,7 @@ Objective routing: a mixture key "i2t:report" draws report records for the image
 only (the stage's ITC, ITM and ITG weights, TIG off), "t2i:report" for the text-to-image objective
 only (TIG); such batches hold one group each (`MixtureSampler`) and `Stage.losses_for` gives their
 loss weights. This is how UniMedVL's per-task data ratios (image-to-text / text-to-image / interleaved)
-become a MedUnifier curriculum (`configs/unified.yaml`).
+become a MedUnifier curriculum (`src/medunifier/configs/unified.yaml`).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
     medunifier data features --vision DIR --data M --out CACHE [--config C] [--shard-size N] [--dtype float16]
 
 The backbone is the one `VisionEncoder` would build from `vision.pretrained=DIR` with the config's
-(or DIR's preprocessor_config.json's) image size, channels and normalisation, so its fingerprint is the
-one a stage-1 model with the same settings computes. Every process of a `torchrun` launch takes every
+image size, channels and normalisation (`--config`, overrides such as image.size=128), so its
+fingerprint is the one a stage-1 model with the same settings computes. Every process of a `torchrun` launch takes every
 world-th record and writes its own shards and index; readers merge the indexes.
 """
 

@@ -535,51 +535,74 @@ class Trainer:
     # ------------------------------------------------------------------------------------ training
 
     def _train_step(self, stage: Stage) -> dict[str, Any]:
-        """One optimiser step over grad_accum micro-batches; returns what happened."""
+        """One optimiser step over grad_accum micro-batches; returns what happened.
+
+        Losses, metrics and the gradient norm stay on the device (detached; sums in float64), and the step
+        reads back one small tensor only: whether each micro-batch's loss and the gradient norm are finite,
+        checked after the last backward pass and before the optimiser step. When one is not, every
+        micro-batch of the step has still been read and back-propagated; the gradients are thrown away
+        and the step is reported as non-finite.
+        """
         acc, tc = self.accelerator, self.tc
-        loss_sums: dict[str, float] = defaultdict(float)
-        metric_sums: dict[str, float] = defaultdict(float)
+        loss_sums: dict[str, Tensor] = {}
+        metric_sums: dict[str, Tensor | float] = {}
         micro_counts: dict[str, int] = defaultdict(int)
+        checks: list[Tensor] = []  # [] bool: each micro-batch's loss is finite, then the gradient norm is
+        micro_values: list[dict[str, Tensor]] = []
+        micro_ids: list[list[str]] = []
         samples = 0
-        grad_norm = None
-        for micro in range(tc.grad_accum):
+        grad_norm: Tensor | None = None
+        check_norm = self.precision != "fp16"  # fp16 overflows are the grad scaler's job
+        for _ in range(tc.grad_accum):
             batch = augment_batch(self._next_batch(), tc.augment)  # unchanged unless train.augment.enabled
             samples += len(batch["ids"])
             with acc.accumulate(self.model):
                 # objective-routed mixtures ("t2i:report"): this micro-batch's group decides the weights
                 out = self.model(batch, loss_weights=stage.losses_for(batch.get("objectives")))
                 values = {"loss": out.loss.detach(), **{f"loss_{k}": v.detach() for k, v in out.losses.items()}}
-                finite = bool(torch.isfinite(out.loss.detach()))
-                (bad,) = self._agree([0.0 if finite else 1.0], "max")
-                if bad:
-                    if self.world > 1:  # finish DDP's gradient reduction before throwing the gradients away
-                        acc.backward(out.loss * 0.0)
-                    self.unwrapped.zero_grad(set_to_none=True)
-                    acc.step = 0  # realign gradient accumulation for the next step
-                    return {"finite": False, "ids": batch["ids"], "losses": _floats(values), "micro": micro,
-                            "samples": samples}
+                checks.append(torch.isfinite(values["loss"]))
+                micro_values.append(values)
+                micro_ids.append(batch["ids"])
                 acc.backward(out.loss)
                 if acc.sync_gradients:
                     max_norm = tc.grad_clip if tc.grad_clip is not None else float("inf")
-                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
-                    if (grad_norm is not None and not torch.isfinite(grad_norm)
-                            and self.precision != "fp16"):  # fp16 overflows are the grad scaler's job
+                    if check_norm:
+                        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+                        if grad_norm is not None:
+                            checks.append(torch.isfinite(grad_norm))
+                    failed = self._failed_checks(checks)
+                    if any(failed):
                         self.unwrapped.zero_grad(set_to_none=True)
-                        return {"finite": False, "ids": batch["ids"], "losses": _floats(values),
-                                "micro": micro, "samples": samples, "grad_norm": float(grad_norm)}
+                        first = failed.index(True)
+                        micro = min(first, len(micro_values) - 1)
+                        outcome = {"finite": False, "ids": micro_ids[micro], "losses": _floats(micro_values[micro]),
+                                   "micro": micro, "samples": samples}
+                        if first == len(micro_values):  # the losses were finite, the gradient norm is not
+                            outcome["grad_norm"] = float(grad_norm)
+                        return outcome
+                    if not check_norm:
+                        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             for k, v in values.items():
-                loss_sums[k] += float(v)
+                loss_sums[k] = loss_sums.get(k, 0.0) + v.double()
                 micro_counts[k] += 1
             for k, v in out.metrics.items():
-                metric_sums[k] += float(v)
+                metric_sums[k] = metric_sums.get(k, 0.0) + (v.detach().double() if isinstance(v, Tensor) else v)
                 micro_counts[k] += 1
         # means over the micro-batches that had each key (objective-routed micro-batches skip some losses)
-        loss_sums = {k: v / micro_counts[k] for k, v in loss_sums.items()}
-        metric_sums = {k: v / micro_counts[k] for k, v in metric_sums.items()}
-        return {"finite": True, "losses": dict(loss_sums), "metrics": dict(metric_sums), "samples": samples,
-                "grad_norm": None if grad_norm is None else float(grad_norm)}
+        losses = {k: v / micro_counts[k] for k, v in loss_sums.items()}
+        metrics = {k: v / micro_counts[k] for k, v in metric_sums.items()}
+        return {"finite": True, "losses": losses, "metrics": metrics, "samples": samples, "grad_norm": grad_norm}
+
+    def _failed_checks(self, checks: list[Tensor]) -> list[bool]:
+        """Which finiteness checks failed on any process. The training step's one host-device sync."""
+        failed = (~torch.stack(checks)).to(torch.float32)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        return [bool(x) for x in failed.tolist()]  # host-device sync: once per step
 
     @torch.no_grad()
     def validate(self, stage: Stage) -> dict[str, float]:
@@ -589,7 +612,7 @@ class Trainer:
             return {}
         model = self.unwrapped
         model.eval()
-        sums: dict[str, float] = defaultdict(float)
+        sums: dict[str, Tensor] = {}  # float64 on the device: read once, after the last batch
         batches = 0
         devices = [self.accelerator.device.index or 0] if self.accelerator.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -604,36 +627,49 @@ class Trainer:
                 batch = self._to_device(_equalize(batch, int(n)))
                 with self.accelerator.autocast():
                     out = model(batch, loss_weights=stage.losses)
-                sums["loss"] += float(out.loss)
-                for k, v in out.losses.items():
-                    sums[f"loss_{k}"] += float(v)
+                for k, v in {"loss": out.loss, **{f"loss_{k}": v for k, v in out.losses.items()}}.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().double()
                 batches += 1
         model.train()
         if batches == 0:
             return {}
         keys = sorted(sums)
-        totals = torch.tensor([sums[k] / batches for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        totals = torch.stack([sums[k] / batches for k in keys])
         if self.world > 1:
             totals = self.accelerator.reduce(totals, reduction="mean")
         return dict(zip(keys, totals.tolist()))
 
     def _log_window(self, window: dict[str, Any], stage: Stage, lr: float) -> dict[str, Any]:
+        """The log record of a window of steps: means of its device-side sums, read back in one transfer."""
+        device = self.accelerator.device
         keys = sorted(window["losses"])
+        metric_keys = sorted(window["metrics"])
         # a key is averaged over the steps that had it (objective-routed stages skip some losses per step)
-        counts = {k: max(1, window["counts"][k]) for k in [*keys, *window["metrics"]]}
-        values = [window["losses"][k] / counts[k] for k in keys] + [float(window["samples"]), window["time"]]
-        t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        counts = {k: max(1, window["counts"][k]) for k in [*keys, *metric_keys]}
+        losses = _stack([window["losses"][k] / counts[k] for k in keys], device)
+        samples, seconds = float(window["samples"]), window["time"]
         if self.world > 1:
+            t = torch.cat([losses, torch.tensor([samples, seconds], dtype=torch.float64, device=device)])
             t = self.accelerator.reduce(t, reduction="sum")
             t[: len(keys)] /= self.world
             t[-1] /= self.world  # mean wall time of a process
-        t = t.tolist()
-        record = {"kind": "train", "step": self.step, "stage": stage.name, "lr": lr}
-        record.update(dict(zip(keys, t[: len(keys)])))
-        record["samples_per_s"] = t[-2] / max(t[-1], 1e-9)
-        record.update({k: v / counts[k] for k, v in sorted(window["metrics"].items())})
+            losses = t
+        metrics = {k: window["metrics"][k] / counts[k] for k in metric_keys}
+        on_device = [k for k in metric_keys if isinstance(metrics[k], Tensor)]
+        extra = [metrics[k] for k in on_device]
         if window["grad_norm"] is not None:
-            record["grad_norm"] = window["grad_norm"]
+            extra.append(window["grad_norm"])
+        fetched = torch.cat([losses, _stack(extra, device)]).tolist()  # host-device sync: once per log window
+        if self.world > 1:
+            samples, seconds = fetched[len(keys)], fetched[len(keys) + 1]
+            fetched = fetched[: len(keys)] + fetched[len(keys) + 2:]
+        metrics.update(zip(on_device, fetched[len(keys): len(keys) + len(on_device)]))
+        record = {"kind": "train", "step": self.step, "stage": stage.name, "lr": lr}
+        record.update(dict(zip(keys, fetched[: len(keys)])))
+        record["samples_per_s"] = samples / max(seconds, 1e-9)
+        record.update(metrics)
+        if window["grad_norm"] is not None:
+            record["grad_norm"] = fetched[-1]
         record["skipped_steps"] = self.skipped_steps
         record["dropped_samples"] = self.dropped_samples
         record["samples_seen"] = self.samples_seen
@@ -760,6 +796,13 @@ class Trainer:
 
 def _floats(values: dict[str, Tensor]) -> dict[str, float]:
     return {k: float(v) for k, v in values.items()}
+
+
+def _stack(values: list[Tensor], device: torch.device) -> Tensor:
+    """[] tensors on `device` -> one float64 vector [N] (empty when there are none)."""
+    if not values:
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
 
 
 def _new_window() -> dict[str, Any]:

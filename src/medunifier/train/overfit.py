@@ -72,7 +72,7 @@ def overfit(config: MedUnifierConfig, manifest: str | Path, n: int = 32, steps: 
         optimizer.step()
         scheduler.step()
         row = {k: float(v.detach()) for k, v in out.losses.items()}
-        row["psnr"] = out.metrics.get("psnr", float("nan"))
+        row["psnr"] = float(out.metrics.get("psnr", float("nan")))
         history.append(row)
     seconds = time.perf_counter() - start
 
