@@ -142,12 +142,12 @@ class EncoderConfig(_Strict):
         0.02,
         gt=0,
         description="std of the normal init of linear and embedding weights (BERT: 0.02); a from-scratch "
-        "encoder learns ITC faster with a larger one (docs/results.md)",
+        "encoder learns ITC faster with a larger one (0.05 in the from-scratch presets)",
     )
     norm_position: Literal["post", "pre"] = Field(
         "post",
         description="'post': BERT's LN(x + f(x)), needed to load a BERT checkpoint; 'pre': x + f(LN(x)) with a "
-        "final LayerNorm, which a from-scratch encoder trains much faster with (docs/results.md)",
+        "final LayerNorm, which a from-scratch encoder trains much faster with",
     )
     embed_dim: int = Field(256, ge=8, description="ITC projection size")
     experts: Literal["shared", "task"] = Field(

@@ -72,8 +72,8 @@ DEMO_OVERRIDES = ["itc_targets=findings"]
 
 # A few timed steps on a rested machine run faster than the sustained training loop (which also loads
 # data, clips gradients, validates and checkpoints): the whole `make demo` must stay under 25 minutes.
-# On the frozen-feature path the demo's loop sustained 0.78 s/step where four timed steps gave 0.75
-# (docs/results.md, "The paper's recipe"): a tenth covers it.
+# On the frozen-feature path the demo's loop sustained 0.78 s/step where four timed steps gave 0.75:
+# a tenth covers it.
 CALIBRATION_MARGIN = 1.1
 STAGE0_MARGIN = 1.25  # stage 0 sustained 0.31 s/step where three timed steps gave 0.25 (data loading per step)
 

@@ -1,4 +1,4 @@
-"""Shared versus task-routed experts (issue 8): `medunifier eval experts`.
+"""Shared versus task-routed experts: `medunifier eval experts`.
 
 The same run with `encoder.experts: shared` (one set of encoder feed-forwards serves understanding and
 generation, as in the paper) and `encoder.experts: task` (UniMedVL's task-routed experts: the TIG path

@@ -198,7 +198,7 @@ def _metric_tables(r: dict[str, Any]) -> str:
                  e["ssim_outside_source_unedited_reconstruction"]]]
         rows += [[f"flip rate: {DISPLAY_NAMES.get(k, k)}", v] for k, v in e["flip_rate_per_finding"].items()]
         parts.append(_table("Counterfactual edits", ["measure", "value"], rows))
-    parts.append(_table("Targets (issue 6)", ["target", "result"], [[k, v] for k, v in r["targets"].items()]))
+    parts.append(_table("Targets", ["target", "result"], [[k, v] for k, v in r["targets"].items()]))
     t = r["timings"]
     parts.append(_table("Timings", ["step", "seconds"], [[k, v] for k, v in t.items()]))
     return "\n".join(parts)

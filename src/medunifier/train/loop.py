@@ -865,7 +865,7 @@ def train(
 
 
 def _prior_stage(cfg: MedUnifierConfig, run_dir: Path, data: str | Path) -> Any:
-    """The last curriculum stage: the text-conditioned code priors on the finished model (issue: generation).
+    """The last curriculum stage: the text-conditioned code priors on the finished model.
 
     Runs on the main process only, after `model/` is written; a rerun with --resume continues the priors'
     own checkpoints (and does nothing once they are complete).
