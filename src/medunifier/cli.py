@@ -33,6 +33,8 @@ app.add_typer(generate_app, name="generate")
 index_app = typer.Typer(help="Similar-case index: embed a manifest's cases (safetensors + JSON), query it.",
                         no_args_is_help=True)
 app.add_typer(index_app, name="index")
+config_app = typer.Typer(help="Presets and their fields.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
 
 console = Console()
 
@@ -1092,6 +1094,34 @@ def demo(
     from medunifier.demo import run_demo
 
     run_demo(out, minutes=minutes, prior_minutes=prior_minutes, n_images=n_images, stage0_minutes=stage0_minutes)
+
+
+# ------------------------------------------------------------------------------------------- config
+
+
+@config_app.command("show")
+def config_show_cmd(
+    preset: str = typer.Argument("tiny", help="preset name (tiny, base, paper, ...) or a YAML file"),
+    overrides: list[str] | None = typer.Argument(None, help="config overrides such as train.lr=3e-4"),
+    stage0: bool = typer.Option(False, "--stage0", help="PRESET is a stage-0 YAML file ('default' for the "
+                                "built-in stage 0), as `pretrain-vision --config` takes"),
+) -> None:
+    """Every field of a validated config: its value and what it means."""
+    from medunifier.config import ConfigError, describe_fields, load_config, load_stage0_config
+
+    try:
+        if stage0:
+            cfg = load_stage0_config(None if preset == "default" else preset, overrides or [])
+        else:
+            cfg = load_config(preset, overrides or [])
+    except ConfigError as err:
+        _fail(str(err))
+    table = Table(title=f"{cfg.name}", show_lines=False)
+    for column in ("field", "value", "description"):
+        table.add_column(column, overflow="fold")
+    for key, value, description in describe_fields(cfg):
+        table.add_row(key, json.dumps(value), description)
+    console.print(table)
 
 
 def main() -> None:
