@@ -7,7 +7,6 @@ are imported inside each command so that `medunifier --help` stays fast.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import typer
@@ -711,12 +710,12 @@ def generate_reconstruct(
     device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
 ) -> None:
     """Image -> VQ codes -> image (no prior needed); prints the PSNR to the input."""
-    import numpy as np
 
     from medunifier.data.images import ImageLoadError, as_array, resize_array, save_png, to_tensor
     from medunifier.eval.common import load_model
     from medunifier.generate.sampling import grey_uint8
     from medunifier.generate.train_prior import model_dir_of
+    from medunifier.utils import psnr_db
 
     try:
         model = load_model(model_dir_of(ckpt), device)
@@ -730,7 +729,7 @@ def generate_reconstruct(
     save_png(recon, out)
     grey = arr if arr.ndim == 2 else arr.mean(-1)
     mse = float(((recon / 255.0 - resize_array(grey, c.size)) ** 2).mean())
-    console.print(f"wrote {out}: PSNR {10 * np.log10(1.0 / max(mse, 1e-10)):.2f} dB to the input at {c.size}x{c.size}")
+    console.print(f"wrote {out}: PSNR {psnr_db(mse):.2f} dB to the input at {c.size}x{c.size}")
 
 
 # ------------------------------------------------------------------------------------- top level
@@ -793,6 +792,7 @@ def pretrain_vision_cmd(
     """
     from medunifier.config import ConfigError, load_stage0_config
     from medunifier.train.stage0 import evaluate_stage0, pretrain_vision
+    from medunifier.utils import launch_rank_world
 
     try:
         cfg = load_stage0_config(config, overrides or [])
@@ -802,7 +802,7 @@ def pretrain_vision_cmd(
     console.print(f"stage 0: {result.step} steps in {result.seconds / 60:.1f} min; backbone in {result.out_dir} "
                   f"(use vision.pretrained={result.out_dir})")
     five = data.parent / "manifest_5x200.jsonl"
-    if evaluate and five.exists() and int(os.environ.get("RANK", "0")) == 0:
+    if evaluate and five.exists() and launch_rank_world()[0] == 0:
         results = evaluate_stage0(out, data, five)
         console.print_json(json.dumps(results))
 

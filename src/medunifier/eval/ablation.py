@@ -19,6 +19,7 @@ from medunifier.eval.finetune import run_finetune
 from medunifier.eval.metrics import mean_std
 from medunifier.eval.retrieval import run_retrieval
 from medunifier.eval.zeroshot import load_prompts, run_zeroshot
+from medunifier.model.protocols import ImageTextModel
 
 DEFAULT_OBJECTIVE_SETS = ("itc", "itc+itm", "itc+itm+itg", "itc+itm+tig", "all")
 
@@ -75,7 +76,7 @@ def seed_list(seeds: int | Sequence[int]) -> list[int]:
 
 
 def evaluate_understanding(
-    model: Any,
+    model: ImageTextModel,
     out: str | Path,
     eval_path: str | Path,
     eval_split: str | None,

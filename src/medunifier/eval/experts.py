@@ -40,7 +40,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -55,6 +55,10 @@ from medunifier.eval.ablation import (
 from medunifier.eval.common import load_model, load_split, print_table, write_results
 from medunifier.eval.metrics import mean_std
 from medunifier.eval.zeroshot import load_prompts
+
+if TYPE_CHECKING:
+    from medunifier.model.medunifier import MedUnifier
+    from medunifier.model.protocols import ImageTextModel
 
 VARIANTS = ("shared", "task")
 DEFAULT_VQA_OBJECTIVES = ("itg", "tig")
@@ -103,7 +107,7 @@ def resolve_eval_data(data: str | Path, eval_data: str | Path | None) -> tuple[P
     return Path(data), "test"
 
 
-def parameter_counts(model: Any) -> dict[str, float | None]:
+def parameter_counts(model: ImageTextModel) -> dict[str, float | None]:
     """`params_*` scalars from the model's parameter_report() (None for a model without one)."""
     report = model.parameter_report() if hasattr(model, "parameter_report") else {}
     return {"params_" + k.replace("encoder.", "enc_"): report.get(k) for k in PARAMETER_KEYS}
@@ -136,7 +140,7 @@ def _train_timed(train_fn: Callable[..., Any], cfg: MedUnifierConfig, data: str 
 
 def evaluate_generation(
     run_dir: str | Path,
-    model: Any,
+    model: MedUnifier,
     data: str | Path,
     *,
     eval_data: str | Path | None = None,

@@ -28,6 +28,7 @@ from medunifier.eval.common import (
     write_results,
 )
 from medunifier.eval.metrics import mean_rank, median_rank, precision_at_k, recall_at_k
+from medunifier.model.protocols import ImageTextModel
 
 
 def retrieval_scores(sim, classes, ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
@@ -45,7 +46,7 @@ def retrieval_scores(sim, classes, ks: Sequence[int] = (1, 5, 10)) -> dict[str, 
 
 
 def run_retrieval(
-    model: Any,
+    model: ImageTextModel,
     data: str | Path,
     out: str | Path | None = None,
     classes: Sequence[str] | None = None,

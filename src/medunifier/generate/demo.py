@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from medunifier.data.findings import COMPETITION_FINDINGS, DISPLAY_NAMES
+from medunifier.utils import html_table
 
 # A prior sized for a CPU budget of minutes (the config's defaults are the full-size ones).
 DEMO_PRIOR_OVERRIDES = ["width=192", "layers=3", "heads=4", "dropout=0.0", "batch_size=32", "lr=1e-3",
@@ -151,18 +152,20 @@ def _heat(diff: np.ndarray) -> np.ndarray:
     return (np.stack([np.clip(2 * d, 0, 1), np.clip(2 * d - 1, 0, 1), np.zeros_like(d)], -1) * 255).astype(np.uint8)
 
 
-def _fmt(x: Any) -> str:
+def _text(x: Any) -> str:
     if x is None:
         return "-"
     if isinstance(x, bool):
         return "PASS" if x else "FAIL"
-    return f"{x:.3f}" if isinstance(x, float) else html.escape(str(x))
+    return f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def _fmt(x: Any) -> str:
+    return html.escape(_text(x))
 
 
 def _table(title: str, header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<h3>{html.escape(title)}</h3><table><tr>{head}</tr>{body}</table>"
+    return html_table(title, header, rows, cell=_text)
 
 
 def _metric_tables(r: dict[str, Any]) -> str:

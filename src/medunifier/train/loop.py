@@ -54,6 +54,7 @@ from medunifier.train.curriculum import Stage, resolve_stages, stage_at, total_s
 from medunifier.train.metrics import MetricsLogger, plot_loss_curves, truncate_metrics
 from medunifier.train.optim import WarmupCosineSchedule, build_optimizer
 from medunifier.train.precision import resolve_mixed_precision
+from medunifier.utils import launch_rank_world
 
 SHARD_INDEX = "shards.json"
 DATA_REPORT = "data_report.json"  # in the run folder: the manifest records left out, and why
@@ -130,7 +131,7 @@ def resolve_data(path: str | Path, report_dir: str | Path | None = None) -> Data
     lines = report.summary_lines(first=5)
     if lines and report_dir is not None:
         target = Path(report_dir) / DATA_REPORT
-        if int(os.environ.get("RANK", "0")) == 0:
+        if launch_rank_world()[0] == 0:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(json.dumps(report.to_dict(), indent=1))
         lines.append(f"  the full list: {target}")
@@ -257,7 +258,7 @@ def _cpu_only_multiprocess() -> bool:
     Accelerate only sets up its CPU multi-process mode (gloo) when told `cpu=True`; without it each
     torchrun process would silently train alone.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launch_rank_world()[1] <= 1:
         return False
     from accelerate import utils
 
@@ -824,7 +825,7 @@ def train(
     source = resolve_data(data, report_dir=out)
     if source.kind == "shards" and any(s.mixture for s in stages):
         raise ConfigError("curriculum mixtures need a manifest: shards are read as a stream in file order")
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun sets it before any process group exists
+    world = launch_rank_world()[1]
     n_train = len(source.train_records)
     if source.kind == "manifest" and not all(s.mixture for s in stages) and math.ceil(n_train / world) < \
             cfg.train.batch_size:
@@ -844,7 +845,7 @@ def train(
             raise ConfigError(f"--resume-from {checkpoint}: cannot resume from it ({problem}); pick another "
                               f"checkpoint folder, e.g. an older one under {run_dir / 'checkpoints'}")
     elif resume:
-        checkpoint = resume_checkpoint(run_dir, move_aside=int(os.environ.get("RANK", "0")) == 0)
+        checkpoint = resume_checkpoint(run_dir, move_aside=launch_rank_world()[0] == 0)
         if checkpoint is None and existing:
             raise ConfigError(f"{run_dir}: every checkpoint is damaged (moved aside as step-N.damaged): start a "
                               "new run in another --out, or repair one and pass --resume-from")

@@ -35,7 +35,7 @@ from medunifier.data.findings import FINDINGS
 from medunifier.model.stage0 import ImageTextContrastiveLoss, ImageTower, NTXentLoss, TextTower, save_backbone
 from medunifier.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from medunifier.train.metrics import MetricsLogger
-from medunifier.train.optim import WarmupCosineSchedule
+from medunifier.train.optim import WarmupCosineSchedule, parameter_groups
 from medunifier.train.precision import native_bf16, resolve_mixed_precision
 
 __all__ = ["Stage0Model", "Stage0Result", "TextBank", "pretrain_vision"]
@@ -167,13 +167,6 @@ def _collate_with_keys(bank: TextBank | None):
     return collate
 
 
-def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices and convolution kernels only (by tensor rank, as in nanoGPT)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-
-
 def pretrain_vision(config: Stage0Config, data: str | Path, out_dir: str | Path, resume: bool = False,
                     progress: bool = True) -> Stage0Result:
     """Run stage 0 on a manifest's train split and write the backbone folder to `out_dir`."""
@@ -222,7 +215,7 @@ def pretrain_vision(config: Stage0Config, data: str | Path, out_dir: str | Path,
         if not is_main:
             bank = TextBank.build(dataset, text_tower, run_dir / "text_embeddings.safetensors", c.text_encoder, say)
     model = Stage0Model(c, text_tower)
-    optimizer = torch.optim.AdamW(_parameter_groups(model, c.weight_decay), lr=c.lr, betas=tuple(c.betas))
+    optimizer = torch.optim.AdamW(parameter_groups(model, c.weight_decay), lr=c.lr, betas=tuple(c.betas))
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     device = accelerator.device
@@ -404,7 +397,7 @@ def seconds_per_step(config: Stage0Config, text_width: int = 384, steps: int = 3
         queue = torch.arange(c.batch_size, c.batch_size + c.queue_size)
         batch = {"pixel_values": torch.randn(c.batch_size, c.image.channels, c.image.size, c.image.size),
                  "text_keys": torch.arange(c.batch_size), "texts": bank.texts[: c.batch_size]}
-        optimizer = torch.optim.AdamW(_parameter_groups(model, c.weight_decay), lr=c.lr)
+        optimizer = torch.optim.AdamW(parameter_groups(model, c.weight_decay), lr=c.lr)
         times = []
         for _ in range(steps + 1):
             start = time.perf_counter()
