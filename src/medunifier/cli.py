@@ -712,9 +712,9 @@ def generate_reconstruct(
     """Image -> VQ codes -> image (no prior needed); prints the PSNR to the input."""
 
     from medunifier.data.images import ImageLoadError, as_array, resize_array, save_png, to_tensor
-    from medunifier.eval.common import load_model
     from medunifier.generate.sampling import grey_uint8
     from medunifier.generate.train_prior import model_dir_of
+    from medunifier.model import load_model
     from medunifier.utils import psnr_db
 
     try:
@@ -755,11 +755,12 @@ def pretrain(
     save a checkpoint and exit 0.
     """
     from medunifier.config import ConfigError
-    from medunifier.train.loop import DataError, NonFiniteLossError, train
+    from medunifier.generate.prior_stage import pretrain as pretrain_run
+    from medunifier.train.loop import DataError, NonFiniteLossError
 
     try:
-        result = train(config, data, out, max_steps=max_steps, resume=resume, overrides=overrides or [],
-                       resume_from=resume_from)
+        result = pretrain_run(config, data, out, max_steps=max_steps, resume=resume, overrides=overrides or [],
+                              resume_from=resume_from)
     except (ConfigError, DataError, FileNotFoundError) as err:
         _fail(str(err))
     except NonFiniteLossError as err:
@@ -791,7 +792,8 @@ def pretrain_vision_cmd(
     `torchrun --nproc_per_node N -m medunifier.cli pretrain-vision ...`.
     """
     from medunifier.config import ConfigError, load_stage0_config
-    from medunifier.train.stage0 import evaluate_stage0, pretrain_vision
+    from medunifier.eval.stage0 import evaluate_stage0
+    from medunifier.train.stage0 import pretrain_vision
     from medunifier.utils import launch_rank_world
 
     try:

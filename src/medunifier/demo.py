@@ -113,8 +113,9 @@ def run_stage0(data_dir: Path, out: Path, minutes: float, seed: int) -> dict[str
     """Stage 0 within `minutes` (report embeddings included): the backbone folder `out`, and its probe figures."""
     from medunifier.config import load_stage0_config
     from medunifier.data.dataset import ManifestDataset
+    from medunifier.eval.stage0 import evaluate_stage0
     from medunifier.model.stage0 import TextTower
-    from medunifier.train.stage0 import RUN, TextBank, evaluate_stage0, pretrain_vision, seconds_per_step
+    from medunifier.train.stage0 import RUN, TextBank, pretrain_vision, seconds_per_step
 
     manifest = data_dir / "manifest.jsonl"
     config = load_stage0_config(None, [f"seed={seed}", "soft_targets=true"])
@@ -205,8 +206,8 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 10.0, n_images: int
     model_dir = run_dir / "model"
 
     console.rule("4/5 text-conditioned priors and evaluation")
-    from medunifier.eval.common import load_model
-    from medunifier.generate.demo import demo_generation_section, train_demo_priors
+    from medunifier.demo_generation import demo_generation_section, train_demo_priors
+    from medunifier.model import load_model
 
     start = time.perf_counter()
     train_demo_priors(run_dir, data_dir / "manifest.jsonl", minutes=prior_minutes, seed=seed)

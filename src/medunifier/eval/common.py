@@ -28,19 +28,6 @@ from medunifier.utils import jsonable
 NEGATIVE_CLASS_NAMES = ("normal", "no_finding", "none", "negative")
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_model(ckpt: str | Path, device: str | None = None) -> Any:
-    """A trained MedUnifier from a run folder (or its `model/`), in eval mode."""
-    from medunifier.model.medunifier import MedUnifier
-
-    model = MedUnifier.from_pretrained(ckpt, map_location=device or default_device())
-    model.eval()
-    return model
-
-
 def model_device(model: ImageTextModel) -> torch.device:
     if isinstance(model, torch.nn.Module):
         for p in model.parameters():

@@ -52,9 +52,10 @@ from medunifier.eval.ablation import (
     seed_list,
     summarize_runs,
 )
-from medunifier.eval.common import load_model, load_split, print_table, write_results
+from medunifier.eval.common import load_split, print_table, write_results
 from medunifier.eval.metrics import mean_std
 from medunifier.eval.zeroshot import load_prompts
+from medunifier.model import load_model
 
 if TYPE_CHECKING:
     from medunifier.model.medunifier import MedUnifier

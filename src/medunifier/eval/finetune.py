@@ -33,13 +33,13 @@ from medunifier.eval.common import (
     classify_records,
     image_batches,
     infer_classes,
-    load_model,
     load_split,
     model_device,
     print_table,
     write_results,
 )
 from medunifier.eval.metrics import classification_metrics, format_mean_std, mean_std
+from medunifier.model import load_model
 from medunifier.model.protocols import ImageTextModel
 from medunifier.train.optim import parameter_groups
 

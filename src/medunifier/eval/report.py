@@ -17,13 +17,13 @@ from rich.console import Console
 from medunifier.eval.common import (
     fmt,
     image_batches,
-    load_model,
     load_split,
     print_table,
     record_text,
     write_results,
 )
 from medunifier.eval.metrics import clinical_efficacy, nlg_metrics
+from medunifier.model import load_model
 from medunifier.model.protocols import ImageTextModel
 
 

@@ -21,13 +21,13 @@ from medunifier.eval.common import (
     encode_images,
     encode_texts,
     fmt,
-    load_model,
     load_split,
     print_table,
     record_text,
     write_results,
 )
 from medunifier.eval.metrics import mean_rank, median_rank, precision_at_k, recall_at_k
+from medunifier.model import load_model
 from medunifier.model.protocols import ImageTextModel
 
 

@@ -630,7 +630,8 @@ def run_vqa(
     """`evaluate_vqa` on a manifest's `split` (a single-split manifest is used whole), with the closed-answer
     pool from the same manifest's train split; `ckpt` is a run folder (or a loaded model)."""
     from medunifier.data.manifest import load_records
-    from medunifier.eval.common import load_model, load_split
+    from medunifier.eval.common import load_split
+    from medunifier.model import load_model
 
     model, ckpt_name = ckpt, None
     if isinstance(ckpt, (str, Path)):

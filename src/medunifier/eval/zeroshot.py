@@ -25,12 +25,12 @@ from medunifier.eval.common import (
     encode_images,
     encode_texts,
     fmt,
-    load_model,
     load_split,
     print_table,
     write_results,
 )
 from medunifier.eval.metrics import classification_metrics, zero_shot_scores
+from medunifier.model import load_model
 from medunifier.model.protocols import ImageTextModel
 
 PROMPT_DIR = CONFIG_DIR / "prompts"

@@ -85,7 +85,7 @@ class Synthesizer:
     @classmethod
     def from_run(cls, ckpt: str | Path, device: str | None = None, model: MedUnifier | None = None) -> Synthesizer:
         """Load the model of a run (or model folder) and the prior trained for it."""
-        from medunifier.eval.common import load_model
+        from medunifier.model import load_model
 
         model_dir = model_dir_of(ckpt)
         if model is None:

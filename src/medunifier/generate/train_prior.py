@@ -360,7 +360,7 @@ def train_prior(
     `model` (the loaded frozen model) and `text_features` (of the train codes) skip loading / recomputing them.
     """
     from medunifier.config import ConfigError
-    from medunifier.eval.common import load_model
+    from medunifier.model import load_model
     from medunifier.train.loop import DataError, StopFlag, resolve_data
 
     source = resolve_data(data)

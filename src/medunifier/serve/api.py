@@ -274,7 +274,7 @@ class Copilot:
     def from_pretrained(cls, ckpt: str | Path, *, index: EmbeddingIndex | str | Path | None = None,
                         device: str | None = None, **kwargs: Any) -> Copilot:
         """Load a run folder (or its `model/`) saved by training or `save_pretrained`."""
-        from medunifier.eval.common import load_model
+        from medunifier.model import load_model
 
         model_dir = resolve_model_dir(ckpt)
         model = load_model(model_dir, device)

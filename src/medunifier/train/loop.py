@@ -81,7 +81,9 @@ class TrainResult:
     dropped_samples: int = 0
     samples_per_s: float = 0.0
     is_main: bool = True  # False on the other processes of a multi-process run
-    prior: Any = None  # the PriorTrainResult when `prior.in_pretrain` trained the priors in this call
+    finished: bool = False  # the whole schedule is done (not stopped early by max_steps or a signal)
+    config: MedUnifierConfig | None = None  # the validated config the run trained with
+    prior: Any = None  # the PriorTrainResult when the caller ran the prior stage (see generate.prior_stage)
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -860,22 +862,9 @@ def train(
     stop_at = total if max_steps is None else min(max_steps, total)
     trainer = Trainer(cfg, source, run_dir, stages, stop_at, resume_from, schedule_changed)
     result = trainer.run()
-    if cfg.prior.in_pretrain and result.is_main and not result.interrupted and result.step >= total:
-        result.prior = _prior_stage(cfg, run_dir, data)
+    result.config = cfg
+    result.finished = not result.interrupted and result.step >= total
     return result
-
-
-def _prior_stage(cfg: MedUnifierConfig, run_dir: Path, data: str | Path) -> Any:
-    """The last curriculum stage: the text-conditioned code priors on the finished model.
-
-    Runs on the main process only, after `model/` is written; a rerun with --resume continues the priors'
-    own checkpoints (and does nothing once they are complete).
-    """
-    from medunifier.generate.train_prior import prior_dir_for, train_prior
-
-    resume = bool(list_checkpoints(prior_dir_for(run_dir)))
-    print(f"stage 'prior': training the {cfg.prior.kind} code priors for {cfg.prior.max_steps} steps", flush=True)
-    return train_prior(run_dir, data, settings=cfg.prior, resume=resume)
 
 
 def _check_resumable(checkpoint: Path, stages: list[Stage]) -> bool:

@@ -41,7 +41,6 @@ def _log(message: str) -> None:
 
 def train_demo_priors(run_dir: str | Path, manifest: str | Path, minutes: float, seed: int = 0) -> Path:
     """Train the run's priors in about `minutes` of wall time (code encoding included); returns the prior folder."""
-    from medunifier.eval.common import load_model
     from medunifier.generate.priors import HierarchicalPrior
     from medunifier.generate.train_prior import (
         CODES_NAME,
@@ -56,6 +55,7 @@ def train_demo_priors(run_dir: str | Path, manifest: str | Path, minutes: float,
         train_prior,
         weights_file_checksum,
     )
+    from medunifier.model import load_model
     from medunifier.train.checkpoint import latest_checkpoint
     from medunifier.train.loop import resolve_data
 
