@@ -4,7 +4,7 @@ Samples the (top, bottom) code maps of one image with each decoding family, at b
 randomly initialised priors of the tiny preset's size (timing does not depend on the weights): top 8x8,
 bottom 16x16, codebook 256, width 256, 4 layers, 4 heads, text features [B, 32, 256]. Classifier-free
 guidance (2B rows per forward) is on by default, as in real sampling. Prints one table and the ratios
-taken in this run. Targets (issue 6): masked >= 10x faster than cached AR at batch 1; cached >= 5x faster
+taken in this run. Targets: masked >= 10x faster than cached AR at batch 1; cached >= 5x faster
 than uncached.
 
 End to end (`--end-to-end`, on by default): time per image of the whole text-to-image path of a randomly

@@ -1,6 +1,6 @@
 """Image-text encoder speed: our ITM pass vs transformers' Blip2QFormerModel; KV-cache decoding.
 
-Part 1 (issue 3):
+Part 1:
   * forward + backward time of the ITM pass ("bidirectional": queries + text, queries cross-attending
     to the vision features) of `ImageTextEncoder` against `transformers.Blip2QFormerModel` built from a
     `Blip2QFormerConfig` of identical sizes (hidden, layers, heads, intermediate, cross-attention
@@ -13,7 +13,7 @@ Part 1 (issue 3):
   * `--paper-vision`: builds the paper preset's EVA ViT-g/14 (random init) on the CPU and reports its
     parameter count and build time (~4 GB of memory).
 
-Part 2 (issue 8, task-routed experts): the whole MedUnifier at the tiny preset with `encoder.experts`
+Part 2 (task-routed experts): the whole MedUnifier at the tiny preset with `encoder.experts`
 shared and task (optionally with `encoder.expert_attention`): parameter counts (total, encoder,
 generation experts) and the median forward + backward time of one training step with all four losses
 (task experts run a second query pass and text pass for TIG).

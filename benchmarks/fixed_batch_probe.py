@@ -12,8 +12,7 @@ when present) on the first `--n` training pairs for `--steps` AdamW steps and pr
 * `queries`: the same ITC (max over queries) through the query path, as the model computes it;
 * `model`: the model's own forward with only the objectives in `--losses` switched on.
 
-If `linear` fits and `queries` does not, the query path is what blocks learning (docs/results.md, "Why
-ITC did not learn").
+If `linear` fits and `queries` does not, the query path is what blocks learning.
 
 `--scale PART=FACTOR` (repeatable) multiplies some of the image-text encoder's freshly initialised weights,
 to find which part of a larger initialisation lets an objective fit: `self_qk` (self-attention query and

@@ -2,7 +2,7 @@
 
     python benchmarks/overfit_tiny.py --steps 300 [--data DIR] [--every 50] [--threads 2] [overrides ...]
 
-Issue target: every loss at most half its starting value and reconstruction PSNR above 25 dB.
+Target: every loss at most half its starting value and reconstruction PSNR above 25 dB.
 `--every N` also prints each objective's mean over steps [i, i + 10) every N steps (where a plateau
 ends); overrides are config `key=value` pairs (e.g. `losses.tig=0`, `encoder.initializer_range=0.1`).
 """

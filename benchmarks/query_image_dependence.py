@@ -8,7 +8,7 @@ embeddings. Then, in training mode, it compares that image signal with the dropo
 between two passes over the same images with different dropout draws. Without --ckpt it measures a
 freshly initialised `tiny` model with the given config overrides, e.g.
 `encoder.dropout=0.1 encoder.initializer_range=0.02` (BERT's values). An image signal near zero, or
-below the dropout noise, means ITC cannot tell images apart (see docs/results.md, "Why ITC did not learn").
+below the dropout noise, means ITC cannot tell images apart.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from medunifier.demo import _test_batch, reconstruction_psnr
-from medunifier.eval.common import load_model
+from medunifier.model import load_model
 from medunifier.model.medunifier import psnr
 
 

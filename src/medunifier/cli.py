@@ -7,7 +7,6 @@ are imported inside each command so that `medunifier --help` stays fast.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import typer
@@ -33,6 +32,8 @@ app.add_typer(generate_app, name="generate")
 index_app = typer.Typer(help="Similar-case index: embed a manifest's cases (safetensors + JSON), query it.",
                         no_args_is_help=True)
 app.add_typer(index_app, name="index")
+config_app = typer.Typer(help="Presets and their fields.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
 
 console = Console()
 
@@ -709,12 +710,12 @@ def generate_reconstruct(
     device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
 ) -> None:
     """Image -> VQ codes -> image (no prior needed); prints the PSNR to the input."""
-    import numpy as np
 
     from medunifier.data.images import ImageLoadError, as_array, resize_array, save_png, to_tensor
-    from medunifier.eval.common import load_model
     from medunifier.generate.sampling import grey_uint8
     from medunifier.generate.train_prior import model_dir_of
+    from medunifier.model import load_model
+    from medunifier.utils import psnr_db
 
     try:
         model = load_model(model_dir_of(ckpt), device)
@@ -728,7 +729,7 @@ def generate_reconstruct(
     save_png(recon, out)
     grey = arr if arr.ndim == 2 else arr.mean(-1)
     mse = float(((recon / 255.0 - resize_array(grey, c.size)) ** 2).mean())
-    console.print(f"wrote {out}: PSNR {10 * np.log10(1.0 / max(mse, 1e-10)):.2f} dB to the input at {c.size}x{c.size}")
+    console.print(f"wrote {out}: PSNR {psnr_db(mse):.2f} dB to the input at {c.size}x{c.size}")
 
 
 # ------------------------------------------------------------------------------------- top level
@@ -754,11 +755,12 @@ def pretrain(
     save a checkpoint and exit 0.
     """
     from medunifier.config import ConfigError
-    from medunifier.train.loop import DataError, NonFiniteLossError, train
+    from medunifier.generate.prior_stage import pretrain as pretrain_run
+    from medunifier.train.loop import DataError, NonFiniteLossError
 
     try:
-        result = train(config, data, out, max_steps=max_steps, resume=resume, overrides=overrides or [],
-                       resume_from=resume_from)
+        result = pretrain_run(config, data, out, max_steps=max_steps, resume=resume, overrides=overrides or [],
+                              resume_from=resume_from)
     except (ConfigError, DataError, FileNotFoundError) as err:
         _fail(str(err))
     except NonFiniteLossError as err:
@@ -790,7 +792,9 @@ def pretrain_vision_cmd(
     `torchrun --nproc_per_node N -m medunifier.cli pretrain-vision ...`.
     """
     from medunifier.config import ConfigError, load_stage0_config
-    from medunifier.train.stage0 import evaluate_stage0, pretrain_vision
+    from medunifier.eval.stage0 import evaluate_stage0
+    from medunifier.train.stage0 import pretrain_vision
+    from medunifier.utils import launch_rank_world
 
     try:
         cfg = load_stage0_config(config, overrides or [])
@@ -800,7 +804,7 @@ def pretrain_vision_cmd(
     console.print(f"stage 0: {result.step} steps in {result.seconds / 60:.1f} min; backbone in {result.out_dir} "
                   f"(use vision.pretrained={result.out_dir})")
     five = data.parent / "manifest_5x200.jsonl"
-    if evaluate and five.exists() and int(os.environ.get("RANK", "0")) == 0:
+    if evaluate and five.exists() and launch_rank_world()[0] == 0:
         results = evaluate_stage0(out, data, five)
         console.print_json(json.dumps(results))
 
@@ -1092,6 +1096,34 @@ def demo(
     from medunifier.demo import run_demo
 
     run_demo(out, minutes=minutes, prior_minutes=prior_minutes, n_images=n_images, stage0_minutes=stage0_minutes)
+
+
+# ------------------------------------------------------------------------------------------- config
+
+
+@config_app.command("show")
+def config_show_cmd(
+    preset: str = typer.Argument("tiny", help="preset name (tiny, base, paper, ...) or a YAML file"),
+    overrides: list[str] | None = typer.Argument(None, help="config overrides such as train.lr=3e-4"),
+    stage0: bool = typer.Option(False, "--stage0", help="PRESET is a stage-0 YAML file ('default' for the "
+                                "built-in stage 0), as `pretrain-vision --config` takes"),
+) -> None:
+    """Every field of a validated config: its value and what it means."""
+    from medunifier.config import ConfigError, describe_fields, load_config, load_stage0_config
+
+    try:
+        if stage0:
+            cfg = load_stage0_config(None if preset == "default" else preset, overrides or [])
+        else:
+            cfg = load_config(preset, overrides or [])
+    except ConfigError as err:
+        _fail(str(err))
+    table = Table(title=f"{cfg.name}", show_lines=False)
+    for column in ("field", "value", "description"):
+        table.add_column(column, overflow="fold")
+    for key, value, description in describe_fields(cfg):
+        table.add_row(key, json.dumps(value), description)
+    console.print(table)
 
 
 def main() -> None:

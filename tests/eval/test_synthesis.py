@@ -220,7 +220,8 @@ def _lookup_detector(manifest):
 
 def test_psnr_ssim_and_added_finding_by_hand() -> None:
     from medunifier.data.manifest import Record
-    from medunifier.eval.edit import PSNR_CAP_DB, added_finding, psnr_uint8, ssim_uint8
+    from medunifier.eval.edit import added_finding, psnr_uint8, ssim_uint8
+    from medunifier.utils import PSNR_CAP_DB
 
     a = np.full((16, 16), 100, np.uint8)
     assert psnr_uint8(a, a + 5) == pytest.approx(10 * np.log10(255**2 / 25))
@@ -233,7 +234,8 @@ def test_psnr_ssim_and_added_finding_by_hand() -> None:
 
 
 def test_edit_pairs_oracle_and_identity_edits(pair_data) -> None:
-    from medunifier.eval.edit import PSNR_CAP_DB, evaluate_edit_pairs
+    from medunifier.eval.edit import evaluate_edit_pairs
+    from medunifier.utils import PSNR_CAP_DB
 
     records, sources, targets, masks = _pairs(pair_data)
     assert len(records) >= 5 and all(m is not None for m in masks)

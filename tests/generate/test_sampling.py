@@ -210,7 +210,7 @@ def test_eval_synthesis_cli_end_to_end(small_run: Path, tmp_path: Path) -> None:
 
 def test_demo_section_html(small_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import medunifier.eval.synthesis as synthesis
-    from medunifier.generate.demo import demo_generation_section, train_demo_priors
+    from medunifier.demo_generation import demo_generation_section, train_demo_priors
 
     assert train_demo_priors(small_run / "run", small_run / "data" / "manifest.jsonl", minutes=0.1) == (
         small_run / "run" / "prior")  # a finished prior is reused, not retrained

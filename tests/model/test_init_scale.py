@@ -2,7 +2,7 @@
 
 Trained from scratch, the image-dependent part of the query outputs starts small; with BERT's dropout
 0.1 and 0.02 init it is a few per cent of the outputs and the dropout noise is larger than it, so ITC
-had no signal to learn from (docs/results.md, "Why ITC did not learn").
+had no signal to learn from (`benchmarks/query_image_dependence.py` measures both).
 """
 
 from __future__ import annotations

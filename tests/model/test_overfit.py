@@ -1,4 +1,4 @@
-"""Overfit one batch of 32 real SynthCXR samples (issue 3): the objectives fall to at most half their
+"""Overfit one batch of 32 real SynthCXR samples: the objectives fall to at most half their
 starting values and the reconstruction sharpens (the save/load round trip is in test_medunifier.py).
 
 A shrunk `tiny` (tests/shrunk_config.py, 32 px) keeps this to seconds; `benchmarks/overfit_tiny.py` runs
@@ -49,10 +49,10 @@ def test_itc_itg_tig_halve_and_reconstruction_sharpens(synth: tuple[Path, Path])
     and the reconstruction gains 4 dB.
 
     The learning rate decays to zero so that the check reads a settled model: at a constant rate the
-    final PSNR swung by up to 2.5 dB between neighbouring steps and one CI run gained only 3.0 dB. Decayed,
+    final PSNR swings by up to 2.5 dB between neighbouring steps and can gain as little as 3.0 dB. Decayed,
     six seeds on two threads gained 5.5-6.6 dB (TIG ratio at most 0.28) and three on one thread 5.7-6.3.
     ITM is trained too but not asserted: on one batch with ITC beside it, it stays near its prior (0.636)
-    for about 350 steps at this initialisation before it falls (docs/results.md)."""
+    for about 350 steps at this initialisation before it falls (`benchmarks/overfit_tiny.py` shows the curves)."""
     manifest, tokenizer_dir = synth
     result = overfit(_config(tokenizer_dir), manifest, n=32, steps=200, lr=1e-3, decay=True)
     ratios = result.ratios()

@@ -77,13 +77,37 @@ def test_scheduler_sets_group_lrs_and_round_trips_through_json() -> None:
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-4 + (1e-3 - 1e-4) * 7 / 10)
 
 
-def test_optimizer_uses_paper_betas_and_no_decay_on_norms_biases_embeddings() -> None:
+def test_optimizer_uses_paper_betas_and_decays_by_tensor_rank() -> None:
     model = Net()
     opt = build_optimizer(model, lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95))
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     names = {name for name, p in model.named_parameters() if id(p) in decayed}
-    assert names == {"fc.weight"}
+    assert names == {"fc.weight", "embed.weight"}  # matrices (the tied embedding too), not biases or norms
+    assert all(g["weight_decay"] == 0.05 for g in opt.param_groups if any(p.ndim >= 2 for p in g["params"]))
     assert all(g["betas"] == (0.9, 0.95) for g in opt.param_groups)
+
+
+def test_every_matrix_and_kernel_of_the_model_decays_and_nothing_else() -> None:
+    """On the real model with a trainable ResNet: the stem conv (`embedder.embedder.convolution`), embeddings
+    and query tokens decay; biases, norms and the temperature do not; frozen parameters are left out."""
+    from medunifier.config import load_config
+    from medunifier.model.medunifier import MedUnifier
+    from medunifier.train.optim import parameter_groups
+    from shrunk_config import SMALL_MODEL
+
+    model = MedUnifier(load_config("tiny", [*SMALL_MODEL, "vision.frozen=false"]))
+    opt = build_optimizer(model, lr=1e-4, weight_decay=0.05)
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert set(decay) == {id(p) for p in params.values() if p.requires_grad}
+    for name, p in params.items():
+        assert decay[id(p)] == (0.05 if p.ndim >= 2 else 0.0), name
+    stem = params["vision.backbone.embedder.embedder.convolution.weight"]
+    assert stem.ndim == 4 and decay[id(stem)] == 0.05
+    assert decay[id(params["encoder.query_tokens"])] == 0.05 and decay[id(params["temperature"])] == 0.0
+    model.set_trainable(["encoder"])
+    kept = {id(p) for g in parameter_groups(model, 0.05) for p in g["params"]}
+    assert kept == {id(p) for n, p in params.items() if n.startswith("encoder")}
 
 
 def test_lr_scale_multiplies_the_rate_of_the_named_parameters_at_every_step() -> None:
@@ -99,7 +123,7 @@ def test_lr_scale_multiplies_the_rate_of_the_named_parameters_at_every_step() ->
     assert rates["fc.bias"] == pytest.approx(0.5 * base)  # the longer prefix wins
     assert rates["norm.weight"] == pytest.approx(base) and rates["embed.weight"] == pytest.approx(base)
     decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
-    assert decayed == {"fc.weight"}  # splitting by rate keeps the decay split
+    assert decayed == {"fc.weight", "embed.weight"}  # splitting by rate keeps the decay split
     grouped = [names[id(p)] for g in opt.param_groups for p in g["params"]]
     assert sorted(grouped) == sorted(names.values())  # every parameter once
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medunifier.generate.prior_stage import pretrain
 from medunifier.generate.train_prior import find_prior_dir
 from medunifier.train.checkpoint import list_checkpoints
 from medunifier.train.loop import train
@@ -17,11 +18,11 @@ PRIOR = ["prior.in_pretrain=true", "prior.width=32", "prior.layers=1", "prior.he
 def test_prior_stage_runs_after_the_model_and_resumes(tiny_manifest: Path, tmp_path: Path, small) -> None:
     run = tmp_path / "run"
     # an invocation stopped before the end of the model schedule does not start the prior stage
-    partial = train("tiny", tiny_manifest, run, max_steps=2, overrides=small(*PRIOR))
+    partial = pretrain("tiny", tiny_manifest, run, max_steps=2, overrides=small(*PRIOR))
     assert partial.step == 2 and partial.prior is None
     assert not (run / "prior").exists()
 
-    result = train("tiny", tiny_manifest, run, resume=True, overrides=small(*PRIOR))
+    result = pretrain("tiny", tiny_manifest, run, resume=True, overrides=small(*PRIOR))
     assert result.step == 3 and result.prior is not None
     prior_dir = find_prior_dir(run)
     assert prior_dir == run / "prior"
@@ -30,13 +31,21 @@ def test_prior_stage_runs_after_the_model_and_resumes(tiny_manifest: Path, tmp_p
 
     # a finished run resumed again: nothing left to train in either stage, nothing rewritten
     before = sorted(p.name for p in list_checkpoints(prior_dir))
-    again = train("tiny", tiny_manifest, run, resume=True, overrides=small(*PRIOR))
+    again = pretrain("tiny", tiny_manifest, run, resume=True, overrides=small(*PRIOR))
     assert again.step == 3
     assert sorted(p.name for p in list_checkpoints(prior_dir)) == before
 
 
 def test_prior_stage_off_by_default(tiny_manifest: Path, tmp_path: Path, small) -> None:
-    result = train("tiny", tiny_manifest, tmp_path / "run", overrides=small("train.max_steps=2"))
+    result = pretrain("tiny", tiny_manifest, tmp_path / "run", overrides=small("train.max_steps=2"))
+    assert result.finished and result.prior is None and not (tmp_path / "run" / "prior").exists()
+
+
+def test_the_training_engine_leaves_the_priors_to_its_caller(tiny_manifest: Path, tmp_path: Path, small) -> None:
+    """`train` alone never trains priors, whatever prior.in_pretrain says; it reports the config and whether
+    the schedule finished, which is what the caller (`pretrain`) decides on."""
+    result = train("tiny", tiny_manifest, tmp_path / "run", overrides=small(*PRIOR))
+    assert result.finished and result.config is not None and result.config.prior.in_pretrain
     assert result.prior is None and not (tmp_path / "run" / "prior").exists()
 
 

@@ -22,12 +22,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from medunifier.data.dataset import Item, make_item, warn_skipped
 from medunifier.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image_bytes, to_tensor
 from medunifier.data.manifest import Record, load_records
+from medunifier.utils import launch_rank_world
 
 INDEX_NAME = "shards.json"
 
@@ -171,10 +171,8 @@ def iter_shard_samples(path: str | Path, expected: int | None = None) -> Iterato
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if rank is not None or world_size is not None:
         rank, world_size = rank or 0, world_size or 1
-    elif torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    else:  # torchrun / accelerate set these before the process group exists
-        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    else:
+        rank, world_size = launch_rank_world()
     if not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     return rank, world_size

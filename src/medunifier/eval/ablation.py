@@ -14,11 +14,13 @@ from typing import Any
 from rich.console import Console
 
 from medunifier.config import OBJECTIVES, MedUnifierConfig, load_config
-from medunifier.eval.common import load_model, load_split, print_table, write_results
+from medunifier.eval.common import load_split, print_table, write_results
 from medunifier.eval.finetune import run_finetune
 from medunifier.eval.metrics import mean_std
 from medunifier.eval.retrieval import run_retrieval
 from medunifier.eval.zeroshot import load_prompts, run_zeroshot
+from medunifier.model import load_model
+from medunifier.model.protocols import ImageTextModel
 
 DEFAULT_OBJECTIVE_SETS = ("itc", "itc+itm", "itc+itm+itg", "itc+itm+tig", "all")
 
@@ -75,7 +77,7 @@ def seed_list(seeds: int | Sequence[int]) -> list[int]:
 
 
 def evaluate_understanding(
-    model: Any,
+    model: ImageTextModel,
     out: str | Path,
     eval_path: str | Path,
     eval_split: str | None,
@@ -138,7 +140,7 @@ def run_ablation(
     `out/<set>/seed<k>`; with `resume`, a run whose model is already saved is evaluated without training.
     """
     if train_fn is None:
-        from medunifier.train.loop import train as train_fn
+        from medunifier.generate.prior_stage import pretrain as train_fn
     if load_fn is None:
         def load_fn(run_dir: Path) -> Any:
             return load_model(run_dir, device)

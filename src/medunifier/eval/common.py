@@ -22,24 +22,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from medunifier.data.images import load_image, to_tensor
 from medunifier.data.manifest import Record, get_image_root, load_records
+from medunifier.model.protocols import ImageTextModel
+from medunifier.utils import jsonable
 
 NEGATIVE_CLASS_NAMES = ("normal", "no_finding", "none", "negative")
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_model(ckpt: str | Path, device: str | None = None) -> Any:
-    """A trained MedUnifier from a run folder (or its `model/`), in eval mode."""
-    from medunifier.model.medunifier import MedUnifier
-
-    model = MedUnifier.from_pretrained(ckpt, map_location=device or default_device())
-    model.eval()
-    return model
-
-
-def model_device(model: Any) -> torch.device:
+def model_device(model: ImageTextModel) -> torch.device:
     if isinstance(model, torch.nn.Module):
         for p in model.parameters():
             return p.device
@@ -153,7 +142,7 @@ class ImageRecords(Dataset):
 
 
 def image_batches(
-    records: Sequence[Record], root: str | Path, model: Any, batch_size: int = 64, num_workers: int = 0
+    records: Sequence[Record], root: str | Path, model: ImageTextModel, batch_size: int = 64, num_workers: int = 0
 ) -> Iterator[Tensor]:
     """Batches of pixel values [B, C, S, S] on the model's device, in record order."""
     loader = DataLoader(
@@ -165,7 +154,7 @@ def image_batches(
 
 
 @torch.no_grad()
-def encode_images(model: Any, records: Sequence[Record], root: str | Path, batch_size: int = 64,
+def encode_images(model: ImageTextModel, records: Sequence[Record], root: str | Path, batch_size: int = 64,
                   num_workers: int = 0) -> Tensor:
     """Normalised per-query image embeddings of every record, on the CPU: [N, Q, E]."""
     out = [model.encode_image(px).float().cpu() for px in image_batches(records, root, model, batch_size, num_workers)]
@@ -173,7 +162,7 @@ def encode_images(model: Any, records: Sequence[Record], root: str | Path, batch
 
 
 @torch.no_grad()
-def encode_texts(model: Any, texts: Sequence[str], batch_size: int = 256) -> Tensor:
+def encode_texts(model: ImageTextModel, texts: Sequence[str], batch_size: int = 256) -> Tensor:
     """Normalised text embeddings, on the CPU: [N, E]."""
     out = []
     for start in range(0, len(texts), batch_size):
@@ -183,7 +172,7 @@ def encode_texts(model: Any, texts: Sequence[str], batch_size: int = 256) -> Ten
 
 
 @torch.no_grad()
-def chunked_similarity(model: Any, image_emb: Tensor, text_emb: Tensor, chunk: int = 256) -> Tensor:
+def chunked_similarity(model: ImageTextModel, image_emb: Tensor, text_emb: Tensor, chunk: int = 256) -> Tensor:
     """model.similarity over image chunks (bounds memory of the [Bi, Bt, Q] intermediate): [Ni, Nt]."""
     rows = [model.similarity(image_emb[i : i + chunk], text_emb) for i in range(0, image_emb.shape[0], chunk)]
     return torch.cat(rows, dim=0).float()
@@ -192,31 +181,13 @@ def chunked_similarity(model: Any, image_emb: Tensor, text_emb: Tensor, chunk: i
 # ------------------------------------------------------------------------------------------ results
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, Tensor):
-        return x.tolist()
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
 def write_results(results: dict[str, Any], out: str | Path, name: str = "results.json") -> Path:
     """Write `results` as JSON into the folder `out` atomically; returns the file path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
     tmp = path.with_name(f".{name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(_jsonable(results), indent=2))
+    tmp.write_text(json.dumps(jsonable(results), indent=2))
     tmp.replace(path)
     return path
 

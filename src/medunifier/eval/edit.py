@@ -22,7 +22,6 @@ target's report. Each source is encoded to its codes (grounded on its own report
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,16 +43,15 @@ from medunifier.eval.synthesis import (
     ssim_map,
     train_cnn_classifier,
 )
+from medunifier.utils import psnr_db
 
-PSNR_CAP_DB = 100.0
 SSIM_RADIUS = 5  # the Gaussian window of ssim_map (sigma 1.5, truncated at 3.5 sigma) reaches 5 px
 Detector = Callable[[np.ndarray], np.ndarray]  # uint8 (N, S, S) -> probabilities [N, K] of `classes`
 
 
 def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB of two uint8 images, 10 log10(255^2 / MSE), capped at PSNR_CAP_DB."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return PSNR_CAP_DB if mse <= 0 else min(PSNR_CAP_DB, 10.0 * math.log10(255.0**2 / mse))
+    return psnr_db(float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)), peak=255.0)
 
 
 def ssim_uint8(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,4 +1,4 @@
-"""Shared versus task-routed experts (issue 8): `medunifier eval experts`.
+"""Shared versus task-routed experts: `medunifier eval experts`.
 
 The same run with `encoder.experts: shared` (one set of encoder feed-forwards serves understanding and
 generation, as in the paper) and `encoder.experts: task` (UniMedVL's task-routed experts: the TIG path
@@ -40,7 +40,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -52,9 +52,14 @@ from medunifier.eval.ablation import (
     seed_list,
     summarize_runs,
 )
-from medunifier.eval.common import load_model, load_split, print_table, write_results
+from medunifier.eval.common import load_split, print_table, write_results
 from medunifier.eval.metrics import mean_std
 from medunifier.eval.zeroshot import load_prompts
+from medunifier.model import load_model
+
+if TYPE_CHECKING:
+    from medunifier.model.medunifier import MedUnifier
+    from medunifier.model.protocols import ImageTextModel
 
 VARIANTS = ("shared", "task")
 DEFAULT_VQA_OBJECTIVES = ("itg", "tig")
@@ -103,7 +108,7 @@ def resolve_eval_data(data: str | Path, eval_data: str | Path | None) -> tuple[P
     return Path(data), "test"
 
 
-def parameter_counts(model: Any) -> dict[str, float | None]:
+def parameter_counts(model: ImageTextModel) -> dict[str, float | None]:
     """`params_*` scalars from the model's parameter_report() (None for a model without one)."""
     report = model.parameter_report() if hasattr(model, "parameter_report") else {}
     return {"params_" + k.replace("encoder.", "enc_"): report.get(k) for k in PARAMETER_KEYS}
@@ -136,7 +141,7 @@ def _train_timed(train_fn: Callable[..., Any], cfg: MedUnifierConfig, data: str 
 
 def evaluate_generation(
     run_dir: str | Path,
-    model: Any,
+    model: MedUnifier,
     data: str | Path,
     *,
     eval_data: str | Path | None = None,

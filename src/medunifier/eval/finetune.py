@@ -33,13 +33,15 @@ from medunifier.eval.common import (
     classify_records,
     image_batches,
     infer_classes,
-    load_model,
     load_split,
     model_device,
     print_table,
     write_results,
 )
 from medunifier.eval.metrics import classification_metrics, format_mean_std, mean_std
+from medunifier.model import load_model
+from medunifier.model.protocols import ImageTextModel
+from medunifier.train.optim import parameter_groups
 
 PROBE_C_GRID = (0.01, 0.1, 1.0, 10.0)
 
@@ -66,7 +68,7 @@ def _score(metrics: dict[str, Any], name: str) -> float:
     return -np.inf if value is None else float(value)
 
 
-def random_init_like(model: Any, seed: int) -> Any:
+def random_init_like(model: ImageTextModel, seed: int) -> ImageTextModel:
     """The same architecture with fresh random weights (no pretrained vision or text checkpoint)."""
     torch.manual_seed(seed)
     device = model_device(model)
@@ -87,7 +89,7 @@ def random_init_like(model: Any, seed: int) -> Any:
 
 
 @torch.no_grad()
-def extract_features(model: Any, records, root, batch_size: int = 64, num_workers: int = 0) -> np.ndarray:
+def extract_features(model: ImageTextModel, records, root, batch_size: int = 64, num_workers: int = 0) -> np.ndarray:
     """Mean over queries of the query outputs f_q: [N, H] float32."""
     feats = []
     for px in image_batches(records, root, model, batch_size, num_workers):
@@ -175,8 +177,7 @@ def train_full(
     _unfreeze(backbone)
     hidden = int(backbone.config.encoder.hidden_size)
     classifier = ImageClassifier(backbone, hidden, num_classes).to(device)
-    params = [p for p in classifier.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(classifier, weight_decay), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=generator, num_workers=num_workers)
     targets = torch.as_tensor(y_train, dtype=torch.long)
@@ -205,7 +206,7 @@ def train_full(
 
 
 def run_finetune(
-    model: Any,
+    model: ImageTextModel,
     train: str | Path,
     val: str | Path | None,
     test: str | Path,

@@ -17,13 +17,14 @@ from rich.console import Console
 from medunifier.eval.common import (
     fmt,
     image_batches,
-    load_model,
     load_split,
     print_table,
     record_text,
     write_results,
 )
 from medunifier.eval.metrics import clinical_efficacy, nlg_metrics
+from medunifier.model import load_model
+from medunifier.model.protocols import ImageTextModel
 
 
 def reference_text(record, target: Literal["text", "findings", "impression"]) -> str:
@@ -33,7 +34,7 @@ def reference_text(record, target: Literal["text", "findings", "impression"]) ->
     return value if value else record_text(record)
 
 
-def tokenizer_round_trip(model: Any, texts: list[str]) -> list[str]:
+def tokenizer_round_trip(model: ImageTextModel, texts: list[str]) -> list[str]:
     """Texts encoded and decoded by the model's tokenizer (unchanged for a model without one)."""
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
@@ -46,7 +47,7 @@ def tokenizer_round_trip(model: Any, texts: list[str]) -> list[str]:
 
 
 def run_report(
-    model: Any,
+    model: ImageTextModel,
     data: str | Path,
     out: str | Path | None = None,
     split: str | None = None,

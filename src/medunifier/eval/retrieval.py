@@ -21,13 +21,14 @@ from medunifier.eval.common import (
     encode_images,
     encode_texts,
     fmt,
-    load_model,
     load_split,
     print_table,
     record_text,
     write_results,
 )
 from medunifier.eval.metrics import mean_rank, median_rank, precision_at_k, recall_at_k
+from medunifier.model import load_model
+from medunifier.model.protocols import ImageTextModel
 
 
 def retrieval_scores(sim, classes, ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
@@ -45,7 +46,7 @@ def retrieval_scores(sim, classes, ks: Sequence[int] = (1, 5, 10)) -> dict[str, 
 
 
 def run_retrieval(
-    model: Any,
+    model: ImageTextModel,
     data: str | Path,
     out: str | Path | None = None,
     classes: Sequence[str] | None = None,

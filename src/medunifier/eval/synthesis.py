@@ -43,6 +43,7 @@ from medunifier.data.findings import COMPETITION_FINDINGS
 from medunifier.data.images import ImageLoadError, load_image, resize_array
 from medunifier.data.manifest import Record
 from medunifier.eval.common import load_split, print_table, write_results
+from medunifier.model.protocols import ImageTextModel
 from medunifier.pretrained import inception_weights
 
 MAX_CLASSIFIER_IMAGES = 20_000
@@ -152,7 +153,7 @@ class SmallCNN(nn.Module):
 class FindingClassifier:
     """A trained 5-way finding classifier on uint8 (N, S, S) images: `predict_proba`, `features`."""
 
-    def __init__(self, kind: str, classes: Sequence[str], net: SmallCNN | None = None, model: Any = None,
+    def __init__(self, kind: str, classes: Sequence[str], net: SmallCNN | None = None, model: ImageTextModel | None = None,
                  probe: Any = None, info: dict[str, Any] | None = None):
         self.kind, self.classes = kind, list(classes)
         self.net, self.model, self.probe = net, model, probe
@@ -256,7 +257,7 @@ def _random_shift(x: Tensor, pixels: int, g: torch.Generator) -> Tensor:
     return out
 
 
-def train_probe_classifier(model: Any, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
+def train_probe_classifier(model: ImageTextModel, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
                            y_val: np.ndarray, classes: Sequence[str], seed: int = 0) -> FindingClassifier:
     """The fine-tuning evaluator's linear probe (standardised logistic regression, C on val) on f_q means."""
     from medunifier.eval.finetune import fit_probe

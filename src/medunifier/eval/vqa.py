@@ -54,7 +54,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +62,9 @@ from rich.console import Console
 from torch import Tensor
 
 from medunifier.data.manifest import Record
+
+if TYPE_CHECKING:
+    from medunifier.model.medunifier import MedUnifier
 
 YES_NO = ("yes", "no")
 ARTICLES = frozenset({"a", "an", "the"})
@@ -191,7 +194,7 @@ def vqa_metrics(
 
 
 @contextmanager
-def _eval_mode(model: Any) -> Iterator[None]:
+def _eval_mode(model: MedUnifier) -> Iterator[None]:
     """The model in eval mode (no dropout) for the block, its mode restored afterwards."""
     was_training = model.training
     model.eval()
@@ -201,13 +204,13 @@ def _eval_mode(model: Any) -> Iterator[None]:
         model.train(was_training)
 
 
-def _collator(model: Any) -> Any:
+def _collator(model: MedUnifier) -> Any:
     from medunifier.data.dataset import Collator
 
     return Collator(model.tokenizer, max_length=int(model.config.text.max_length))
 
 
-def _token_ids(model: Any, texts: Sequence[str]) -> list[list[int]]:
+def _token_ids(model: MedUnifier, texts: Sequence[str]) -> list[list[int]]:
     return model.tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
 
 
@@ -222,7 +225,7 @@ def _pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple
     return ids.to(device), mask.to(device)
 
 
-def qa_sequences(model: Any, questions: Sequence[str], answers: Sequence[str] | None = None) -> list[tuple[list[int], int]]:
+def qa_sequences(model: MedUnifier, questions: Sequence[str], answers: Sequence[str] | None = None) -> list[tuple[list[int], int]]:
     """("[DEC] question [SEP] answer [SEP]" ids, prefix length) per question, exactly as training builds them
     (the Collator's truncation included). Without answers: the prefix "[DEC] question [SEP]" alone."""
     collator = _collator(model)
@@ -236,14 +239,11 @@ def qa_sequences(model: Any, questions: Sequence[str], answers: Sequence[str] | 
     return out
 
 
-def modality_ids(model: Any, modalities: Sequence[str] | None, batch: int) -> Tensor | None:
+def modality_ids(model: MedUnifier, modalities: Sequence[str] | None, batch: int) -> Tensor | None:
     """Ids [B] of the encoder's modality embedding for a model trained with one (`encoder.modalities`), so
     that answers see the modality their training samples saw; None otherwise (or when not given)."""
-    if modalities is None or not getattr(model.config.encoder, "modalities", None) or not hasattr(model, "modality_ids"):
-        return None
-    if len(modalities) != batch:
-        raise ValueError(f"{len(modalities)} modalities for {batch} questions")
-    return model.modality_ids([str(m) for m in modalities])
+    ids_for = getattr(model, "modality_ids_for", None)
+    return None if ids_for is None else ids_for(modalities, batch)
 
 
 def _modality_kwargs(ids: Tensor | None, rows: Sequence[int] | Tensor | None = None) -> dict[str, Tensor]:
@@ -254,7 +254,7 @@ def _modality_kwargs(ids: Tensor | None, rows: Sequence[int] | Tensor | None = N
 
 
 @torch.no_grad()
-def _score_pairs(model: Any, image_embeds: Tensor, rows: list[int], sequences: list[tuple[list[int], int]],
+def _score_pairs(model: MedUnifier, image_embeds: Tensor, rows: list[int], sequences: list[tuple[list[int], int]],
                  modality: Tensor | None = None) -> Tensor:
     """Total log-likelihood of each sequence's answer tokens (positions >= its prefix): [N]."""
     ids, mask = _pad([s for s, _ in sequences], model.special["pad"], image_embeds.device)
@@ -266,7 +266,7 @@ def _score_pairs(model: Any, image_embeds: Tensor, rows: list[int], sequences: l
     return _summed_logp(model, out.text_states[:, :-1], ids[:, 1:], scored)
 
 
-def _summed_logp(model: Any, states: Tensor, targets: Tensor, scored: Tensor) -> Tensor:
+def _summed_logp(model: MedUnifier, states: Tensor, targets: Tensor, scored: Tensor) -> Tensor:
     """Per row, the sum of log p(targets[t] | states[t]) over the `scored` positions: states [N, T, H],
     targets and scored [N, T] -> [N]. The LM head runs on the scored positions only (the question
     positions are most of a sequence)."""
@@ -278,7 +278,7 @@ def _summed_logp(model: Any, states: Tensor, targets: Tensor, scored: Tensor) ->
 
 @torch.no_grad()
 def score_candidates(
-    model: Any,
+    model: MedUnifier,
     pixel_values: Tensor,
     questions: Sequence[str],
     candidates: Sequence[Sequence[str]],
@@ -327,7 +327,7 @@ def open_answer_pool(records: Sequence[Any]) -> list[str]:
 
 @torch.no_grad()
 def rank_answers(
-    model: Any,
+    model: MedUnifier,
     image_embeds: Tensor,
     questions: Sequence[str],
     pool: Sequence[str],
@@ -384,7 +384,7 @@ def rank_answers(
 
 
 @torch.no_grad()
-def _greedy_answers(model: Any, image_embeds: Tensor, questions: Sequence[str], max_length: int,
+def _greedy_answers(model: MedUnifier, image_embeds: Tensor, questions: Sequence[str], max_length: int,
                     modality: Tensor | None = None) -> list[list[int]]:
     """Greedy answer tokens after "[DEC] question [SEP]", from the prefix's [SEP] on (the training layout)."""
     from medunifier.model.decoding import process_logits
@@ -419,7 +419,7 @@ def _greedy_answers(model: Any, image_embeds: Tensor, questions: Sequence[str], 
 
 
 @torch.no_grad()
-def _beam_answers(model: Any, image_embeds: Tensor, questions: Sequence[str], max_length: int,
+def _beam_answers(model: MedUnifier, image_embeds: Tensor, questions: Sequence[str], max_length: int,
                   num_beams: int, modality: Tensor | None = None) -> list[list[int]]:
     """Beam search through `decoding.generate`, continuing after the "[DEC] question [SEP]" prefix (module doc)."""
     from medunifier.model.decoding import generate
@@ -436,7 +436,7 @@ def _beam_answers(model: Any, image_embeds: Tensor, questions: Sequence[str], ma
 
 @torch.no_grad()
 def answer_questions(
-    model: Any,
+    model: MedUnifier,
     pixel_values: Tensor,
     questions: Sequence[str],
     candidates: Sequence[Sequence[str] | None] | None = None,
@@ -508,7 +508,7 @@ def vqa_records(records: Sequence[Record]) -> list[Record]:
 
 
 def evaluate_vqa(
-    model: Any,
+    model: MedUnifier,
     records: Sequence[Record],
     root: str | Path,
     *,
@@ -630,7 +630,8 @@ def run_vqa(
     """`evaluate_vqa` on a manifest's `split` (a single-split manifest is used whole), with the closed-answer
     pool from the same manifest's train split; `ckpt` is a run folder (or a loaded model)."""
     from medunifier.data.manifest import load_records
-    from medunifier.eval.common import load_model, load_split
+    from medunifier.eval.common import load_split
+    from medunifier.model import load_model
 
     model, ckpt_name = ckpt, None
     if isinstance(ckpt, (str, Path)):

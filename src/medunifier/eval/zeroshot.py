@@ -25,12 +25,13 @@ from medunifier.eval.common import (
     encode_images,
     encode_texts,
     fmt,
-    load_model,
     load_split,
     print_table,
     write_results,
 )
 from medunifier.eval.metrics import classification_metrics, zero_shot_scores
+from medunifier.model import load_model
+from medunifier.model.protocols import ImageTextModel
 
 PROMPT_DIR = CONFIG_DIR / "prompts"
 
@@ -90,7 +91,7 @@ def load_prompts(path: str | Path, seed: int | None = None, max_prompts: int | N
 
 
 def run_zeroshot(
-    model: Any,
+    model: ImageTextModel,
     data: str | Path,
     prompts: str | Path | dict[str, list[str]] = "chexpert5",
     out: str | Path | None = None,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from medunifier.data.images import as_array, to_tensor, to_uint8
 from medunifier.generate.prior_common import resize_mask
 from medunifier.generate.priors import HierarchicalPrior
 from medunifier.generate.train_prior import load_prior, model_dir_of, weights_file_checksum
+
+if TYPE_CHECKING:
+    from medunifier.model.medunifier import MedUnifier
 
 ImageLike = Any  # a path, bytes, PIL image, numpy array or pydicom dataset (see data.images.as_array)
 
@@ -60,7 +63,7 @@ def load_mask(mask: ImageLike | np.ndarray | Tensor, size: int) -> Tensor:
 class Synthesizer:
     """A frozen MedUnifier and its trained code priors."""
 
-    def __init__(self, model: Any, prior: HierarchicalPrior, meta: dict[str, Any] | None = None):
+    def __init__(self, model: MedUnifier, prior: HierarchicalPrior, meta: dict[str, Any] | None = None):
         g = model.config.generator
         c = prior.config
         sizes = (g.level_codebook("top")[0], g.level_codebook("bottom")[0])
@@ -80,9 +83,9 @@ class Synthesizer:
         self.default_steps = int(settings.get("steps", c.steps))
 
     @classmethod
-    def from_run(cls, ckpt: str | Path, device: str | None = None, model: Any | None = None) -> Synthesizer:
+    def from_run(cls, ckpt: str | Path, device: str | None = None, model: MedUnifier | None = None) -> Synthesizer:
         """Load the model of a run (or model folder) and the prior trained for it."""
-        from medunifier.eval.common import load_model
+        from medunifier.model import load_model
 
         model_dir = model_dir_of(ckpt)
         if model is None:
@@ -95,7 +98,7 @@ class Synthesizer:
         return cls(model, prior, meta)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, model: Any | None = None, device: str | None = None) -> Synthesizer:
+    def from_pretrained(cls, model_dir: str | Path, model: MedUnifier | None = None, device: str | None = None) -> Synthesizer:
         """The REST service's entry point (`medunifier.serve.api.load_generator`)."""
         return cls.from_run(model_dir, device=device, model=model)
 

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -44,6 +44,9 @@ from medunifier.generate.priors import HierarchicalPrior, PriorConfig
 from medunifier.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from medunifier.train.metrics import MetricsLogger, truncate_metrics
 from medunifier.train.optim import WarmupCosineSchedule, build_optimizer
+
+if TYPE_CHECKING:
+    from medunifier.model.medunifier import MedUnifier
 
 PRIOR_DIR = "prior"
 WEIGHTS_NAME = "prior.safetensors"
@@ -194,7 +197,7 @@ def load_pixels(records: Sequence[Record], root: Path, image_config: Any) -> tup
 
 
 @torch.no_grad()
-def encode_records(model: Any, records: Sequence[Record], root: str | Path, batch_size: int = 64) -> CodeSet:
+def encode_records(model: MedUnifier, records: Sequence[Record], root: str | Path, batch_size: int = 64) -> CodeSet:
     """Encode every readable record's image to codes with the frozen model, grounded on its report."""
     device = next(model.parameters()).device
     tokens = {k: v.cpu() for k, v in model.tokenize([r.text for r in records]).items()}  # padded to the longest
@@ -230,7 +233,7 @@ def _records_key(records: Sequence[Record]) -> str:
 
 
 def cached_codes(
-    model: Any, records: Sequence[Record], root: Path, cache: Path, model_checksum: str, name: str,
+    model: MedUnifier, records: Sequence[Record], root: Path, cache: Path, model_checksum: str, name: str,
     log: Callable[[str], None] = print,
 ) -> CodeSet:
     """Codes of `records` from the cache file when it matches (model weights and records), else encoded now."""
@@ -264,7 +267,7 @@ def cached_codes(
 class TextFeatures:
     """Text-only encoder features of a CodeSet's reports: cached in memory (fp16) when small, else on demand."""
 
-    def __init__(self, model: Any, codes: CodeSet, batch_size: int = 128, cache_bytes: int = TEXT_CACHE_BYTES):
+    def __init__(self, model: MedUnifier, codes: CodeSet, batch_size: int = 128, cache_bytes: int = TEXT_CACHE_BYTES):
         self.model = model
         self.codes = codes
         self.device = next(model.parameters()).device
@@ -345,7 +348,7 @@ def train_prior(
     resume: bool = False,
     time_limit_s: float | None = None,
     device: str | None = None,
-    model: Any | None = None,
+    model: MedUnifier | None = None,
     text_features: TextFeatures | None = None,
     log: Callable[[str], None] = print,
 ) -> PriorTrainResult:
@@ -357,7 +360,7 @@ def train_prior(
     `model` (the loaded frozen model) and `text_features` (of the train codes) skip loading / recomputing them.
     """
     from medunifier.config import ConfigError
-    from medunifier.eval.common import load_model
+    from medunifier.model import load_model
     from medunifier.train.loop import DataError, StopFlag, resolve_data
 
     source = resolve_data(data)

@@ -211,7 +211,7 @@ def attention_core(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout
     """scaled_dot_product_attention; on a CPU under bf16/fp16 autocast the attention core runs in float32.
 
     The CPU's reduced-precision flash-attention backward is slower than its float32 one, while the
-    projections around it gain from bf16 (`benchmarks/bench_precision.py`; docs/results.md).
+    projections around it gain from bf16 (`benchmarks/bench_precision.py`).
     """
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
         with torch.autocast(device_type="cpu", enabled=False):

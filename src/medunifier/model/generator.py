@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from vector_quantize_pytorch import VectorQuantize
 
 from medunifier.config import GeneratorConfig, ImageConfig
+from medunifier.utils import process_group_rank_world
 
 DECODER_RES_BLOCKS = 2  # residual blocks at the bottom resolution in the decoder (VQ-VAE-2 uses 2)
 MIN_DECODER_CHANNELS = 32  # channel floor when the decoder halves its width at each x2 upsampling stage
@@ -216,13 +217,6 @@ class Decoder(nn.Module):
         return self.out(F.relu(x))  # [B, C, S, S]
 
 
-def _distributed_world() -> bool:
-    return (
-        torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size() > 1
-    )
-
 
 def make_quantizer(gen: GeneratorConfig, level: str = "top") -> VectorQuantize:
     """EMA VQ codebook of one level's codebook size x code dim on channel-first maps (no projection in or out)."""
@@ -238,7 +232,7 @@ def make_quantizer(gen: GeneratorConfig, level: str = "top") -> VectorQuantize:
         rotation_trick=gen.rotation_trick,
         commitment_weight=gen.commitment_weight,
         accept_image_fmap=True,
-        sync_codebook=_distributed_world(),
+        sync_codebook=process_group_rank_world()[1] > 1,
     )
 
 

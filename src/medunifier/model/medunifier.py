@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from medunifier.model.decoding import generate
 from medunifier.model.encoder import ImageTextEncoder
 from medunifier.model.generator import TextGroundedGenerator
 from medunifier.model.vision import VisionEncoder
+from medunifier.utils import process_group_rank_world, psnr_db
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -62,12 +64,6 @@ class MedUnifierOutput:
     metrics: dict[str, Tensor | float] = field(default_factory=dict)
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0 whose backward hands each rank the summed gradient of its own rows.
 
@@ -80,7 +76,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:
-        rank, world = _world()
+        rank, world = process_group_rank_world()
         shards = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(shards, x.contiguous())
         ctx.rows = (rank * x.shape[0], (rank + 1) * x.shape[0])
@@ -96,7 +92,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
 def gather_with_grad(x: Tensor) -> Tensor:
     """All-gather along dim 0 keeping the gradient of the local shard (no-op on one process)."""
-    _, world = _world()
+    _, world = process_group_rank_world()
     if world == 1:
         return x
     return _GatherWithGrad.apply(x)
@@ -104,7 +100,7 @@ def gather_with_grad(x: Tensor) -> Tensor:
 
 @torch.no_grad()
 def gather_no_grad(x: Tensor) -> Tensor:
-    _, world = _world()
+    _, world = process_group_rank_world()
     if world == 1:
         return x
     out = [torch.empty_like(x) for _ in range(world)]
@@ -190,29 +186,6 @@ class MedUnifier(nn.Module):
 
     MODULE_PREFIXES = ("vision", "encoder", "image_proj", "text_proj", "itm_head", "temperature", "generator")
 
-    def trainable_parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """AdamW groups: no weight decay on norms, biases, embeddings, query tokens and the temperature."""
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            lowered = name.lower()
-            if (
-                param.ndim < 2
-                or "norm" in lowered
-                or "embed" in lowered
-                or "query_tokens" in lowered
-                or name == "temperature"
-                or ".codebook" in lowered
-            ):
-                no_decay.append(param)
-            else:
-                decay.append(param)
-        return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-
     def set_trainable(self, prefixes: list[str] | None) -> None:
         """Train only parameters whose name starts with one of `prefixes` (None: the config's default).
 
@@ -285,8 +258,13 @@ class MedUnifier(nn.Module):
         ids = [known.get(str(m).strip().lower(), 0) for m in modalities]
         return torch.tensor(ids, dtype=torch.long, device=self.temperature.device)
 
-    def _modality_ids(self, modalities: list[str] | None, batch: int) -> Tensor | None:
-        """ids [B] for the encoder, or None (the encoder reads it as unknown) when off or not given."""
+    def modality_ids_for(self, modalities: Sequence[str] | None, batch: int) -> Tensor | None:
+        """ids [B] for the encoder, or None (the encoder reads it as unknown) when off or not given.
+
+        Args:
+            modalities: one name per sample, or None.
+            batch: the batch size the names must match.
+        """
         if not self.config.encoder.modalities or modalities is None:
             return None
         if len(modalities) != batch:
@@ -308,7 +286,7 @@ class MedUnifier(nn.Module):
         task_experts = self.config.encoder.experts == "task"
         need_unimodal = weights.itc > 0 or weights.itm > 0 or (weights.tig > 0 and not task_experts)
         image_embeds = self.image_features(pixel_values, self.cache_keys(batch))  # [B, 1+L, Dv]
-        modality_ids = self._modality_ids(batch.get("modalities"), pixel_values.shape[0])  # [B] or None
+        modality_ids = self.modality_ids_for(batch.get("modalities"), pixel_values.shape[0])  # [B] or None
         query_out = text_out = None
         if need_unimodal:
             query_out = self.query_states(image_embeds, modality_ids=modality_ids)  # f_q [B, Q, H]
@@ -320,7 +298,7 @@ class MedUnifier(nn.Module):
             text_feats = F.normalize(self.text_proj(text_out[:, 0]), dim=-1)  # g_t [B, E]
             with torch.no_grad():
                 self.temperature.clamp_(0.001, 0.5)
-            rank, _ = _world()
+            rank, _ = process_group_rank_world()
             all_image_feats = gather_with_grad(image_feats)
             all_text_feats = gather_with_grad(text_feats)
             bsz = pixel_values.shape[0]
@@ -384,7 +362,7 @@ class MedUnifier(nn.Module):
     def _pad_for_gather(self, text: Tensor, value: int) -> Tensor:
         """Pad token ids or a mask [B, T] to `text.max_length` when several ranks gather it (each pads its
         batch to its own longest text)."""
-        if _world()[1] == 1:
+        if process_group_rank_world()[1] == 1:
             return text
         return F.pad(text, (0, self.config.text.max_length - text.shape[1]), value=value)
 
@@ -425,7 +403,7 @@ class MedUnifier(nn.Module):
         """
         bsz = input_ids.shape[0]
         device = input_ids.device
-        rank, _ = _world()
+        rank, _ = process_group_rank_world()
         input_ids = self._pad_for_gather(input_ids, self.special["pad"])
         attention_mask = self._pad_for_gather(attention_mask, 0)
         all_ids = gather_no_grad(input_ids)
@@ -509,7 +487,7 @@ class MedUnifier(nn.Module):
     @torch.no_grad()
     def encode_image(self, pixel_values: Tensor, *, modalities: list[str] | None = None) -> Tensor:
         """Normalised ITC image embeddings, one per query: [B, Q, E]. modalities: one per image (None: unknown)."""
-        modality_ids = self._modality_ids(modalities, pixel_values.shape[0])
+        modality_ids = self.modality_ids_for(modalities, pixel_values.shape[0])
         f_q = self.query_states(self.image_features(pixel_values), modality_ids=modality_ids)
         return F.normalize(self.image_proj(f_q), dim=-1)
 
@@ -518,7 +496,7 @@ class MedUnifier(nn.Module):
         self, input_ids: Tensor, attention_mask: Tensor, *, modalities: list[str] | None = None
     ) -> Tensor:
         """Normalised ITC text embeddings: [B, E]. modalities: one per text (None: unknown)."""
-        modality_ids = self._modality_ids(modalities, input_ids.shape[0])
+        modality_ids = self.modality_ids_for(modalities, input_ids.shape[0])
         f_t = self.text_states(input_ids, attention_mask, modality_ids=modality_ids)
         return F.normalize(self.text_proj(f_t[:, 0]), dim=-1)
 
@@ -542,7 +520,7 @@ class MedUnifier(nn.Module):
             attention_mask=attention_mask,
             image_embeds=self.image_features(pixel_values),
             mode="bidirectional",
-            modality_ids=self._modality_ids(modalities, pixel_values.shape[0]),
+            modality_ids=self.modality_ids_for(modalities, pixel_values.shape[0]),
             queries_only=True,
         )
         return self.itm_head(out.query_states).mean(dim=1).softmax(-1)[:, 1]
@@ -591,7 +569,7 @@ class MedUnifier(nn.Module):
             prefix_ids=prefix_ids,
             prefix_mask=prefix_mask,
             continue_prefix=prefix_ids is not None,
-            modality_ids=self._modality_ids(modalities, pixel_values.shape[0]),
+            modality_ids=self.modality_ids_for(modalities, pixel_values.shape[0]),
         )
         return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
 
@@ -622,7 +600,7 @@ class MedUnifier(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(f_q [B, Q, H], f_local [B, L, Dv], text CLS [B, H]) from the generation-role passes."""
         image_embeds = self.image_features(pixel_values)
-        modality_ids = self._modality_ids(modalities, pixel_values.shape[0])
+        modality_ids = self.modality_ids_for(modalities, pixel_values.shape[0])
         if input_ids is None:
             input_ids = torch.full((pixel_values.shape[0], 2), self.special["pad"], device=pixel_values.device)
             input_ids[:, 0], input_ids[:, 1] = self.special["cls"], self.special["sep"]
@@ -767,6 +745,5 @@ def _is_tied(model: nn.Module, key: str, state: dict[str, Tensor]) -> bool:
 
 
 def psnr(images: Tensor, targets: Tensor, std: float = 0.5) -> Tensor:
-    """PSNR in dB on the [0, 1] scale, for normalised tensors ((x - mean) / std)."""
-    mse = ((images.float() - targets.float()) * std).pow(2).mean()
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+    """PSNR in dB on the [0, 1] scale, for normalised tensors ((x - mean) / std): a 0-d tensor."""
+    return psnr_db(((images.float() - targets.float()) * std).pow(2).mean())

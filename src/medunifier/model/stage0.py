@@ -30,6 +30,7 @@ from medunifier.config import ImageConfig, VisionConfig
 from medunifier.model.medunifier import gather_no_grad, gather_with_grad
 from medunifier.model.vision import build_backbone
 from medunifier.pretrained import resolve_local
+from medunifier.utils import process_group_rank_world
 
 __all__ = ["ImageTextContrastiveLoss", "ImageTower", "NTXentLoss", "TextTower", "same_labels"]
 
@@ -168,7 +169,7 @@ class ImageTextContrastiveLoss(nn.Module):
         """image_emb, text_emb [B, E] (normalised), text_keys [B] int64 (equal keys = same text),
         labels [B, K]; queue_* the same for Q extra texts. Returns (loss, i2t accuracy)."""
         scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
-        rank, bsz = _rank(), image_emb.shape[0]
+        rank, bsz = process_group_rank_world()[0], image_emb.shape[0]
         all_images, all_texts = gather_with_grad(image_emb), gather_with_grad(text_emb)  # [B_all, E]
         all_keys = gather_no_grad(text_keys)
         candidates, cand_keys = all_texts, all_keys
@@ -206,7 +207,7 @@ class NTXentLoss(nn.Module):
 
     def forward(self, view_a: Tensor, view_b: Tensor) -> tuple[Tensor, Tensor]:
         """view_a, view_b [B, E] (normalised embeddings of two views of the same images) -> (loss, accuracy)."""
-        rank, bsz = _rank(), view_a.shape[0]
+        rank, bsz = process_group_rank_world()[0], view_a.shape[0]
         all_a, all_b = gather_with_grad(view_a), gather_with_grad(view_b)  # [B_all, E]
         n = all_a.shape[0]
         z = torch.cat([all_a, all_b])  # [2 B_all, E]
@@ -220,12 +221,6 @@ class NTXentLoss(nn.Module):
         loss = F.cross_entropy(logits, partner)
         accuracy = (logits.argmax(1) == partner).float().mean()
         return loss, accuracy
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def save_backbone(tower: ImageTower, image: ImageConfig, out_dir: str | Path, extra: dict | None = None) -> Path:

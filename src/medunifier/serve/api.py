@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath, PureWindowsPath
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from torch import Tensor
 from medunifier import __version__
 from medunifier.data.images import DEFAULT_MAX_PIXELS, as_array, to_tensor, to_uint8
 from medunifier.serve.index import EmbeddingIndex, Hit, Mode
+
+if TYPE_CHECKING:
+    from medunifier.model.medunifier import MedUnifier
 
 log = logging.getLogger("medunifier.serve")
 
@@ -73,7 +76,7 @@ class ImageGenerator(Protocol):
              seed: int | None) -> Tensor: ...
 
 
-def load_generator(model: Any, model_dir: str | Path | None) -> tuple[ImageGenerator | None, str]:
+def load_generator(model: MedUnifier, model_dir: str | Path | None) -> tuple[ImageGenerator | None, str]:
     """`medunifier.generate.Synthesizer` for this model and the prior trained for it, or (None, why not).
 
     The prior is looked up beside the model (`RUN/prior`, see `generate.train_prior.find_prior_dir`); a run
@@ -240,7 +243,7 @@ class Copilot:
 
     def __init__(
         self,
-        model: Any,
+        model: MedUnifier,
         *,
         model_dir: str | Path | None = None,
         index: EmbeddingIndex | str | Path | None = None,
@@ -271,7 +274,7 @@ class Copilot:
     def from_pretrained(cls, ckpt: str | Path, *, index: EmbeddingIndex | str | Path | None = None,
                         device: str | None = None, **kwargs: Any) -> Copilot:
         """Load a run folder (or its `model/`) saved by training or `save_pretrained`."""
-        from medunifier.eval.common import load_model
+        from medunifier.model import load_model
 
         model_dir = resolve_model_dir(ckpt)
         model = load_model(model_dir, device)

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from medunifier.model.protocols import ImageTextModel
+
 INDEX_FORMAT = "medunifier-index"
 INDEX_VERSION = 1
 EMBEDDINGS_NAME = "embeddings.safetensors"
@@ -231,7 +233,7 @@ class EmbeddingIndex:
 
 
 def build_index(
-    model: Any,
+    model: ImageTextModel,
     manifest: str | Path,
     out: str | Path | None = None,
     split: str | None = None,

@@ -55,10 +55,10 @@ class ServeSettings(BaseModel):
     max_beams: int = Field(5, ge=1, description="beam width of report generation")
     max_report_tokens: int = Field(128, ge=1, description="generated report length in tokens")
     # defaults used when a request does not say
-    default_num_beams: int = Field(3, ge=1)
-    default_k: int = Field(5, ge=1)
-    default_steps: int = Field(8, ge=1)
-    default_guidance: float = Field(3.0, ge=0.0)
+    default_num_beams: int = Field(3, ge=1, description="beam width of report generation")
+    default_k: int = Field(5, ge=1, description="retrieved cases per query")
+    default_steps: int = Field(8, ge=1, description="sampling steps of synthesis and editing")
+    default_guidance: float = Field(3.0, ge=0.0, description="classifier-free guidance scale")
     # security
     token: SecretStr | None = Field(None, description="bearer token required on /v1/* (health excepted)")
     allowed_hosts: list[str] | None = Field(

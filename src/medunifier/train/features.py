@@ -26,6 +26,7 @@ from medunifier.config import MedUnifierConfig
 from medunifier.data.dataset import ManifestDataset
 from medunifier.model.feature_cache import CACHE_FILE, FORMAT
 from medunifier.model.vision import VisionEncoder
+from medunifier.utils import launch_rank_world
 
 __all__ = ["write_feature_cache"]
 
@@ -46,8 +47,7 @@ def write_feature_cache(config: MedUnifierConfig, data: str | Path, out: str | P
     """
     if not config.vision.frozen:
         raise ValueError("a feature cache holds a frozen backbone's outputs: set vision.frozen: true")
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world = launch_rank_world()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     vision_config = config.vision.model_copy(update={"feature_cache": None, "cache_features": False})

@@ -54,6 +54,7 @@ from medunifier.train.curriculum import Stage, resolve_stages, stage_at, total_s
 from medunifier.train.metrics import MetricsLogger, plot_loss_curves, truncate_metrics
 from medunifier.train.optim import WarmupCosineSchedule, build_optimizer
 from medunifier.train.precision import resolve_mixed_precision
+from medunifier.utils import launch_rank_world
 
 SHARD_INDEX = "shards.json"
 DATA_REPORT = "data_report.json"  # in the run folder: the manifest records left out, and why
@@ -80,7 +81,9 @@ class TrainResult:
     dropped_samples: int = 0
     samples_per_s: float = 0.0
     is_main: bool = True  # False on the other processes of a multi-process run
-    prior: Any = None  # the PriorTrainResult when `prior.in_pretrain` trained the priors in this call
+    finished: bool = False  # the whole schedule is done (not stopped early by max_steps or a signal)
+    config: MedUnifierConfig | None = None  # the validated config the run trained with
+    prior: Any = None  # the PriorTrainResult when the caller ran the prior stage (see generate.prior_stage)
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -130,7 +133,7 @@ def resolve_data(path: str | Path, report_dir: str | Path | None = None) -> Data
     lines = report.summary_lines(first=5)
     if lines and report_dir is not None:
         target = Path(report_dir) / DATA_REPORT
-        if int(os.environ.get("RANK", "0")) == 0:
+        if launch_rank_world()[0] == 0:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(json.dumps(report.to_dict(), indent=1))
         lines.append(f"  the full list: {target}")
@@ -257,7 +260,7 @@ def _cpu_only_multiprocess() -> bool:
     Accelerate only sets up its CPU multi-process mode (gloo) when told `cpu=True`; without it each
     torchrun process would silently train alone.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launch_rank_world()[1] <= 1:
         return False
     from accelerate import utils
 
@@ -867,7 +870,7 @@ def train(
     source = resolve_data(data, report_dir=out)
     if source.kind == "shards" and any(s.mixture for s in stages):
         raise ConfigError("curriculum mixtures need a manifest: shards are read as a stream in file order")
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun sets it before any process group exists
+    world = launch_rank_world()[1]
     n_train = len(source.train_records)
     if source.kind == "manifest" and not all(s.mixture for s in stages) and math.ceil(n_train / world) < \
             cfg.train.batch_size:
@@ -887,7 +890,7 @@ def train(
             raise ConfigError(f"--resume-from {checkpoint}: cannot resume from it ({problem}); pick another "
                               f"checkpoint folder, e.g. an older one under {run_dir / 'checkpoints'}")
     elif resume:
-        checkpoint = resume_checkpoint(run_dir, move_aside=int(os.environ.get("RANK", "0")) == 0)
+        checkpoint = resume_checkpoint(run_dir, move_aside=launch_rank_world()[0] == 0)
         if checkpoint is None and existing:
             raise ConfigError(f"{run_dir}: every checkpoint is damaged (moved aside as step-N.damaged): start a "
                               "new run in another --out, or repair one and pass --resume-from")
@@ -902,22 +905,9 @@ def train(
     stop_at = total if max_steps is None else min(max_steps, total)
     trainer = Trainer(cfg, source, run_dir, stages, stop_at, resume_from, schedule_changed)
     result = trainer.run()
-    if cfg.prior.in_pretrain and result.is_main and not result.interrupted and result.step >= total:
-        result.prior = _prior_stage(cfg, run_dir, data)
+    result.config = cfg
+    result.finished = not result.interrupted and result.step >= total
     return result
-
-
-def _prior_stage(cfg: MedUnifierConfig, run_dir: Path, data: str | Path) -> Any:
-    """The last curriculum stage: the text-conditioned code priors on the finished model (issue: generation).
-
-    Runs on the main process only, after `model/` is written; a rerun with --resume continues the priors'
-    own checkpoints (and does nothing once they are complete).
-    """
-    from medunifier.generate.train_prior import prior_dir_for, train_prior
-
-    resume = bool(list_checkpoints(prior_dir_for(run_dir)))
-    print(f"stage 'prior': training the {cfg.prior.kind} code priors for {cfg.prior.max_steps} steps", flush=True)
-    return train_prior(run_dir, data, settings=cfg.prior, resume=resume)
 
 
 def _check_resumable(checkpoint: Path, stages: list[Stage]) -> bool:

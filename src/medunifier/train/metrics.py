@@ -13,6 +13,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from medunifier.utils import jsonable
+
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "loss_curves.png"
 
@@ -70,7 +72,7 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled or self._file is None:
             return
-        clean = {k: _jsonable(v) for k, v in record.items()}
+        clean = jsonable(record, nonfinite_as_str=True)
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -86,14 +88,6 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # "nan" / "inf": JSON has no literal for them
-    return value
 
 
 def _tensorboard_writer(log_dir: Path) -> Any:

@@ -22,18 +22,12 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     lr_scale: dict[str, float] | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over the model's trainable parameter groups (no decay on norms, biases, embeddings, queries).
+    """AdamW over the model's trainable parameters, weight decay by tensor rank (`parameter_groups`).
 
-    Uses `model.trainable_parameter_groups(weight_decay)` when the model defines it, else a generic
-    split: parameters with fewer than 2 dimensions, or named like a norm or an embedding, get no decay.
     `lr_scale` maps parameter-name prefixes (whole module paths, e.g. "generator" or "generator.decoder")
     to learning-rate multipliers (the longest matching prefix wins); each group carries its `lr_scale`, which `WarmupCosineSchedule` applies at every step.
     """
-    if hasattr(model, "trainable_parameter_groups"):
-        groups = model.trainable_parameter_groups(weight_decay)
-    else:
-        groups = default_parameter_groups(model, weight_decay)
-    groups = [g for g in groups if len(g["params"]) > 0]
+    groups = [g for g in parameter_groups(model, weight_decay) if len(g["params"]) > 0]
     if not groups:
         raise ValueError("the model has no trainable parameters")
     if lr_scale:
@@ -74,17 +68,24 @@ def split_groups_by_lr_scale(
     return split
 
 
-def default_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        lowered = name.lower()
-        if param.ndim < 2 or "norm" in lowered or "embed" in lowered:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups by tensor rank, as nanoGPT's `configure_optimizers` and BLIP-2 choose them.
+
+    Every trainable tensor of rank >= 2 decays: linear and convolution kernels, embeddings, query tokens.
+    Rank 0 and 1 do not: biases, norm gains and shifts, and scalars such as the ITC temperature. The rank
+    decides, not the name, so a layer named unusually (transformers' ResNet stem is
+    `embedder.embedder.convolution`) is grouped like any other.
+
+    Args:
+        model: the module whose parameters with `requires_grad` are grouped (frozen ones are left out).
+        weight_decay: the decay of the first group.
+
+    Returns:
+        [{"params": rank >= 2, "weight_decay": weight_decay}, {"params": rank < 2, "weight_decay": 0.0}].
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
 def warmup_cosine_lr(

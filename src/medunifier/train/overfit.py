@@ -19,6 +19,7 @@ from medunifier.config import MedUnifierConfig
 from medunifier.data.dataset import Collator, ManifestDataset
 from medunifier.data.manifest import load_records
 from medunifier.model.medunifier import MedUnifier
+from medunifier.train.optim import parameter_groups
 
 OBJECTIVES = ("itc", "itm", "itg", "tig")
 
@@ -58,7 +59,7 @@ def overfit(config: MedUnifierConfig, manifest: str | Path, n: int = 32, steps: 
     torch.manual_seed(seed)
     model = MedUnifier(config)
     batch = fixed_batch(config, manifest, n, model.tokenizer)
-    optimizer = torch.optim.AdamW(model.trainable_parameter_groups(0.0), lr=lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.0), lr=lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, (lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))) if decay else (lambda step: 1.0))
     model.train()

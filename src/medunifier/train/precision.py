@@ -1,7 +1,7 @@
 """Which mixed precision a run uses: `train.mixed_precision` "auto" picks bf16 where the hardware does it natively.
 
 On a CPU with AVX512-BF16 or AMX, bf16 matrix products and a `tiny` training step run well faster than in
-float32 (`benchmarks/bench_precision.py`, docs/results.md); on a CPU without them bf16 is emulated and slower
+float32 (`benchmarks/bench_precision.py` measures both); on a CPU without them bf16 is emulated and slower
 than float32, so "auto" keeps float32 there.
 """
 

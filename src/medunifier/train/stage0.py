@@ -36,7 +36,7 @@ from medunifier.data.manifest import Record, get_image_root, load_records
 from medunifier.model.stage0 import ImageTextContrastiveLoss, ImageTower, NTXentLoss, TextTower, save_backbone
 from medunifier.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from medunifier.train.metrics import MetricsLogger
-from medunifier.train.optim import WarmupCosineSchedule
+from medunifier.train.optim import WarmupCosineSchedule, parameter_groups
 from medunifier.train.precision import native_bf16, resolve_mixed_precision
 
 __all__ = ["Stage0Model", "Stage0Result", "TextBank", "pretrain_vision"]
@@ -190,13 +190,6 @@ def _collate_with_keys(bank: TextBank | None):
     return collate
 
 
-def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices and convolution kernels only (by tensor rank, as in nanoGPT)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-
-
 def pretrain_vision(config: Stage0Config, data: str | Path, out_dir: str | Path, resume: bool = False,
                     progress: bool = True) -> Stage0Result:
     """Run stage 0 on a manifest's train split and write the backbone folder to `out_dir`."""
@@ -248,7 +241,7 @@ def pretrain_vision(config: Stage0Config, data: str | Path, out_dir: str | Path,
         if not is_main:
             bank = TextBank.build(dataset, text_tower, run_dir / "text_embeddings.safetensors", c.text_encoder, say)
     model = Stage0Model(c, text_tower)
-    optimizer = torch.optim.AdamW(_parameter_groups(model, c.weight_decay), lr=c.lr, betas=tuple(c.betas))
+    optimizer = torch.optim.AdamW(parameter_groups(model, c.weight_decay), lr=c.lr, betas=tuple(c.betas))
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     device = accelerator.device
@@ -346,75 +339,6 @@ def pretrain_vision(config: Stage0Config, data: str | Path, out_dir: str | Path,
     return Stage0Result(out, step, seconds)
 
 
-# ---------------------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def pooled_features(tower: ImageTower, records: list[Any], root: Path, image: Any, batch_size: int = 256) -> Tensor:
-    """Mean-pooled backbone features [N, Dv] of records' images."""
-    from medunifier.data.images import load_image, to_tensor
-
-    tower.eval()
-    out = []
-    for i in range(0, len(records), batch_size):
-        pixels = torch.stack([to_tensor(load_image(root / r.image), image.size, image.channels, image.mean,
-                                        image.std) for r in records[i:i + batch_size]])
-        out.append(tower.pooled(pixels).float())
-    return torch.cat(out)
-
-
-def evaluate_stage0(out_dir: str | Path, data: str | Path, five: str | Path | None = None) -> dict[str, Any]:
-    """Linear-probe AUROC of the frozen pooled features (train split -> 5x200), and for an image-text run
-    zero-shot accuracy with the chexpert5 prompts and image-to-text precision@1 on the 5x200 set."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-
-    from medunifier.data.manifest import load_records
-    from medunifier.eval.common import classify_records
-    from medunifier.eval.zeroshot import load_prompts
-
-    out = Path(out_dir)
-    config = Stage0Config.model_validate(json.loads((out / RUN / "config.json").read_text()))
-    data = Path(data)
-    five = Path(five) if five is not None else data.parent / "manifest_5x200.jsonl"
-    uses_text = config.objective in ("text", "both")
-    text_tower = TextTower(config.text_encoder, max_length=config.text_max_length) if uses_text else None
-    vision = config.vision.model_copy(update={"pretrained": str(out)})
-    tower = ImageTower(vision, config.image, text_tower.width if uses_text else 0, config.embed_dim)
-    heads = load_file(str(out / RUN / "heads.safetensors"))
-    tower.load_state_dict({k[len("tower."):]: v for k, v in heads.items() if k.startswith("tower.")}, strict=False)
-    classes = ["atelectasis", "cardiomegaly", "consolidation", "edema", "pleural_effusion"]
-    train_records = [r for r in load_records(data, splits=["train"]) if r.image]
-    five_records, targets, _ = classify_records(load_records(five), classes)
-    x_train = pooled_features(tower, train_records, data.parent, config.image).numpy()
-    x_five = pooled_features(tower, five_records, five.parent, config.image).numpy()
-    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
-    x_train, x_five = (x_train - mean) / std, (x_five - mean) / std
-    probs, aurocs = [], {}
-    for k, name in enumerate(classes):
-        y = np.array([int(r.labels.get(name, 0) == 1) for r in train_records])
-        clf = LogisticRegression(max_iter=2000, C=0.5).fit(x_train, y)
-        p = clf.predict_proba(x_five)[:, 1]
-        probs.append(p)
-        aurocs[name] = float(roc_auc_score(targets == k, p))
-    results: dict[str, Any] = {"linear_probe": {"accuracy_5way": float((np.stack(probs, 1).argmax(1) == targets).mean()),
-                                                "auroc_mean": float(np.mean(list(aurocs.values()))), "auroc": aurocs}}
-    if uses_text:
-        proj = nn.Linear(text_tower.width, config.embed_dim)
-        proj.load_state_dict({"weight": heads["tower.text_proj.weight"], "bias": heads["tower.text_proj.bias"]})
-        images = F.normalize(tower.image_proj(torch.from_numpy(x_five * std + mean).float()), dim=-1)
-        prompts = load_prompts("chexpert5")
-        class_emb = torch.stack([F.normalize(proj(text_tower(prompts[name])), dim=-1).mean(0) for name in classes])
-        zero = (images @ F.normalize(class_emb, dim=-1).t()).argmax(1).numpy()
-        reports = F.normalize(proj(text_tower.embed_all([r.text for r in five_records])), dim=-1)
-        best = (images @ reports.t()).argmax(1).numpy()
-        results["zeroshot_accuracy"] = float((zero == targets).mean())
-        results["i2t_precision_at_1"] = float((targets[best] == targets).mean())
-    (out / RUN / "results.json").write_text(json.dumps(results, indent=1))
-    return results
-
-
-
 def seconds_per_step(config: Stage0Config, text_width: int = 384, steps: int = 3) -> float:
     """Median wall time of a few stage-0 training steps on random data of the configured sizes (the demo
     sizes its schedule with it). The text side is a random locked bank, as a locked tower's cache would be."""
@@ -430,7 +354,7 @@ def seconds_per_step(config: Stage0Config, text_width: int = 384, steps: int = 3
         queue = torch.arange(c.batch_size, c.batch_size + c.queue_size)
         batch = {"pixel_values": torch.randn(c.batch_size, c.image.channels, c.image.size, c.image.size),
                  "text_keys": torch.arange(c.batch_size), "texts": bank.texts[: c.batch_size]}
-        optimizer = torch.optim.AdamW(_parameter_groups(model, c.weight_decay), lr=c.lr)
+        optimizer = torch.optim.AdamW(parameter_groups(model, c.weight_decay), lr=c.lr)
         times = []
         for _ in range(steps + 1):
             start = time.perf_counter()

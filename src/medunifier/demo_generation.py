@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from medunifier.data.findings import COMPETITION_FINDINGS, DISPLAY_NAMES
+from medunifier.utils import html_table
 
 # A prior sized for a CPU budget of minutes (the config's defaults are the full-size ones).
 DEMO_PRIOR_OVERRIDES = ["width=192", "layers=3", "heads=4", "dropout=0.0", "batch_size=32", "lr=1e-3",
@@ -40,7 +41,6 @@ def _log(message: str) -> None:
 
 def train_demo_priors(run_dir: str | Path, manifest: str | Path, minutes: float, seed: int = 0) -> Path:
     """Train the run's priors in about `minutes` of wall time (code encoding included); returns the prior folder."""
-    from medunifier.eval.common import load_model
     from medunifier.generate.priors import HierarchicalPrior
     from medunifier.generate.train_prior import (
         CODES_NAME,
@@ -55,6 +55,7 @@ def train_demo_priors(run_dir: str | Path, manifest: str | Path, minutes: float,
         train_prior,
         weights_file_checksum,
     )
+    from medunifier.model import load_model
     from medunifier.train.checkpoint import latest_checkpoint
     from medunifier.train.loop import resolve_data
 
@@ -151,18 +152,20 @@ def _heat(diff: np.ndarray) -> np.ndarray:
     return (np.stack([np.clip(2 * d, 0, 1), np.clip(2 * d - 1, 0, 1), np.zeros_like(d)], -1) * 255).astype(np.uint8)
 
 
-def _fmt(x: Any) -> str:
+def _text(x: Any) -> str:
     if x is None:
         return "-"
     if isinstance(x, bool):
         return "PASS" if x else "FAIL"
-    return f"{x:.3f}" if isinstance(x, float) else html.escape(str(x))
+    return f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def _fmt(x: Any) -> str:
+    return html.escape(_text(x))
 
 
 def _table(title: str, header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<h3>{html.escape(title)}</h3><table><tr>{head}</tr>{body}</table>"
+    return html_table(title, header, rows, cell=_text)
 
 
 def _metric_tables(r: dict[str, Any]) -> str:
@@ -198,7 +201,7 @@ def _metric_tables(r: dict[str, Any]) -> str:
                  e["ssim_outside_source_unedited_reconstruction"]]]
         rows += [[f"flip rate: {DISPLAY_NAMES.get(k, k)}", v] for k, v in e["flip_rate_per_finding"].items()]
         parts.append(_table("Counterfactual edits", ["measure", "value"], rows))
-    parts.append(_table("Targets (issue 6)", ["target", "result"], [[k, v] for k, v in r["targets"].items()]))
+    parts.append(_table("Targets", ["target", "result"], [[k, v] for k, v in r["targets"].items()]))
     t = r["timings"]
     parts.append(_table("Timings", ["step", "seconds"], [[k, v] for k, v in t.items()]))
     return "\n".join(parts)

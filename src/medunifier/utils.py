@@ -1,0 +1,95 @@
+"""Small helpers every layer may use: PSNR, process rank and world size, JSON encoding, HTML tables.
+
+This module sits at the bottom of the package with `config`: it imports nothing from medunifier.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["PSNR_CAP_DB", "html_table", "jsonable", "launch_rank_world", "process_group_rank_world", "psnr_db"]
+
+PSNR_CAP_DB = 100.0  # identical images: PSNR is infinite, reported as this
+
+
+@overload
+def psnr_db(mse: Tensor, peak: float = 1.0) -> Tensor: ...
+@overload
+def psnr_db(mse: float, peak: float = 1.0) -> float: ...
+def psnr_db(mse: Tensor | float, peak: float = 1.0) -> Tensor | float:
+    """Peak signal-to-noise ratio 10 log10(peak^2 / mse) in dB, capped at PSNR_CAP_DB (mse 0 gives the cap).
+
+    Args:
+        mse: mean squared error, a float or a 0-d tensor (then the result is a 0-d tensor).
+        peak: the largest possible pixel value on the scale `mse` was taken on (1.0 for [0, 1], 255 for uint8).
+    """
+    if isinstance(mse, Tensor):
+        return (10 * torch.log10(peak**2 / mse.float())).clamp_max(PSNR_CAP_DB)
+    return PSNR_CAP_DB if mse <= 0 else min(PSNR_CAP_DB, 10.0 * math.log10(peak**2 / mse))
+
+
+def process_group_rank_world() -> tuple[int, int]:
+    """(rank, world size) of the initialised torch.distributed process group; (0, 1) without one.
+
+    For collectives (all-gather, codebook sync): they need a process group, whatever the launcher set.
+    """
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def launch_rank_world() -> tuple[int, int]:
+    """(rank, world size) this process was launched as: the process group's when one is initialised, else
+    the RANK and WORLD_SIZE that torchrun and accelerate set before any process group exists; (0, 1) alone."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def jsonable(value: Any, nonfinite_as_str: bool = False) -> Any:
+    """`value` with tensors, NumPy values and paths turned into plain JSON types, through dicts, lists and tuples.
+
+    Args:
+        value: anything `json.dumps` should write.
+        nonfinite_as_str: write NaN and infinities as the strings "nan" / "inf" (JSON has no literal for
+            them); otherwise they stay floats, which `json.dumps` writes as NaN / Infinity.
+    """
+    if isinstance(value, dict):
+        return {str(k): jsonable(v, nonfinite_as_str) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v, nonfinite_as_str) for v in value]
+    if isinstance(value, (Tensor, np.ndarray)):
+        return jsonable(value.tolist(), nonfinite_as_str)
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if nonfinite_as_str and isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def html_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]],
+               cell: Callable[[Any], str] = str) -> str:
+    """An <h3> title and a <table>; every header and cell is HTML-escaped.
+
+    Args:
+        title: the heading above the table.
+        header: column names.
+        rows: the cells, row by row.
+        cell: turns a cell value into its text before escaping (e.g. a number format).
+    """
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<h3>{html.escape(title)}</h3><table><tr>{head}</tr>{body}</table>"
