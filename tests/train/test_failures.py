@@ -70,8 +70,8 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path: Path, small, no_model)
     assert "data path not found" in result.output
 
 
-def _nan_on_call(monkeypatch: pytest.MonkeyPatch, bad_call: int) -> None:
-    """The `bad_call`-th forward (1-based) returns a NaN loss."""
+def _nan_on_call(monkeypatch: pytest.MonkeyPatch, bad_call: int, spoil=lambda loss: loss * float("nan")) -> None:
+    """The `bad_call`-th training forward (1-based) returns `spoil(loss)`: by default a NaN loss."""
     original = MedUnifier.forward
     calls = {"n": 0}
 
@@ -80,7 +80,7 @@ def _nan_on_call(monkeypatch: pytest.MonkeyPatch, bad_call: int) -> None:
         if self.training:
             calls["n"] += 1
             if calls["n"] == bad_call:
-                out.loss = out.loss * float("nan")
+                out.loss = spoil(out.loss)
         return out
 
     monkeypatch.setattr(MedUnifier, "forward", forward)
@@ -162,18 +162,7 @@ class _InfiniteGradient(torch.autograd.Function):
 def test_non_finite_gradient_norm_stops_after_saving_the_last_good_state(
     tiny_manifest: Path, tmp_path: Path, small, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = MedUnifier.forward
-    calls = {"n": 0}
-
-    def forward(self, batch, loss_weights=None):
-        out = original(self, batch, loss_weights)
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] == 2:
-                out.loss = _InfiniteGradient.apply(out.loss)
-        return out
-
-    monkeypatch.setattr(MedUnifier, "forward", forward)
+    _nan_on_call(monkeypatch, 2, spoil=_InfiniteGradient.apply)
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLossError) as info:
         train("tiny", tiny_manifest, run, overrides=small("train.max_steps=3"))
