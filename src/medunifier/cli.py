@@ -268,23 +268,28 @@ def data_synth(
                                         help="images per competition finding in the 5x200 set (0: none)"),
     pairs: int = typer.Option(0, help="counterfactual pairs (same patient without / with one added finding): "
                               "two report records and one edit record each, in manifest.jsonl"),
+    i2i: int = typer.Option(0, "--i2i", help="image-to-image phantoms (images_i2i/): translate (radiograph -> "
+                            "bone-suppressed / bone image), upscale (x2, x4 -> full) and segment (finding masks) "
+                            "records, in manifest.jsonl"),
 ) -> None:
     """Generate SynthCXR: chest-radiograph-like images with reports and labels, seeded and offline."""
     import time
 
     from medunifier.data.synthcxr import write_synthcxr
 
-    if n < 0 or per_class_5x200 < 0 or pairs < 0:
-        _fail("--n, --per-class-5x200 and --pairs must be >= 0")
+    if n < 0 or per_class_5x200 < 0 or pairs < 0 or i2i < 0:
+        _fail("--n, --per-class-5x200, --pairs and --i2i must be >= 0")
+    if i2i and size % 4:
+        _fail(f"--i2i needs a --size divisible by 4 (the x4 low-resolution copy), got {size}")
     if size < 16:
         _fail("--size must be at least 16")
     if workers is not None and workers < 1:
         _fail("--workers must be at least 1")
     start = time.perf_counter()
     summary = write_synthcxr(out, n=n, size=size, seed=seed, workers=workers, per_class_5x200=per_class_5x200,
-                             pairs=pairs)
+                             pairs=pairs, i2i=i2i)
     seconds = time.perf_counter() - start
-    total = n + 5 * per_class_5x200 + 2 * pairs
+    total = n + 5 * per_class_5x200 + 2 * pairs + 5 * i2i
     console.print(f"wrote {total} images of {size}x{size} to {out} in {seconds:.1f} s "
                   f"({total / max(seconds, 1e-9):.0f} images/s); splits: "
                   + ", ".join(f"{k}={v}" for k, v in summary["splits"].items()))
@@ -292,6 +297,9 @@ def data_synth(
     if pairs:
         console.print(f"{pairs} counterfactual pairs in images_pairs/, adding: "
                       + ", ".join(f"{k}={v}" for k, v in summary["pair_findings"].items()))
+    if i2i:
+        console.print(f"{i2i} image-to-image phantoms in images_i2i/: "
+                      + ", ".join(f"{k}={v}" for k, v in summary["i2i_tasks"].items()) + " records")
 
 
 # --------------------------------------------------------------------------------------------- eval
