@@ -18,13 +18,14 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Split = Literal["train", "val", "test"]
 Task = Literal["report", "vqa", "caption", "cls", "edit", "translate", "upscale", "segment"]
 I2I_TASKS = ("translate", "upscale", "segment")  # image-to-image: `image` is the source, an instruction says what
+IMAGE_TEXT_TASKS = tuple(t for t in get_args(Task) if t not in I2I_TASKS)  # records whose text goes with the image
 
 
 class Record(BaseModel):

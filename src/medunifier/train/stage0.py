@@ -32,6 +32,7 @@ from medunifier.config import Stage0Config
 from medunifier.data.augment import apply_parameters, draw_parameters
 from medunifier.data.dataset import ManifestDataset
 from medunifier.data.findings import FINDINGS
+from medunifier.data.manifest import IMAGE_TEXT_TASKS
 from medunifier.model.stage0 import ImageTextContrastiveLoss, ImageTower, NTXentLoss, TextTower, save_backbone
 from medunifier.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from medunifier.train.metrics import MetricsLogger
@@ -206,7 +207,7 @@ def pretrain_vision(config: Stage0Config, data: str | Path, out_dir: str | Path,
 
     c = config
     dataset = ManifestDataset(data, image_size=c.image.size, channels=c.image.channels, mean=c.image.mean,
-                              std=c.image.std, splits=["train"])
+                              std=c.image.std, splits=["train"], tasks=IMAGE_TEXT_TASKS)
     if len(dataset) < c.batch_size * world:
         raise ValueError(f"{len(dataset)} training images for a global batch of {c.batch_size * world}: "
                          "lower batch_size")
@@ -358,7 +359,7 @@ def evaluate_stage0(out_dir: str | Path, data: str | Path, five: str | Path | No
     heads = load_file(str(out / RUN / "heads.safetensors"))
     tower.load_state_dict({k[len("tower."):]: v for k, v in heads.items() if k.startswith("tower.")}, strict=False)
     classes = ["atelectasis", "cardiomegaly", "consolidation", "edema", "pleural_effusion"]
-    train_records = [r for r in load_records(data, splits=["train"]) if r.image]
+    train_records = [r for r in load_records(data, splits=["train"]) if r.image and r.task in IMAGE_TEXT_TASKS]
     five_records, targets, _ = classify_records(load_records(five), classes)
     x_train = pooled_features(tower, train_records, data.parent, config.image).numpy()
     x_five = pooled_features(tower, five_records, five.parent, config.image).numpy()
