@@ -651,7 +651,7 @@ def create_app(copilot: Copilot, settings: ServeSettings | None = None, bind_hos
               responses=_error_responses(400, 401, 413, 415, 422, 501))
     def upscale(
         image: OneImage,
-        scale: Annotated[Literal[2, 4], Form(description="2 or 4; the image must be (model size / scale) pixels")] = 4,
+        scale: Annotated[int, Form(ge=2, le=4, description="2 or 4; the image must be (model size / scale) pixels")] = 4,
     ) -> ImageToImageResponse:
         """Super-resolution of a low-resolution image to the model's size."""
         return i2i_response(image, "upscale", scale=scale)
