@@ -31,9 +31,9 @@ def api_schema(make_client_module):
     Uploads ("format: binary") are drawn from real PNG/JPEG/DICOM images as well as arbitrary bytes, so
     that valid images reach the model with fuzzed fields.
     """
-    # 16 x 16: an x2 upscale input for the 32-pixel test model
+    # 16 x 16 and 8 x 8: x2 and x4 upscale inputs for the 32-pixel test model
     images = [encode(picture(1)), encode(picture(2, (20, 70)), "JPEG"), dicom_bytes(picture(3)),
-              encode(picture(4, (16, 16)))]
+              encode(picture(4, (16, 16))), encode(picture(5, (8, 8)))]
     schemathesis.openapi.format("binary", st.one_of(st.sampled_from(images), st.binary()))
     # schemathesis's ASGI client sends Host: testserver
     client = make_client_module(max_images=2, max_n=2, max_steps=4, default_steps=4, max_beams=2,

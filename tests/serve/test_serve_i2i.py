@@ -34,15 +34,27 @@ def test_translate_upscale_segment_answer_at_the_model_size(make_client) -> None
     assert body["area_fraction"] == (mask > 0).mean()
 
 
+def test_the_spec_lists_exactly_the_kinds_and_findings_the_model_knows(make_client) -> None:
+    from medunifier.data.synthcxr import MASK_FINDINGS
+    from medunifier.generate.i2i import FINDING_ALIASES, translation_kinds
+
+    spec = make_client().get("/openapi.json").json()["components"]["schemas"]
+    forms = {name: body["properties"] for name, body in spec.items() if name.startswith("Body_")}
+    to = next(p["to"] for p in forms.values() if "to" in p)
+    finding = next(p["finding"] for p in forms.values() if "finding" in p)
+    assert set(to["enum"]) == set(translation_kinds())
+    assert set(finding["enum"]) == {*MASK_FINDINGS, *FINDING_ALIASES}
+
+
 def test_bad_i2i_requests_get_4xx_naming_the_problem(make_client) -> None:
     client = make_client()
     png = encode(picture(1))
     cases = [
-        ("/v1/translate", {"to": "ct"}, png, 422, "unknown target kind"),
+        ("/v1/translate", {"to": "ct"}, png, 422, "soft_tissue"),
         ("/v1/translate", {}, png, 422, None),  # `to` missing
         ("/v1/upscale", {"scale": "3"}, encode(picture(2, (8, 8))), 422, None),
         ("/v1/upscale", {"scale": "4"}, png, 422, "needs a 8x8 input"),
-        ("/v1/segment", {"finding": "fracture"}, png, 422, "unknown finding"),
+        ("/v1/segment", {"finding": "fracture"}, png, 422, "pleural_effusion"),
         ("/v1/segment", {"finding": "heart"}, b"not an image at all", 415, None),
     ]
     for path, data, image, status, message in cases:

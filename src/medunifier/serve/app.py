@@ -247,6 +247,10 @@ class EditResponse(BaseModel):
     max_abs_difference: float
 
 
+TranslationKind = Literal["soft_tissue", "bone", "t1", "t2", "pd"]  # generate.i2i.translation_kinds()
+MaskFinding = Literal["heart", "cardiomegaly", "pleural_effusion", "pneumothorax", "consolidation", "nodule"]
+
+
 class ImageToImageResponse(BaseModel):
     synthetic: bool = True
     notice: str
@@ -642,29 +646,30 @@ def create_app(copilot: Copilot, settings: ServeSettings | None = None, bind_hos
               responses=_error_responses(400, 401, 413, 415, 422, 501))
     def translate(
         image: OneImage,
-        to: Annotated[str, Form(min_length=1, max_length=32, description="target kind: soft_tissue, bone, t1, t2, pd")],
+        to: Annotated[TranslationKind, Form(description="target kind: bone-suppressed soft tissue, dual-energy "
+                                            "bone image, or an MRI contrast")],
     ) -> ImageToImageResponse:
         """The image as another image type of the same patient (bone-suppressed, bone, an MRI contrast)."""
-        return i2i_response(image, "translate", to=to.strip())
+        return i2i_response(image, "translate", to=to)
 
     @app.post("/v1/upscale", response_model=ImageToImageResponse, dependencies=single, tags=["generate"],
               responses=_error_responses(400, 401, 413, 415, 422, 501))
     def upscale(
         image: OneImage,
-        scale: Annotated[int, Form(ge=2, le=4, description="2 or 4; the image must be (model size / scale) pixels")] = 4,
+        scale: Annotated[Literal["2", "4"], Form(description="the factor; the image must be (model size / scale) "
+                                                 "pixels")] = "4",
     ) -> ImageToImageResponse:
         """Super-resolution of a low-resolution image to the model's size."""
-        return i2i_response(image, "upscale", scale=scale)
+        return i2i_response(image, "upscale", scale=int(scale))
 
     @app.post("/v1/segment", response_model=ImageToImageResponse, dependencies=single, tags=["generate"],
               responses=_error_responses(400, 401, 413, 415, 422, 501))
     def segment(
         image: OneImage,
-        finding: Annotated[str, Form(min_length=1, max_length=32, description="heart (cardiomegaly), "
-                                     "pleural_effusion, pneumothorax, consolidation or nodule")],
+        finding: Annotated[MaskFinding, Form(description="what to outline (cardiomegaly: the heart)")],
     ) -> ImageToImageResponse:
         """The mask of a finding (or the heart) in the image."""
-        return i2i_response(image, "segment", finding=finding.strip())
+        return i2i_response(image, "segment", finding=finding)
 
     # ------------------------------------------------------------------------------- the spec
 
