@@ -41,7 +41,7 @@ def main() -> None:
     with torch.no_grad():
         feats = torch.cat([model.image_features(px) for px in image_batches(records, root, model, 64, 0)])  # [N, T, D]
         image_emb = torch.cat([
-            F.normalize(model.image_proj(model.query_states(f, modality_ids=model._modality_ids(None, len(f)))), dim=-1)
+            F.normalize(model.image_proj(model.query_states(f, modality_ids=model.modality_ids_for(None, len(f)))), dim=-1)
             for f in feats.split(64)])  # [N, Q, E]
     texts = [record_text(r) for r in records]
     sim = chunked_similarity(model, image_emb, encode_texts(model, texts))  # [N, N]
@@ -61,7 +61,7 @@ def main() -> None:
             out = model.encoder(input_ids=model._task_ids(tok["input_ids"][idx], "enc"),
                                 attention_mask=tok["attention_mask"][idx],
                                 image_embeds=feats[i : i + 1].expand(k_max, *feats.shape[1:]), mode="bidirectional",
-                                modality_ids=model._modality_ids(None, k_max), queries_only=True)
+                                modality_ids=model.modality_ids_for(None, k_max), queries_only=True)
             logits = model.itm_head(out.query_states).mean(dim=1)  # [k_max, 2]
             itm[i] = (logits[:, 1] - logits[:, 0]).float()
     scale = 1.0 / float(model.temperature.detach())  # ITC's logit is the cosine over the temperature

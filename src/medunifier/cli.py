@@ -98,7 +98,7 @@ def data_info(
 @data_app.command("convert")
 def data_convert(
     fmt: str = typer.Argument(..., metavar="FORMAT", help="mimic-cxr, iu-xray, chexpert, rsna, siim, covidx, "
-                              "vqa-rad, slake or medmnist"),
+                              "vqa-rad, slake, medmnist or ixi"),
     root: Path = typer.Option(..., help="the dataset in its official layout (folder; the .npz for medmnist; "
                               "the folder or the reports .tgz for iu-xray)"),
     out: Path = typer.Option(..., help="output folder: manifest.jsonl, images/, conversion.json"),
@@ -123,6 +123,8 @@ def data_convert(
     test_fraction: float | None = typer.Option(None, help="fraction for test of a drawn split"),
     flag: str | None = typer.Option(None, help="medmnist: dataset name (default from the file name)"),
     lang: str | None = typer.Option(None, help="slake: question language en (default), zh or all"),
+    contrast_pairs: str | None = typer.Option(None, help="ixi: translate records for these 'source:target' "
+                                              "contrast pairs (default t2:pd,pd:t2)"),
     qc: bool = typer.Option(False, "--qc", help="run `data qc` at the end: the converter's manifest becomes "
                             "manifest.raw.jsonl, the checked one manifest.jsonl, plus qc_report.json/.html"),
 ) -> None:
@@ -135,7 +137,7 @@ def data_convert(
         "uncertain": uncertain, "one_per_study": one_per_study or None,
         "require_findings": require_findings or None, "five_by_200": five_by_200 or None,
         "per_class": per_class, "val_fraction": val_fraction, "test_fraction": test_fraction, "flag": flag,
-        "lang": lang,
+        "lang": lang, "pairs": contrast_pairs,
     }
     options = {k: v for k, v in given.items() if v is not None}
     try:
@@ -269,23 +271,28 @@ def data_synth(
                                         help="images per competition finding in the 5x200 set (0: none)"),
     pairs: int = typer.Option(0, help="counterfactual pairs (same patient without / with one added finding): "
                               "two report records and one edit record each, in manifest.jsonl"),
+    i2i: int = typer.Option(0, "--i2i", help="image-to-image phantoms (images_i2i/): translate (radiograph -> "
+                            "bone-suppressed / bone image), upscale (x2, x4 -> full) and segment (finding masks) "
+                            "records, in manifest.jsonl"),
 ) -> None:
     """Generate SynthCXR: chest-radiograph-like images with reports and labels, seeded and offline."""
     import time
 
     from medunifier.data.synthcxr import write_synthcxr
 
-    if n < 0 or per_class_5x200 < 0 or pairs < 0:
-        _fail("--n, --per-class-5x200 and --pairs must be >= 0")
+    if n < 0 or per_class_5x200 < 0 or pairs < 0 or i2i < 0:
+        _fail("--n, --per-class-5x200, --pairs and --i2i must be >= 0")
+    if i2i and size % 4:
+        _fail(f"--i2i needs a --size divisible by 4 (the x4 low-resolution copy), got {size}")
     if size < 16:
         _fail("--size must be at least 16")
     if workers is not None and workers < 1:
         _fail("--workers must be at least 1")
     start = time.perf_counter()
     summary = write_synthcxr(out, n=n, size=size, seed=seed, workers=workers, per_class_5x200=per_class_5x200,
-                             pairs=pairs)
+                             pairs=pairs, i2i=i2i)
     seconds = time.perf_counter() - start
-    total = n + 5 * per_class_5x200 + 2 * pairs
+    total = n + 5 * per_class_5x200 + 2 * pairs + 5 * i2i
     console.print(f"wrote {total} images of {size}x{size} to {out} in {seconds:.1f} s "
                   f"({total / max(seconds, 1e-9):.0f} images/s); splits: "
                   + ", ".join(f"{k}={v}" for k, v in summary["splits"].items()))
@@ -293,6 +300,9 @@ def data_synth(
     if pairs:
         console.print(f"{pairs} counterfactual pairs in images_pairs/, adding: "
                       + ", ".join(f"{k}={v}" for k, v in summary["pair_findings"].items()))
+    if i2i:
+        console.print(f"{i2i} image-to-image phantoms in images_i2i/: "
+                      + ", ".join(f"{k}={v}" for k, v in summary["i2i_tasks"].items()) + " records")
 
 
 # --------------------------------------------------------------------------------------------- eval
@@ -592,6 +602,32 @@ def eval_edit(
         _fail(str(err))
 
 
+@eval_app.command("i2i")
+def eval_i2i(
+    ckpt: Path = typer.Option(..., help="a run trained with i2i.enabled=true and 'i2i:' mixture keys"),
+    data: Path = typer.Option(..., help="manifest with translate / upscale / segment records (medunifier data synth "
+                              "--i2i N); its train radiographs train the survival classifier"),
+    out: Path | None = typer.Option(None, help="output folder (default <ckpt>/eval/i2i)"),
+    split: str = typer.Option("test", help="split of the records to evaluate"),
+    max_per_task: int = typer.Option(300, help="evaluate at most this many records of each task"),
+    survival: bool = typer.Option(True, "--survival/--no-survival", help="train the finding classifier and report "
+                                  "finding survival through bone suppression"),
+    seed: int = typer.Option(0, help="seed of the classifier"),
+    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+) -> None:
+    """Image-to-image against the truth: PSNR/SSIM beside bicubic (upscale) and the unchanged source
+    (translate), Dice/IoU beside an intensity threshold (segment), finding survival through translation."""
+    from medunifier.eval.i2i import run_i2i_eval
+
+    if max_per_task < 1:
+        _fail("--max-per-task must be >= 1")
+    try:
+        run_i2i_eval(ckpt, data, _eval_out(out, ckpt, "i2i"), split=split, max_per_task=max_per_task,
+                     survival=survival, seed=seed, device=device, console=console)
+    except _EVAL_ERRORS as err:
+        _fail(str(err))
+
+
 # ----------------------------------------------------------------------------------------- generate
 
 
@@ -730,6 +766,97 @@ def generate_reconstruct(
     grey = arr if arr.ndim == 2 else arr.mean(-1)
     mse = float(((recon / 255.0 - resize_array(grey, c.size)) ** 2).mean())
     console.print(f"wrote {out}: PSNR {psnr_db(mse):.2f} dB to the input at {c.size}x{c.size}")
+
+
+def _image_to_image(ckpt: Path, device: str | None):
+    from medunifier.generate.i2i import ImageToImage
+
+    try:
+        return ImageToImage.from_run(ckpt, device=device)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+
+
+def _i2i_input(image: Path):
+    from medunifier.data.images import ImageLoadError, load_image
+
+    try:
+        return load_image(image)
+    except (ImageLoadError, FileNotFoundError) as err:
+        _fail(str(err))
+
+
+@generate_app.command("translate")
+def generate_translate(
+    image: Path = typer.Argument(..., help="the source image (PNG/JPEG/DICOM)"),
+    to: str = typer.Option(..., "--to", help="target kind: soft_tissue (bone-suppressed), bone (dual-energy bone "
+                           "image), or an MRI contrast t1, t2, pd"),
+    ckpt: Path = typer.Option(..., help="a run with an image-to-image head"),
+    out: Path = typer.Option(Path("translated.png"), help="output PNG"),
+    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+) -> None:
+    """Modality translation: the source image as another image type of the same patient."""
+    from medunifier.data.images import save_png
+    from medunifier.generate.i2i import instruction_for
+
+    try:
+        instruction_for("translate", to=to)
+    except ValueError as err:
+        _fail(str(err))
+    runner = _image_to_image(ckpt, device)
+    result = runner.translate(_i2i_input(image), to)
+    save_png(result, out)
+    console.print(f"wrote {out} ({runner.size}x{runner.size}, synthetic: translated to {to})")
+
+
+@generate_app.command("upscale")
+def generate_upscale(
+    image: Path = typer.Argument(..., help="the low-resolution image (S/scale pixels for a model of S pixels)"),
+    scale: int = typer.Option(4, help="upscaling factor: 2 or 4"),
+    ckpt: Path = typer.Option(..., help="a run with an image-to-image head"),
+    out: Path = typer.Option(Path("upscaled.png"), help="output PNG"),
+    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+) -> None:
+    """Super-resolution: an (S/scale)-pixel image to S x S."""
+    from medunifier.data.images import save_png
+    from medunifier.generate.i2i import instruction_for
+
+    try:
+        instruction_for("upscale", scale=scale)
+    except ValueError as err:
+        _fail(str(err))
+    runner = _image_to_image(ckpt, device)
+    try:
+        result = runner.upscale(_i2i_input(image), scale)
+    except ValueError as err:
+        _fail(str(err))
+    save_png(result, out)
+    console.print(f"wrote {out} ({runner.size}x{runner.size}, synthetic: upscaled x{scale})")
+
+
+@generate_app.command("segment")
+def generate_segment(
+    image: Path = typer.Argument(..., help="the image (PNG/JPEG/DICOM)"),
+    finding: str = typer.Option(..., help="heart (or cardiomegaly), pleural_effusion, pneumothorax, consolidation, "
+                                "nodule"),
+    ckpt: Path = typer.Option(..., help="a run with an image-to-image head"),
+    out: Path = typer.Option(Path("mask.png"), help="output PNG (255 inside the mask)"),
+    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+) -> None:
+    """Finding mask: the region of FINDING in the image (probability >= 0.5)."""
+    import numpy as np
+
+    from medunifier.data.images import save_png
+    from medunifier.generate.i2i import instruction_for
+
+    try:
+        instruction_for("segment", finding=finding)
+    except ValueError as err:
+        _fail(str(err))
+    runner = _image_to_image(ckpt, device)
+    mask, _ = runner.segment(_i2i_input(image), finding)
+    save_png(mask.astype(np.uint8) * 255, out)
+    console.print(f"wrote {out}: {finding} mask covering {mask.mean():.1%} of the image")
 
 
 # ------------------------------------------------------------------------------------- top level

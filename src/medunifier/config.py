@@ -18,9 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # The presets and prompt sets ship inside the package (package data), so a plain `pip install` has them.
 CONFIG_DIR = Path(str(importlib.resources.files("medunifier") / "configs"))
-OBJECTIVES = ("itc", "itm", "itg", "tig")
-# objective groups a curriculum mixture key can be routed to: "t2i:report" = report records, TIG only
-OBJECTIVE_GROUPS = {"i2t": ("itc", "itm", "itg"), "t2i": ("tig",)}
+OBJECTIVES = ("itc", "itm", "itg", "tig")  # the paper's four (what an ablation switches)
+# every loss weight: the paper's objectives and image-to-image (translate / upscale / segment records only)
+ALL_OBJECTIVES = (*OBJECTIVES, "i2i")
+I2I_TASKS = ("translate", "upscale", "segment")  # image-to-image: `image` is the source, an instruction says what
+# objective groups a curriculum mixture key can be routed to: "t2i:report" = report records, TIG only;
+# "i2i:upscale" = upscale records, the image-to-image objective only
+OBJECTIVE_GROUPS = {"i2t": ("itc", "itm", "itg"), "t2i": ("tig",), "i2i": ("i2i",)}
 
 
 def split_mixture_key(key: str) -> tuple[str | None, str]:
@@ -256,9 +260,25 @@ class LossWeights(_Strict):
     itm: float = Field(1.0, ge=0, description="weight of image-text matching with hard negatives (0 = off)")
     itg: float = Field(1.0, ge=0, description="weight of image-grounded text generation (0 = off)")
     tig: float = Field(1.0, ge=0, description="weight of text-grounded image generation (0 = off)")
+    i2i: float = Field(0.0, ge=0, description="image-to-image (needs i2i.enabled; trains on 'i2i:' mixture keys)")
 
     def enabled(self) -> list[str]:
-        return [name for name in OBJECTIVES if getattr(self, name) > 0]
+        return [name for name in ALL_OBJECTIVES if getattr(self, name) > 0]
+
+
+class I2IConfig(_Strict):
+    """The image-to-image head (translate, upscale, segment; `model.i2i`).
+
+    A small U-Net at the image resolution over the source pixels, with the source's local vision features
+    added at its 1/4-resolution bottleneck and FiLM from the instruction's text [CLS] and the mean of the
+    source's query outputs (both from the encoder's generation-role passes). Images come out as a residual
+    over the source (`translate`, `upscale`: the source is the unchanged / bicubic baseline the head starts
+    from), masks as logits (`segment`). Loss: MSE on normalised pixels for images, BCE + soft Dice for masks.
+    """
+
+    enabled: bool = Field(False, description="build the head (a model saved without it loads without it)")
+    channels: int = Field(32, ge=4, description="U-Net width at full resolution (x2 at 1/2, x4 at 1/4)")
+    blocks: int = Field(1, ge=0, description="residual blocks per U-Net level")
 
 
 class StageConfig(_Strict):
@@ -274,7 +294,7 @@ class StageConfig(_Strict):
     steps: int | None = Field(None, ge=1, description="length in optimiser steps (or give `fraction`)")
     fraction: float | None = Field(None, gt=0, le=1, description="share of train.max_steps (or give `steps`)")
     mixture: dict[str, float] = Field(
-        default_factory=dict, description="task or source (optionally 'i2t:' / 't2i:' prefixed) -> sampling weight")
+        default_factory=dict, description="task or source (optionally 'i2t:' / 't2i:' / 'i2i:' prefixed) -> weight")
     losses: LossWeights | None = Field(None, description="this stage's loss weights; None = the top-level losses")
     train_modules: list[str] | None = Field(None, description="module name prefixes to train; None = all trainable")
     lr: float | None = Field(None, gt=0, description="this stage's peak learning rate; None = train.lr")
@@ -401,6 +421,7 @@ class MedUnifierConfig(_Strict):
     text: TextConfig = Field(default_factory=TextConfig, description="tokenizer and text length")
     encoder: EncoderConfig = Field(default_factory=EncoderConfig, description="image-text encoder E_Q")
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig, description="TIG's image generator")
+    i2i: I2IConfig = Field(default_factory=I2IConfig, description="the image-to-image head (off by default)")
     losses: LossWeights = Field(default_factory=LossWeights, description="objective weights (stages may override)")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the ITC and ITG cross-entropies")
     itc_temperature: float = Field(0.07, gt=0, description="initial ITC temperature (learned, clamped)")
@@ -421,6 +442,17 @@ class MedUnifierConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> MedUnifierConfig:
+        wants_i2i = self.losses.i2i > 0 or any(
+            (st.losses is not None and st.losses.i2i > 0) or any(split_mixture_key(k)[0] == "i2i" for k in st.mixture)
+            for st in self.train.stages)
+        if wants_i2i and not self.i2i.enabled:
+            raise ValueError("an image-to-image loss weight or 'i2i:' mixture key needs the head: set i2i.enabled=true")
+        if wants_i2i and self.train.augment.enabled:
+            raise ValueError("train.augment warps a source image but not its image-to-image target: switch "
+                             "train.augment.enabled off for a run with image-to-image training")
+        if self.i2i.enabled and self.image.size % 4:
+            raise ValueError(f"the image-to-image head halves the image twice: image.size ({self.image.size}) must be "
+                             "divisible by 4")
         if self.image.size % self.vision.patch_size:
             raise ValueError(
                 f"image.size ({self.image.size}) is not divisible by vision.patch_size ({self.vision.patch_size})"

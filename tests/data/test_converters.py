@@ -43,7 +43,7 @@ def png_size(out: Path, record: dict) -> tuple[int, int]:
 
 def test_every_format_is_registered():
     assert set(CONVERTERS) == {"mimic-cxr", "iu-xray", "chexpert", "rsna", "siim", "covidx", "vqa-rad", "slake",
-                               "medmnist"}
+                               "medmnist", "ixi"}
 
 
 # ------------------------------------------------------------------------------------------ parts

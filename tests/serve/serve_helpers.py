@@ -34,7 +34,7 @@ def build_model_dir(root: Path) -> Path:
     from medunifier.model.medunifier import MedUnifier
 
     torch.manual_seed(0)
-    model = MedUnifier(load_config("tiny", SMALL))
+    model = MedUnifier(load_config("tiny", [*SMALL, "i2i.enabled=true", "i2i.channels=8"]))
     model.save_pretrained(root / "run" / "model")
     return root / "run"
 

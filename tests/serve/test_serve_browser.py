@@ -123,6 +123,20 @@ def test_page_shows_report_findings_cases_synthesis_and_edit(server, case_index,
                 assert page.locator(sel).get_attribute("src").startswith("data:image/png")
             assert "mean" in page.inner_text("#edit-diff-caption")
 
+            # 4. image to image: a translation, a mask, and an upscale the uploaded size cannot take (a 4xx shown)
+            page.select_option("#i2i-op", "translate:bone")
+            page.click("#i2i-form button[type=submit]")
+            page.wait_for_selector("#i2i-result:not([hidden])")
+            assert page.locator("#i2i-output").get_attribute("src").startswith("data:image/png")
+            expect(page.locator("#i2i-caption")).to_contain_text("bone image")
+            page.select_option("#i2i-op", "segment:heart")
+            page.click("#i2i-form button[type=submit]")
+            expect(page.locator("#i2i-caption")).to_contain_text("% of the image")
+            page.select_option("#i2i-op", "upscale:4")
+            page.click("#i2i-form button[type=submit]")
+            expect(page.locator("#i2i-status.error")).to_contain_text("input")
+            errors[:] = [e for e in errors if "422" not in e]  # the browser logs the refused request itself
+
             page.locator("#report-text").scroll_into_view_if_needed()
             shot = tmp_path / "screenshot_copilot.png"
             page.screenshot(path=str(shot), full_page=True)

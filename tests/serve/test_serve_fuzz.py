@@ -19,7 +19,8 @@ from serve_helpers import dicom_bytes, encode, picture  # noqa: E402
 
 MAX_EXAMPLES = 30  # per operation and mode: 14 runs in well under a minute on 2 cores
 OPERATIONS = [("GET", "/v1/health"), ("GET", "/v1/model"), ("POST", "/v1/report"), ("POST", "/v1/classify"),
-              ("POST", "/v1/retrieve"), ("POST", "/v1/synthesize"), ("POST", "/v1/edit"), ("POST", "/v1/ask")]
+              ("POST", "/v1/retrieve"), ("POST", "/v1/synthesize"), ("POST", "/v1/edit"), ("POST", "/v1/ask"),
+              ("POST", "/v1/translate"), ("POST", "/v1/upscale"), ("POST", "/v1/segment")]
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
@@ -30,7 +31,9 @@ def api_schema(make_client_module):
     Uploads ("format: binary") are drawn from real PNG/JPEG/DICOM images as well as arbitrary bytes, so
     that valid images reach the model with fuzzed fields.
     """
-    images = [encode(picture(1)), encode(picture(2, (20, 70)), "JPEG"), dicom_bytes(picture(3))]
+    # 16 x 16 and 8 x 8: x2 and x4 upscale inputs for the 32-pixel test model
+    images = [encode(picture(1)), encode(picture(2, (20, 70)), "JPEG"), dicom_bytes(picture(3)),
+              encode(picture(4, (16, 16))), encode(picture(5, (8, 8)))]
     schemathesis.openapi.format("binary", st.one_of(st.sampled_from(images), st.binary()))
     # schemathesis's ASGI client sends Host: testserver
     client = make_client_module(max_images=2, max_n=2, max_steps=4, default_steps=4, max_beams=2,

@@ -16,6 +16,11 @@ For `vqa` items the text is "[CLS] question [SEP] answer [SEP]" and `prefix_leng
 An `edit` record (a counterfactual pair: `image` = source, `target_image`, `text` = the target's
 report) yields the TARGET image with the target report, so every objective sees a matching image-text
 pair (the interleaved use: the report that the edit should produce, grounded on the image it produced).
+An image-to-image record (translate / upscale / segment) yields its SOURCE image as `pixel_values` with its
+instruction as the text, and its target as `i2i_targets` [B, C, S, S] (normalised like the inputs) or, for
+segment, `i2i_masks` [B, 1, S, S] in {0, 1}; both keys are present (zeros where an item has none of its kind)
+whenever the batch holds an image-to-image item. Those records are drawn only by "i2i:" mixture keys.
+
 The source image comes along as `source_pixel_values` [B, C, S, S] with `has_source` bool [B] (zeros
 where an item has none); these two keys are present only when the batch holds an edit item. The model
 does not read them yet: they are there for source-conditioned objectives. The streaming shard dataset
@@ -49,7 +54,14 @@ from torch.utils.data import Dataset, Sampler
 from medunifier.config import split_mixture_key
 from medunifier.data.findings import FINDINGS
 from medunifier.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image, to_tensor
-from medunifier.data.manifest import Record, UnsafePathError, contained_path, get_image_root, load_records
+from medunifier.data.manifest import (
+    I2I_TASKS,
+    Record,
+    UnsafePathError,
+    contained_path,
+    get_image_root,
+    load_records,
+)
 from medunifier.data.tokenizer import special_ids
 
 Item = dict[str, Any]
@@ -67,11 +79,12 @@ def labels_vector(labels: Mapping[str, int]) -> torch.Tensor:
 
 def make_item(record: Record, pixel_values: torch.Tensor, source_pixel_values: torch.Tensor | None = None,
               objective: str | None = None) -> Item:
-    """The item dict shared by the map-style and the streaming datasets."""
+    """The item dict shared by the map-style and the streaming datasets (an image-to-image record's text is
+    its instruction)."""
     item = {
         "id": record.id,
         "pixel_values": pixel_values,  # (C, S, S)
-        "text": record.text,
+        "text": record.instruction if record.task in I2I_TASKS else record.text,
         "task": record.task,
         "question": record.question or "",
         "answer": record.answer or "",
@@ -161,6 +174,16 @@ class ManifestDataset(Dataset):
             return None
         return to_tensor(array, self.image_size, self.channels, self.mean, self.std)
 
+    def _target(self, record: Record) -> torch.Tensor | None:
+        """An image-to-image record's target: the normalised target image (C, S, S), or the mask (1, S, S) in
+        {0, 1} (non-zero pixels inside, resized to S then cut at one half)."""
+        if record.task != "segment":
+            return self._pixels(record, record.target_image)
+        mask = self._pixels(record, record.mask)
+        if mask is None:
+            return None
+        return ((mask[:1] * self.std + self.mean) > 0.5).float()
+
     def __getitem__(self, index: int | tuple[int, str]) -> Item | None:
         index, objective = index if isinstance(index, tuple) else (index, None)
         record = self.records[index]
@@ -173,6 +196,11 @@ class ManifestDataset(Dataset):
             if source_pixel_values is None:
                 return None
         item = make_item(record, pixel_values, source_pixel_values, objective)
+        if record.task in I2I_TASKS:  # the source is pixel_values; the target image or mask rides along
+            target = self._target(record)
+            if target is None:
+                return None
+            item["i2i_mask" if record.task == "segment" else "i2i_target"] = target
         if self.hash_images:
             path = contained_path(self.root, record.training_image(), self.image_root)  # checked in _pixels
             digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
@@ -261,6 +289,12 @@ class Collator:
             batch["source_pixel_values"] = torch.stack([
                 it.get("source_pixel_values", torch.zeros_like(it["pixel_values"])) for it in kept])  # (B, C, S, S)
             batch["has_source"] = has_source
+        if any("i2i_target" in it or "i2i_mask" in it for it in kept):  # image-to-image items: their targets
+            pixels = batch["pixel_values"]
+            batch["i2i_targets"] = torch.stack([it.get("i2i_target", torch.zeros_like(it["pixel_values"]))
+                                                for it in kept])  # (B, C, S, S), zeros for segment items
+            batch["i2i_masks"] = torch.stack([it.get("i2i_mask", pixels.new_zeros(1, *pixels.shape[2:]))
+                                              for it in kept])  # (B, 1, S, S) in {0, 1}, zeros unless segment
         if all("cache_key" in it for it in kept):  # feature-cache keys (record id | image file hash)
             batch["cache_keys"] = [it["cache_key"] for it in kept]
         if any("objective" in it for it in kept):
@@ -382,12 +416,13 @@ class ResumableRandomSampler(_PositionedSampler):
 
 def mixture_groups(records: Sequence[Record], mixture: Mapping[str, float]) -> dict[str, list[int]]:
     """Record indices matching each mixture key (a key, less its objective prefix, matches a record's task
-    or its source)."""
+    or its source). Image-to-image records (I2I_TASKS) belong only to "i2i:" keys and those keys only to them:
+    a source key such as "synthcxr" does not draw them."""
     groups: dict[str, list[int]] = {key: [] for key in mixture}
-    names = {key: split_mixture_key(key)[1] for key in mixture}
+    names = {key: split_mixture_key(key) for key in mixture}
     for i, r in enumerate(records):
-        for key, name in names.items():
-            if r.task == name or r.source == name:
+        for key, (group, name) in names.items():
+            if (r.task == name or r.source == name) and (group == "i2i") == (r.task in I2I_TASKS):
                 groups[key].append(i)
     return groups
 

@@ -18,12 +18,15 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medunifier.config import I2I_TASKS
 
 Split = Literal["train", "val", "test"]
-Task = Literal["report", "vqa", "caption", "cls", "edit"]
+Task = Literal["report", "vqa", "caption", "cls", "edit", "translate", "upscale", "segment"]
+IMAGE_TEXT_TASKS = tuple(t for t in get_args(Task) if t not in I2I_TASKS)  # records whose text goes with the image
 
 
 class Record(BaseModel):
@@ -47,6 +50,9 @@ class Record(BaseModel):
     target_image: str | None = None  # the ground-truth edited image, relative like `image`
     instruction: str | None = None  # a natural edit instruction ("add a moderate left pleural effusion")
     pair_id: str | None = None  # shared by an edit record and the two single-image records of its pair
+    # image-to-image records (I2I_TASKS): translate/upscale have a `target_image`, segment a binary `mask`
+    # (PNG, non-zero = inside), all an `instruction` ("translate to a bone-suppressed image", "upscale x4")
+    mask: str | None = None
 
     @field_validator("labels")
     @classmethod
@@ -55,6 +61,25 @@ class Record(BaseModel):
         if bad:
             raise ValueError(f"label values must be -1, 0 or 1, got {bad}")
         return labels
+
+    @model_validator(mode="after")
+    def _i2i_fields(self) -> Record:
+        """An image-to-image record has a source image, an instruction and its target; a mask is a segment's."""
+        if self.task in I2I_TASKS:
+            if not self.image:
+                raise ValueError(f"a '{self.task}' record needs 'image' (the source image)")
+            if not (self.instruction or "").strip():
+                raise ValueError(f"a '{self.task}' record needs a non-empty 'instruction' (e.g. 'upscale x4')")
+            if self.task == "segment" and not self.mask:
+                raise ValueError("a 'segment' record needs 'mask' (a PNG of the target region)")
+            if self.task != "segment" and not self.target_image:
+                raise ValueError(f"a '{self.task}' record needs 'target_image' (the image to produce)")
+        if self.mask is not None and self.task != "segment":
+            raise ValueError(f"'mask' belongs to 'segment' records, not '{self.task}': set task to segment or drop it")
+        return self
+
+    def mask_path(self, root: str | Path, image_root: str | Path | None = None) -> Path | None:
+        return None if self.mask is None else contained_path(root, self.mask, image_root)
 
     def image_path(self, root: str | Path, image_root: str | Path | None = None) -> Path | None:
         """`root / image`, checked to stay inside `image_root` (see `contained_path`)."""
@@ -70,7 +95,7 @@ class Record(BaseModel):
         return self.image
 
 
-PATH_FIELDS = ("image", "target_image", "edit_region")  # relative to the manifest's folder
+PATH_FIELDS = ("image", "target_image", "edit_region", "mask")  # relative to the manifest's folder
 
 
 class ManifestError(ValueError):

@@ -8,7 +8,7 @@ body habitus (thorax width, soft-tissue thickness, breast shadows), lung shape a
 height, heart size, PA or portable AP projection (AP magnifies the heart), rotation, position,
 exposure, contrast and noise.
 
-API: `write_synthcxr(out, n, size, seed, workers, pairs=0)` writes a dataset (what `medunifier data synth`
+API: `write_synthcxr(out, n, size, seed, workers, pairs=0, i2i=0)` writes a dataset (what `medunifier data synth`
 runs); `synthesize(n, size, seed)` returns images and records in memory; `generate_sample`,
 `sample_case` and `render` are the steps of one image; `generate_pair` / `synthesize_pairs` make
 counterfactual pairs.
@@ -63,7 +63,7 @@ from typing import Any
 import numpy as np
 
 from medunifier.data.findings import COMPETITION_FINDINGS, FINDINGS
-from medunifier.data.images import save_png
+from medunifier.data.images import resize_array, save_png
 from medunifier.data.manifest import write_manifest
 from medunifier.data.reports import (
     DEGREE_WORDS,
@@ -76,7 +76,7 @@ from medunifier.data.reports import (
 )
 
 GENERATOR_VERSION = 1
-MAIN_STREAM, EVAL_STREAM, PAIR_STREAM = 0, 1, 2
+MAIN_STREAM, EVAL_STREAM, PAIR_STREAM, I2I_STREAM = 0, 1, 2, 3
 PAIR_FINDINGS = (*COMPETITION_FINDINGS, "pneumothorax")  # what a counterfactual pair adds
 SIDE_SIGN = {"right": -1.0, "left": 1.0}  # patient right is the image's left (x < 0)
 
@@ -405,8 +405,16 @@ def _heart(a: _Anatomy, p: dict[str, Any]) -> tuple[np.ndarray, float]:
     return _ellipse(a.x, a.y, hx, hy, rx, ry, 0.035, angle=-tilt), hy
 
 
-def _draw_anatomy(a: _Anatomy, p: dict[str, Any], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Attenuation of a normal chest (S, S) and its lung-marking map (S, S)."""
+def _draw_anatomy(a: _Anatomy, p: dict[str, Any], rng: np.random.Generator, bones: float = 1.0,
+                  layers: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Attenuation of a normal chest (S, S) and its lung-marking map (S, S).
+
+    Args:
+        bones: scale of the bone terms (spine, ribs, clavicles): 1 draws them, 0 leaves them out. Every
+            other term and every random draw is the same whatever the value, so a bone-suppressed film
+            differs from the full one only where a bone term is non-zero.
+        layers: when given, receives "bone" (S, S), the unscaled bone attenuation.
+    """
     x, y, ax, size = a.x, a.y, a.ax, a.size
     # body and soft tissue; the shoulders widen the silhouette smoothly towards the top
     shoulders = np.clip(-(y + 0.35) / 0.65, 0.0, 1.0) ** 1.5
@@ -452,17 +460,20 @@ def _draw_anatomy(a: _Anatomy, p: dict[str, Any], rng: np.random.Generator) -> t
     # bones: spine, posterior and anterior ribs, clavicles
     spine = _ramp(0.06 - ax, 0.03) * body
     vertebrae = 0.8 + 0.2 * np.cos(2 * math.pi * (y - a.top) / 0.11)
-    atten += 0.035 * spine * vertebrae
+    atten += bones * 0.035 * spine * vertebrae
     phase = (y - a.top - (-0.15 * ax + 0.6 * ax * ax)) / p["rib_spacing"]
     ribs = np.clip((np.cos(2 * math.pi * phase) - 0.35) * 2.5, 0.0, 1.0)
     cage = (_ramp(a.half_width + 0.06 - np.abs(x), a.edge) * _ramp(ax - 0.07, a.edge)
             * _ramp(y - a.top + 0.08, a.edge) * (1.0 - 0.7 * abdomen))
     phase_a = (y - a.top + 0.5 * ax) / (1.2 * p["rib_spacing"])
     anterior = np.clip((np.cos(2 * math.pi * phase_a + 1.3) - 0.5) * 2.0, 0.0, 1.0)
-    atten += cage * (0.065 * ribs + 0.025 * anterior * _ramp(ax - 0.25, 0.1))
+    rib_atten = cage * (0.065 * ribs + 0.025 * anterior * _ramp(ax - 0.25, 0.1))
+    atten += bones * rib_atten
     clav_y = -0.74 + 0.05 * (a.top + 0.84) - 0.18 * (ax - 0.08) + 0.12 * (ax - 0.08) ** 2
     clavicle = _ramp(0.034 - np.abs(y - clav_y), 0.015) * _ramp(ax - 0.07, a.edge) * _ramp(0.75 - ax, a.edge)
-    atten += 0.09 * clavicle
+    atten += bones * 0.09 * clavicle
+    if layers is not None:
+        layers["bone"] = (0.035 * spine * vertebrae + rib_atten + 0.09 * clavicle).astype(np.float32)
 
     if p["breast_shadows"]:
         for s in (-1.0, 1.0):
@@ -472,8 +483,16 @@ def _draw_anatomy(a: _Anatomy, p: dict[str, Any], rng: np.random.Generator) -> t
 
 
 def _paint_findings(a: _Anatomy, case: Case, atten: np.ndarray, markings: np.ndarray,
-                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+                    rng: np.random.Generator, masks: dict[str, np.ndarray] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Add each finding of `case` to the attenuation; `masks` (when given) receives, for the findings of
+    `MASK_FINDINGS`, bool (S, S) maps where the finding's opacity or lucency is at least half its full strength."""
     x, y, size = a.x, a.y, a.size
+
+    def outline(name: str, field: np.ndarray, level: float = 0.5) -> None:
+        if masks is not None:
+            masks[name] = masks.get(name, np.zeros(field.shape, bool)) | (field >= level)
+
     lungs = a.lung["right"] + a.lung["left"]
     line_w = max(0.01, 0.9 * a.px)
     for f in case.findings:
@@ -492,6 +511,7 @@ def _paint_findings(a: _Anatomy, case: Case, atten: np.ndarray, markings: np.nda
                 region = a.lung_nodome[side] * _ramp(a.dome_y(side) - y, 0.06)
                 fluid = _ramp(y - surface, 0.05) * region * (1.0 - 0.9 * a.central)
                 atten += 0.34 * c * fluid * (0.85 + 0.15 * np.clip((y - surface) / 0.3, 0, 1))
+                outline("pleural_effusion", fluid)
                 markings *= 1.0 - fluid
 
         elif f.name == "pneumothorax":
@@ -503,6 +523,7 @@ def _paint_findings(a: _Anatomy, case: Case, atten: np.ndarray, markings: np.nda
             rim = _ramp(depth - dist, a.px) * a.lung[side] * limit
             pleura = np.exp(-(((dist - depth) / (0.8 * line_w)) ** 2)) * a.lung[side] * limit
             atten -= 0.06 * c * rim
+            outline("pneumothorax", rim)
             atten += 0.16 * c * pleura * (1 - rim) + 0.04 * (1 + sev) * c * a.lung[side] * (1 - rim)
             markings *= 1.0 - rim
 
@@ -519,6 +540,7 @@ def _paint_findings(a: _Anatomy, case: Case, atten: np.ndarray, markings: np.nda
                     bronch = np.clip(1.0 - np.abs(smooth_noise(rng, size, 12)) * 3.0, 0.0, 1.0) ** 2
                     patch = patch * (1.0 - 0.45 * bronch * (blob > 0.4))
                 atten += dens * patch
+                outline("consolidation", patch, 0.25)  # patchy: a quarter of full density still reads as opacity
 
         elif f.name == "atelectasis":
             for side in sides:
@@ -558,6 +580,7 @@ def _paint_findings(a: _Anatomy, case: Case, atten: np.ndarray, markings: np.nda
             dist = np.sqrt((x - cx) ** 2 + (y - cy) ** 2)
             disc = _ramp(radius - dist, max(a.px, 0.3 * radius))
             atten += 0.3 * c * disc * a.lung[side]
+            outline("nodule", disc * a.lung[side])
 
         elif f.name == "support_devices":
             atten = _paint_devices(a, case, f, atten, line_w)
@@ -599,17 +622,41 @@ def _paint_devices(a: _Anatomy, case: Case, f: FindingSpec, atten: np.ndarray, l
     return atten
 
 
-def render(case: Case, size: int, rng: np.random.Generator) -> np.ndarray:
-    """The radiograph of `case` as float32 (size, size) in [0, 1]."""
+IMAGE_KINDS = ("radiograph", "soft_tissue", "bone")  # what `render` draws from one phantom
+MASK_FINDINGS = ("heart", "pleural_effusion", "pneumothorax", "consolidation", "nodule")  # segment targets
+
+
+def render(case: Case, size: int, rng: np.random.Generator, kind: str = "radiograph",
+           masks: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """The film of `case` as float32 (size, size) in [0, 1].
+
+    Args:
+        kind: "radiograph" (the ordinary film); "soft_tissue" (bone-suppressed: the same film without the
+            spine, ribs and clavicles, identical to the radiograph wherever no bone term reaches, noise
+            included); "bone" (a dual-energy bone image: the bone attenuation alone, under the same exposure,
+            gamma and quantum noise, on a dark background).
+        masks: when given, receives bool (S, S) maps of `MASK_FINDINGS`: "heart" and "lungs" always, each
+            present finding of the others, and "bone_region" (where a bone term is non-zero).
+    """
+    if kind not in IMAGE_KINDS:
+        raise ValueError(f"unknown image kind {kind!r}: use one of {IMAGE_KINDS}")
     p = case.patient
     noise_rng = np.random.default_rng(int(rng.integers(2**62)))  # same noise with or without findings
     a = _Anatomy(p, size)
-    atten, markings = _draw_anatomy(a, p, rng)
-    atten, markings = _paint_findings(a, case, atten, markings, rng)
+    layers: dict[str, np.ndarray] = {}
+    atten, markings = _draw_anatomy(a, p, rng, bones=0.0 if kind == "soft_tissue" else 1.0, layers=layers)
+    atten, markings = _paint_findings(a, case, atten, markings, rng, masks)
     lungs = a.lung["right"] + a.lung["left"]
     atten = atten + 0.1 * markings * lungs
+    if masks is not None:
+        masks["heart"] = _heart(a, p)[0] >= 0.5
+        masks["lungs"] = lungs >= 0.5
+        masks["bone_region"] = layers["bone"] > 0
     # exposure, contrast, quantum noise and a faint large-scale non-uniformity
-    img = (atten - 0.35) * p["exposure"] + 0.42 + p["brightness"]
+    if kind == "bone":
+        img = 0.05 + 6.0 * layers["bone"] * p["exposure"]
+    else:
+        img = (atten - 0.35) * p["exposure"] + 0.42 + p["brightness"]
     img += 0.02 * smooth_noise(noise_rng, size, 3)
     img = np.clip(img, 0.0, 1.0) ** p["gamma"]
     img += p["noise"] * noise_rng.standard_normal((size, size)).astype(np.float32)
@@ -790,6 +837,113 @@ def synthesize_pairs(n: int, size: int = 64, seed: int = 0, config: SynthConfig 
     return [generate_pair(seed, i, size, config) for i in range(n)]
 
 
+# ------------------------------------------------------------------------------ image-to-image pairs
+
+I2I_SCALES = (2, 4)  # low-resolution factors of the upscale pairs
+I2I_TRANSLATIONS = {"soft_tissue": ("translate to a bone-suppressed image", "suppress the bones",
+                                    "show the soft tissue only"),
+                    "bone": ("translate to a dual-energy bone image", "show the bones only", "make a bone image")}
+LOWRES_NOISE = 0.01  # std of the detector noise added to a low-resolution image (on the [0, 1] scale)
+# The segmented findings are uncommon in the main set; the image-to-image stream draws them more often so
+# that every mask finding has positives to learn from (the other prevalences stay the default).
+I2I_PREVALENCE = {"pleural_effusion": 0.3, "pneumothorax": 0.15}
+MASK_NAMES = {"heart": "the heart", "pleural_effusion": "the pleural effusion", "pneumothorax": "the pneumothorax",
+              "consolidation": "the consolidation", "nodule": "the nodule"}
+
+
+@dataclass
+class I2ISample:
+    """One phantom rendered every way the image-to-image tasks need (uint8 (S, S) images unless noted).
+
+    `images` holds the IMAGE_KINDS; `lowres[k]` is the radiograph at S // k (antialiased downsample plus
+    `LOWRES_NOISE`); `masks` the bool (S, S) outlines of the mask findings present ("heart" always), plus
+    "lungs" and "bone_region" (where the soft-tissue image may differ from the radiograph).
+    """
+
+    images: dict[str, np.ndarray]
+    lowres: dict[int, np.ndarray]
+    masks: dict[str, np.ndarray]
+    case: Case
+    record: dict[str, Any]  # the radiograph's report record (no image path)
+
+
+def i2i_config(config: SynthConfig | None = None) -> SynthConfig:
+    """The config of the image-to-image stream: `config` with the mask findings at `I2I_PREVALENCE`."""
+    cfg = config or SynthConfig()
+    return SynthConfig(**{**asdict(cfg), "prevalence": {**cfg.prevalence, **I2I_PREVALENCE}})
+
+
+def generate_i2i(seed: int, index: int, size: int = 64, config: SynthConfig | None = None) -> I2ISample:
+    """Phantom `index` of `I2I_STREAM`: its radiograph, soft-tissue and bone images (one picture stream, so
+    they agree pixel for pixel outside the bones), low-resolution copies and finding masks."""
+    cfg = i2i_config(config)
+    case_seq, image_seq, text_seq, lowres_seq = np.random.SeedSequence(
+        entropy=seed, spawn_key=(I2I_STREAM, index)).spawn(4)
+    case = sample_case(np.random.default_rng(case_seq), cfg)
+    masks: dict[str, np.ndarray] = {}
+    floats = {kind: render(case, size, np.random.default_rng(image_seq), kind, masks if kind == "radiograph" else None)
+              for kind in IMAGE_KINDS}
+    lowres_rng = np.random.default_rng(lowres_seq)
+    lowres = {}
+    for k in I2I_SCALES:
+        small = resize_array(floats["radiograph"], size // k)
+        small = small + LOWRES_NOISE * lowres_rng.standard_normal(small.shape).astype(np.float32)
+        lowres[k] = (np.clip(small, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    findings, impression = write_report(case.findings, np.random.default_rng(text_seq),
+                                        mention_absent=cfg.mention_absent)
+    record = {
+        "text": report_text(findings, impression), "findings": findings, "impression": impression,
+        "labels": case.labels(), "split": _split(index, cfg.split_fractions), "modality": "cxr",
+        "source": "synthcxr", "finding_details": [f.to_json() for f in case.findings], "seed": seed, "index": index,
+    }
+    images = {kind: (im * 255.0 + 0.5).astype(np.uint8) for kind, im in floats.items()}
+    return I2ISample(images, lowres, masks, case, record)
+
+
+def i2i_records(sample: I2ISample, paths: dict[str, str]) -> list[dict[str, Any]]:
+    """The translate, upscale and segment records of one phantom, with image paths from `paths` (keys
+    "radiograph", "soft_tissue", "bone", "x2", "x4", "mask_<finding>")."""
+    index = sample.record["index"]
+    rng = np.random.default_rng([sample.record["seed"], index, I2I_STREAM])  # instruction phrasing only
+    base = dict(sample.record)
+    prefix = f"synthcxr-i2i-{index:06d}"
+    out = []
+    for kind, phrasings in I2I_TRANSLATIONS.items():
+        out.append({**base, "id": f"{prefix}-{kind}", "task": "translate", "image": paths["radiograph"],
+                    "target_image": paths[kind], "instruction": _pick(rng, phrasings), "target_kind": kind})
+    for k in I2I_SCALES:
+        phrase = _pick(rng, (f"upscale x{k}", f"increase the resolution {k}x", f"super-resolve by {k}"))
+        out.append({**base, "id": f"{prefix}-x{k}", "task": "upscale", "image": paths[f"x{k}"],
+                    "target_image": paths["radiograph"], "instruction": phrase, "scale": k})
+    for name in MASK_FINDINGS:
+        if name in sample.masks:
+            verb = _pick(rng, ("outline", "segment", "mark"))
+            out.append({**base, "id": f"{prefix}-mask-{name}", "task": "segment", "image": paths["radiograph"],
+                        "mask": paths[f"mask_{name}"], "instruction": f"{verb} {MASK_NAMES[name]}",
+                        "mask_finding": name})
+    return out
+
+
+def _i2i_job(out: str, folder: str, seed: int, size: int, cfg: SynthConfig, start: int, end: int
+             ) -> list[dict[str, Any]]:
+    """Worker: write phantoms [start, end) of the image-to-image stream (images, low-res copies, masks)."""
+    records = []
+    for index in range(start, end):
+        sample = generate_i2i(seed, index, size, cfg)
+        paths = {kind: f"{folder}/{index:06d}_{kind}.png" for kind in IMAGE_KINDS}
+        paths |= {f"x{k}": f"{folder}/{index:06d}_x{k}.png" for k in I2I_SCALES}
+        paths |= {f"mask_{n}": f"{folder}/{index:06d}_mask_{n}.png" for n in MASK_FINDINGS if n in sample.masks}
+        for kind in IMAGE_KINDS:
+            save_png(sample.images[kind], Path(out) / paths[kind])
+        for k in I2I_SCALES:
+            save_png(sample.lowres[k], Path(out) / paths[f"x{k}"])
+        for name in MASK_FINDINGS:
+            if name in sample.masks:
+                save_png(sample.masks[name].astype(np.uint8) * 255, Path(out) / paths[f"mask_{name}"])
+        records += i2i_records(sample, paths)
+    return records
+
+
 def _pair_job(out: str, folder: str, seed: int, size: int, cfg: SynthConfig, start: int, end: int
               ) -> list[dict[str, Any]]:
     """Worker: write pairs [start, end) (source, target and region PNGs); their three records each."""
@@ -812,6 +966,8 @@ def _chunk_job(job: tuple) -> list[dict[str, Any]]:
     out, folder, seed, size, cfg, stream, start, end, per_class = job
     if stream == PAIR_STREAM:
         return _pair_job(out, folder, seed, size, cfg, start, end)
+    if stream == I2I_STREAM:
+        return _i2i_job(out, folder, seed, size, cfg, start, end)
     records = []
     for index in range(start, end):
         only = eval_finding(index, per_class) if stream == EVAL_STREAM else None
@@ -860,18 +1016,27 @@ def synthesize(n: int, size: int = 64, seed: int = 0, config: SynthConfig | None
 
 
 def write_synthcxr(out: str | Path, n: int, size: int = 128, seed: int = 0, workers: int | None = None,
-                   config: SynthConfig | None = None, per_class_5x200: int = 200, pairs: int = 0) -> dict[str, Any]:
+                   config: SynthConfig | None = None, per_class_5x200: int = 200, pairs: int = 0,
+                   i2i: int = 0) -> dict[str, Any]:
     """Write SynthCXR to `out`: images/, manifest.jsonl, images_5x200/, manifest_5x200.jsonl, synthcxr.json.
 
     With `pairs` > 0, images_pairs/ holds that many counterfactual pairs (`generate_pair`: source, target
     and the region PNG) and manifest.jsonl gains three records per pair after the main set: the source and
     the target as ordinary "report" records, and an "edit" record (image = source, target_image = target,
     text = the target's report, instruction, pair_id, edit_region). A pair's records share its split.
+
+    With `i2i` > 0, images_i2i/ holds that many image-to-image phantoms (`generate_i2i`: radiograph,
+    soft-tissue and bone images, x2 and x4 low-resolution copies, finding masks) and manifest.jsonl gains
+    their "translate" (radiograph -> soft_tissue / bone), "upscale" (x2 / x4 -> radiograph) and "segment"
+    (radiograph -> the mask of "heart" and of each present mask finding) records, each with an instruction.
     Returns a summary (counts, prevalence). The same arguments give byte-identical files whatever
     `workers` is.
     """
-    if n < 0 or per_class_5x200 < 0 or pairs < 0 or size < 16:
-        raise ValueError("n, per_class_5x200 and pairs must be >= 0 and size >= 16")
+    if n < 0 or per_class_5x200 < 0 or pairs < 0 or i2i < 0 or size < 16:
+        raise ValueError("n, per_class_5x200, pairs and i2i must be >= 0 and size >= 16")
+    if i2i and size % max(I2I_SCALES):
+        raise ValueError(f"image-to-image pairs need a size divisible by {max(I2I_SCALES)} (the x4 low-res copy), "
+                         f"got {size}")
     cfg = config or SynthConfig()
     workers = workers or os.cpu_count() or 1
     out = Path(out)
@@ -881,14 +1046,15 @@ def write_synthcxr(out: str | Path, n: int, size: int = 128, seed: int = 0, work
     jobs += [(str(out), "images_5x200", seed, size, cfg, EVAL_STREAM, s, e, per_class_5x200)
              for s, e in _chunks(n_eval, workers)]
     jobs += [(str(out), "images_pairs", seed, size, cfg, PAIR_STREAM, s, e, 1) for s, e in _chunks(pairs, workers)]
+    jobs += [(str(out), "images_i2i", seed, size, cfg, I2I_STREAM, s, e, 1) for s, e in _chunks(i2i, workers)]
     if n_eval:
         (out / "images_5x200").mkdir(parents=True, exist_ok=True)
     parts = _map(_chunk_job, jobs, workers)
-    by_stream: dict[int, list[dict[str, Any]]] = {MAIN_STREAM: [], EVAL_STREAM: [], PAIR_STREAM: []}
+    by_stream: dict[int, list[dict[str, Any]]] = {MAIN_STREAM: [], EVAL_STREAM: [], PAIR_STREAM: [], I2I_STREAM: []}
     for job, part in zip(jobs, parts):
         by_stream[job[5]] += part
     main, evals, pair_records = by_stream[MAIN_STREAM], by_stream[EVAL_STREAM], by_stream[PAIR_STREAM]
-    write_manifest(main + pair_records, out / "manifest.jsonl")
+    write_manifest(main + pair_records + by_stream[I2I_STREAM], out / "manifest.jsonl")
     if n_eval:
         write_manifest(evals, out / "manifest_5x200.jsonl")
     summary = {
@@ -903,6 +1069,9 @@ def write_synthcxr(out: str | Path, n: int, size: int = 128, seed: int = 0, work
         "pairs": pairs,
         "pair_findings": {name: sum(r["edit_finding"]["name"] == name for r in pair_records if r["task"] == "edit")
                           for name in PAIR_FINDINGS},
+        "i2i": i2i,
+        "i2i_tasks": {task: sum(r["task"] == task for r in by_stream[I2I_STREAM])
+                      for task in ("translate", "upscale", "segment")},
         "config": cfg.to_json(),
     }
     (out / "synthcxr.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

@@ -43,7 +43,7 @@ def evaluate_stage0(out_dir: str | Path, data: str | Path, five: str | Path | No
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
-    from medunifier.data.manifest import load_records
+    from medunifier.data.manifest import IMAGE_TEXT_TASKS, load_records
     from medunifier.eval.common import classify_records
     from medunifier.eval.zeroshot import load_prompts
 
@@ -58,7 +58,7 @@ def evaluate_stage0(out_dir: str | Path, data: str | Path, five: str | Path | No
     heads = load_file(str(out / RUN / "heads.safetensors"))
     tower.load_state_dict({k[len("tower."):]: v for k, v in heads.items() if k.startswith("tower.")}, strict=False)
     classes = ["atelectasis", "cardiomegaly", "consolidation", "edema", "pleural_effusion"]
-    train_records = [r for r in load_records(data, splits=["train"]) if r.image]
+    train_records = [r for r in load_records(data, splits=["train"]) if r.image and r.task in IMAGE_TEXT_TASKS]
     five_records, targets, _ = classify_records(load_records(five), classes)
     x_train = pooled_features(tower, train_records, data.parent, config.image).numpy()
     x_five = pooled_features(tower, five_records, five.parent, config.image).numpy()

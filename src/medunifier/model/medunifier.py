@@ -6,7 +6,12 @@
         ITM  bidirectional pass on (image, text) pairs plus hard negatives; 2-way head averaged over queries
         ITG  multimodal causal pass; LM head on text positions ([DEC] first)
         TIG  generator(f_q, f_local, f_t_cls) -> VQ codes (top, bottom) -> image; MSE + VQ losses
-    L = λ1 L_itc + λ2 L_itm + λ3 L_itg + λ4 L_tig
+        I2I  (with i2i.enabled) i2i(source, f_q, f_local, instruction f_t_cls) -> target image or mask
+    L = λ1 L_itc + λ2 L_itm + λ3 L_itg + λ4 L_tig (+ λ5 L_i2i on image-to-image batches)
+
+Image-to-image batches (translate / upscale / segment items, drawn by "i2i:" mixture keys) carry the source
+as `pixel_values`, the instruction as the text and `i2i_targets` / `i2i_masks`; they train the i2i objective
+only (a batch holding such items with another objective switched on is refused).
 
 An objective whose weight is zero is not computed at all (no compute, no gradient).
 
@@ -35,11 +40,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from medunifier.config import LossWeights, MedUnifierConfig, config_from_dict
+from medunifier.config import I2I_TASKS, LossWeights, MedUnifierConfig, config_from_dict
 from medunifier.data.tokenizer import load_tokenizer, special_ids
 from medunifier.model.decoding import generate
 from medunifier.model.encoder import ImageTextEncoder
 from medunifier.model.generator import TextGroundedGenerator
+from medunifier.model.i2i import ImageToImageHead, i2i_loss
 from medunifier.model.vision import VisionEncoder
 from medunifier.utils import process_group_rank_world, psnr_db
 
@@ -181,10 +187,14 @@ class MedUnifier(nn.Module):
             num_patches=self.vision.num_patches,
             text_width=enc.hidden_size,
         )
+        self.i2i = ImageToImageHead(
+            config.i2i, config.image, query_width=enc.hidden_size, vision_width=self.vision.hidden_size,
+            num_patches=self.vision.num_patches, text_width=enc.hidden_size,
+        ) if config.i2i.enabled else None
 
     # ------------------------------------------------------------------ parameters and training set-up
 
-    MODULE_PREFIXES = ("vision", "encoder", "image_proj", "text_proj", "itm_head", "temperature", "generator")
+    MODULE_PREFIXES = ("vision", "encoder", "image_proj", "text_proj", "itm_head", "temperature", "generator", "i2i")
 
     def set_trainable(self, prefixes: list[str] | None) -> None:
         """Train only parameters whose name starts with one of `prefixes` (None: the config's default).
@@ -284,6 +294,14 @@ class MedUnifier(nn.Module):
         total = pixel_values.new_zeros(())
 
         task_experts = self.config.encoder.experts == "task"
+        i2i_items = [t in I2I_TASKS for t in batch.get("tasks") or []]
+        if any(i2i_items):
+            others = [n for n in ("itc", "itm", "itg", "tig") if getattr(weights, n) > 0]
+            if others or not all(i2i_items):
+                raise ValueError(f"a batch with image-to-image items trains the i2i objective alone (got {others} on "
+                                 "and other items too): draw them with 'i2i:' mixture keys")
+            if weights.i2i > 0 and self.i2i is None:
+                raise ValueError("losses.i2i > 0 needs the image-to-image head: set i2i.enabled=true")
         need_unimodal = weights.itc > 0 or weights.itm > 0 or (weights.tig > 0 and not task_experts)
         image_embeds = self.image_features(pixel_values, self.cache_keys(batch))  # [B, 1+L, Dv]
         modality_ids = self.modality_ids_for(batch.get("modalities"), pixel_values.shape[0])  # [B] or None
@@ -357,6 +375,18 @@ class MedUnifier(nn.Module):
                 perplexity_bottom=gen.perplexity_bottom.detach(),
                 psnr=psnr(gen.images.detach(), pixel_values, self.config.image.std),
             )
+        if weights.i2i > 0 and any(i2i_items):
+            images, mask_logits = self.i2i(
+                pixel_values,
+                self.query_states(image_embeds, role="generate", modality_ids=modality_ids),
+                image_embeds[:, 1:],
+                self.text_states(input_ids, attention_mask, role="generate", modality_ids=modality_ids)[:, 0],
+            )
+            is_mask = torch.tensor([t == "segment" for t in batch["tasks"]], device=device)
+            loss_i2i, parts = i2i_loss(images, mask_logits, batch["i2i_targets"], batch["i2i_masks"], is_mask)
+            losses["i2i"] = loss_i2i
+            losses.update(parts)
+            total = total + weights.i2i * loss_i2i
         return MedUnifierOutput(loss=total, losses=losses, metrics=metrics)
 
     def _pad_for_gather(self, text: Tensor, value: int) -> Tensor:
@@ -640,12 +670,35 @@ class MedUnifier(nn.Module):
     def decode_codes(self, codes_top: Tensor, codes_bottom: Tensor) -> Tensor:
         return self.generator.decode_codes(codes_top, codes_bottom)
 
+    @torch.no_grad()
+    def image_to_image(
+        self, pixel_values: Tensor, instructions: list[str], *, modalities: list[str] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(images [B, C, S, S], normalised like the inputs; mask probabilities [B, 1, S, S]) for source images
+        (a low-resolution source resized to the model's size) and one instruction each ("upscale x4",
+        "translate to a bone-suppressed image", "outline the heart"). Read the images for translate / upscale
+        and the mask for segment."""
+        if self.i2i is None:
+            raise ValueError("this model has no image-to-image head (trained without i2i.enabled)")
+        if len(instructions) != pixel_values.shape[0]:
+            raise ValueError(f"{len(instructions)} instructions for {pixel_values.shape[0]} images")
+        tokens = self.tokenize(instructions)
+        image_embeds = self.image_features(pixel_values)
+        modality_ids = self.modality_ids_for(modalities, pixel_values.shape[0])
+        f_q = self.query_states(image_embeds, role="generate", modality_ids=modality_ids)
+        text_cls = self.text_states(tokens["input_ids"], tokens["attention_mask"], role="generate",
+                                    modality_ids=modality_ids)[:, 0]
+        images, mask_logits = self.i2i(pixel_values, f_q, image_embeds[:, 1:], text_cls)
+        return images, mask_logits.sigmoid()
+
     # ------------------------------------------------------------------------------- save and load
 
     def parameter_counts(self) -> dict[str, dict[str, int]]:
         counts = {}
-        for name in ("vision", "encoder", "generator"):
-            module = getattr(self, name)
+        for name in ("vision", "encoder", "generator", "i2i"):
+            module = getattr(self, name, None)  # the image-to-image head is optional
+            if module is None:
+                continue
             total = sum(p.numel() for p in module.parameters())
             trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
             counts[name] = {"total": total, "trainable": trainable}

@@ -42,6 +42,7 @@ from medunifier.serve.api import (
     SYNTHETIC_NOTICE,
     Copilot,
     GenerationUnavailable,
+    ImageToImageUnavailable,
     IndexUnavailable,
     data_url,
     png_bytes,
@@ -246,6 +247,21 @@ class EditResponse(BaseModel):
     max_abs_difference: float
 
 
+TranslationKind = Literal["soft_tissue", "bone", "t1", "t2", "pd"]  # generate.i2i.translation_kinds()
+MaskFinding = Literal["heart", "cardiomegaly", "pleural_effusion", "pneumothorax", "consolidation", "nodule"]
+
+
+class ImageToImageResponse(BaseModel):
+    synthetic: bool = True
+    notice: str
+    task: str = Field(description="translate, upscale or segment")
+    instruction: str = Field(description="the instruction the model was given")
+    source: str = Field(description="PNG data URL of the source as the model sees it")
+    image: str | None = Field(None, description="PNG data URL of the output image (translate, upscale)")
+    mask: str | None = Field(None, description="PNG data URL of the mask, 255 inside (segment)")
+    area_fraction: float | None = Field(None, description="share of the image inside the mask (segment)")
+
+
 class HealthResponse(BaseModel):
     status: str
     version: str
@@ -406,6 +422,10 @@ def create_app(copilot: Copilot, settings: ServeSettings | None = None, bind_hos
     @app.exception_handler(GenerationUnavailable)
     async def _no_generator(request: Request, err: GenerationUnavailable) -> JSONResponse:
         return error_response(501, "generation_unavailable", str(err))
+
+    @app.exception_handler(ImageToImageUnavailable)
+    async def _no_i2i(request: Request, err: ImageToImageUnavailable) -> JSONResponse:
+        return error_response(501, "image_to_image_unavailable", str(err))
 
     @app.exception_handler(IndexUnavailable)
     async def _no_index(request: Request, err: IndexUnavailable) -> JSONResponse:
@@ -609,6 +629,47 @@ def create_app(copilot: Copilot, settings: ServeSettings | None = None, bind_hos
             difference=data_url(png_bytes(result.difference)),
             mean_abs_difference=result.mean_abs_difference, max_abs_difference=result.max_abs_difference,
         )
+
+    def i2i_response(image: UploadFile, task: str, **options: Any) -> ImageToImageResponse:
+        if not copilot.can_image_to_image:
+            raise ImageToImageUnavailable("this model has no image-to-image head (train it with i2i.enabled=true)")
+        result = copilot.image_to_image(read_image(image, s), task, **options)
+        if result.mask is not None:
+            return ImageToImageResponse(
+                notice=SYNTHETIC_NOTICE, task=task, instruction=result.instruction,
+                source=data_url(png_bytes(result.source)),
+                mask=data_url(png_bytes(result.mask.astype(np.uint8) * 255)), area_fraction=float(result.mask.mean()))
+        return ImageToImageResponse(notice=SYNTHETIC_NOTICE, task=task, instruction=result.instruction,
+                                    source=data_url(png_bytes(result.source)), image=data_url(png_bytes(result.image)))
+
+    @app.post("/v1/translate", response_model=ImageToImageResponse, dependencies=single, tags=["generate"],
+              responses=_error_responses(400, 401, 413, 415, 422, 501))
+    def translate(
+        image: OneImage,
+        to: Annotated[TranslationKind, Form(description="target kind: bone-suppressed soft tissue, dual-energy "
+                                            "bone image, or an MRI contrast")],
+    ) -> ImageToImageResponse:
+        """The image as another image type of the same patient (bone-suppressed, bone, an MRI contrast)."""
+        return i2i_response(image, "translate", to=to)
+
+    @app.post("/v1/upscale", response_model=ImageToImageResponse, dependencies=single, tags=["generate"],
+              responses=_error_responses(400, 401, 413, 415, 422, 501))
+    def upscale(
+        image: OneImage,
+        scale: Annotated[Literal["2", "4"], Form(description="the factor; the image must be (model size / scale) "
+                                                 "pixels")] = "4",
+    ) -> ImageToImageResponse:
+        """Super-resolution of a low-resolution image to the model's size."""
+        return i2i_response(image, "upscale", scale=int(scale))
+
+    @app.post("/v1/segment", response_model=ImageToImageResponse, dependencies=single, tags=["generate"],
+              responses=_error_responses(400, 401, 413, 415, 422, 501))
+    def segment(
+        image: OneImage,
+        finding: Annotated[MaskFinding, Form(description="what to outline (cardiomegaly: the heart)")],
+    ) -> ImageToImageResponse:
+        """The mask of a finding (or the heart) in the image."""
+        return i2i_response(image, "segment", finding=finding)
 
     # ------------------------------------------------------------------------------- the spec
 

@@ -19,14 +19,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from medunifier.config import (
+    ALL_OBJECTIVES,
     OBJECTIVE_GROUPS,
-    OBJECTIVES,
     ConfigError,
     LossWeights,
     MedUnifierConfig,
     split_mixture_key,
 )
-from medunifier.data.manifest import Record
+from medunifier.data.manifest import I2I_TASKS, Record
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,11 @@ class Stage:
         return self.start + self.steps
 
     def group_losses(self, group: str | None) -> LossWeights:
-        """The stage's loss weights for one objective group ("i2t", "t2i"; None or "all" = every objective)."""
+        """The stage's loss weights for one objective group ("i2t", "t2i", "i2i"; None or "all" = every objective)."""
         if group in (None, "all"):
             return self.losses
         keep = OBJECTIVE_GROUPS[group]
-        return LossWeights(**{name: getattr(self.losses, name) if name in keep else 0.0 for name in OBJECTIVES})
+        return LossWeights(**{name: getattr(self.losses, name) if name in keep else 0.0 for name in ALL_OBJECTIVES})
 
     def losses_for(self, objectives: Sequence[str] | None) -> LossWeights:
         """Loss weights of a batch from its per-item objective groups (`batch["objectives"]`, absent for
@@ -119,6 +119,14 @@ def validate_stages(
                 f"stage '{stage.name}': mixture keys {unknown} match no task or source of the train split "
                 f"(tasks: {tasks}, sources: {sources})"
             )
+        for key, name in names.items():
+            routed = split_mixture_key(key)[0] == "i2i"
+            if routed and name not in I2I_TASKS:
+                raise ConfigError(f"stage '{stage.name}': mixture key '{key}': 'i2i:' routes one of the image-to-image "
+                                  f"tasks {list(I2I_TASKS)}, not '{name}'")
+            if not routed and name in I2I_TASKS:
+                raise ConfigError(f"stage '{stage.name}': mixture key '{key}': image-to-image records train only "
+                                  f"with their own objective: write 'i2i:{name}'")
         if module_prefixes is not None and stage.train_modules is not None:
             bad = [m for m in stage.train_modules if not any(m.split(".")[0] == p for p in module_prefixes)]
             if bad:

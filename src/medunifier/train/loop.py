@@ -37,9 +37,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from medunifier.config import ConfigError, MedUnifierConfig, load_config, save_config
+from medunifier.config import ConfigError, MedUnifierConfig, load_config, save_config, split_mixture_key
 from medunifier.data.augment import augment_batch
-from medunifier.data.manifest import ReadReport, Record, read_manifest
+from medunifier.data.manifest import I2I_TASKS, ReadReport, Record, read_manifest
 from medunifier.train.checkpoint import (
     capture_rng_state,
     checkpoint_problem,
@@ -434,6 +434,8 @@ class Trainer:
                                             rank=self.rank, world_size=self.world, **image_kw)
             return DataLoader(dataset, drop_last=split == "train", generator=torch.Generator(), **common)
         records = self.source.train_records if split == "train" else self.source.val_records
+        if split != "train" or not any(split_mixture_key(k)[0] == "i2i" for k in stage.mixture):
+            records = [r for r in records if r.task not in I2I_TASKS]  # they train only under "i2i:" keys
         if not records:
             return None
         dataset = ManifestDataset(records, root=self.source.path.parent,
@@ -826,7 +828,7 @@ def _progress_update(progress: Any, step: int, record: dict[str, Any]) -> None:
     if progress is None:
         return
     shown = {"loss": record.get("loss")}
-    for key in ("loss_itc", "loss_itm", "loss_itg", "loss_tig"):
+    for key in ("loss_itc", "loss_itm", "loss_itg", "loss_tig", "loss_i2i"):
         if key in record:
             shown[key[5:]] = record[key]
     postfix = {k: f"{v:.3f}" for k, v in shown.items() if isinstance(v, float) and math.isfinite(v)}

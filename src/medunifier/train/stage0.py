@@ -32,7 +32,7 @@ from medunifier.config import Stage0Config
 from medunifier.data.augment import apply_parameters, draw_parameters
 from medunifier.data.dataset import ManifestDataset
 from medunifier.data.findings import FINDINGS
-from medunifier.data.manifest import Record, get_image_root, load_records
+from medunifier.data.manifest import IMAGE_TEXT_TASKS, Record, get_image_root, load_records
 from medunifier.model.stage0 import ImageTextContrastiveLoss, ImageTower, NTXentLoss, TextTower, save_backbone
 from medunifier.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from medunifier.train.metrics import MetricsLogger
@@ -221,7 +221,8 @@ def pretrain_vision(config: Stage0Config, data: str | Path, out_dir: str | Path,
     accelerator.wait_for_everyone()
 
     c = config
-    records = load_records(data, splits=["train"], image_root=get_image_root())
+    records = [r for r in load_records(data, splits=["train"], image_root=get_image_root())
+               if r.task in IMAGE_TEXT_TASKS]
     if c.objective in ("text", "both") and c.texts_per_image == "join":
         records = join_texts_by_image(records)
     dataset = ManifestDataset(records, root=Path(data).parent, image_size=c.image.size, channels=c.image.channels,

@@ -18,6 +18,7 @@ from medunifier.data.converters.covidx import convert_covidx
 from medunifier.data.converters.iu_xray import convert_iu_xray
 from medunifier.data.converters.medmnist import convert_medmnist
 from medunifier.data.converters.mimic_cxr import convert_mimic_cxr
+from medunifier.data.converters.mri import convert_ixi
 from medunifier.data.converters.rsna import convert_rsna
 from medunifier.data.converters.siim import convert_siim
 from medunifier.data.converters.slake import convert_slake
@@ -33,6 +34,7 @@ CONVERTERS: dict[str, Callable[..., ConversionSummary]] = {
     "vqa-rad": convert_vqa_rad,
     "slake": convert_slake,
     "medmnist": convert_medmnist,
+    "ixi": convert_ixi,
 }
 
 

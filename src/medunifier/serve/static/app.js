@@ -188,6 +188,26 @@ async function editImage(event) {
   }
 }
 
+async function imageToImage(event) {
+  event.preventDefault();
+  if (!state.file) { setStatus("i2i-status", "Upload an image in section 1 first.", true); return; }
+  const [task, value] = $("i2i-op").value.split(":");
+  const field = { translate: "to", upscale: "scale", segment: "finding" }[task];
+  setStatus("i2i-status", "Running…");
+  $("i2i-result").hidden = true;
+  try {
+    const res = await api("/v1/" + task, { method: "POST", body: formWithImage(state.file, { [field]: value }) });
+    $("i2i-source").src = res.source;
+    $("i2i-output").src = res.mask || res.image;
+    $("i2i-caption").textContent = res.mask
+      ? `${res.instruction}: ${(100 * res.area_fraction).toFixed(1)}% of the image` : res.instruction;
+    $("i2i-result").hidden = false;
+    setStatus("i2i-status", res.notice);
+  } catch (err) {
+    setStatus("i2i-status", err.message, true);
+  }
+}
+
 // --------------------------------------------------------------------------------------------- wiring
 
 function init() {
@@ -203,6 +223,7 @@ function init() {
   });
   $("synth-form").addEventListener("submit", synthesize);
   $("edit-form").addEventListener("submit", editImage);
+  $("i2i-form").addEventListener("submit", imageToImage);
   $("edit-strength").addEventListener("input", (e) => { $("edit-strength-value").textContent = Number(e.target.value).toFixed(2); });
   $("token-form").addEventListener("submit", (e) => {
     e.preventDefault();
