@@ -89,6 +89,28 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 @torch.no_grad()
+def _scores_against_baseline(kept: Sequence[Record], images: Sequence[np.ndarray], groups: dict[str, list[int]],
+                             root: Path, size: int, label: str, baseline: Any,
+                             truths: dict[int, np.ndarray] | None = None) -> dict[str, Any]:
+    """PSNR and SSIM of the model's images and of `baseline(j)` against each record's `target_image`, per group.
+
+    `truths`, when given, receives the decoded targets by index (for later checks on the same images)."""
+    out: dict[str, Any] = {}
+    for name, idx in sorted(groups.items()):
+        rows = defaultdict(list)
+        for j in idx:
+            truth = to_grey_uint8(_read(kept[j], "target_image", root), size)
+            if truths is not None:
+                truths[j] = truth
+            base = baseline(j)
+            rows["psnr"].append(psnr_uint8(images[j], truth))
+            rows["ssim"].append(ssim_uint8(images[j], truth))
+            rows[f"psnr_{label}"].append(psnr_uint8(base, truth))
+            rows[f"ssim_{label}"].append(ssim_uint8(base, truth))
+        out[name] = {"n": len(idx), **{k: _mean(v) for k, v in rows.items()}}
+    return out
+
+
 def _run_model(model: Any, sources: Sequence[np.ndarray], instructions: Sequence[str], batch_size: int
                ) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N, S, S], mask probabilities [N, S, S]) for [0, 1] source arrays at any size."""
@@ -143,40 +165,22 @@ def evaluate_i2i(model: Any, data: str | Path, *, split: str = "test", max_per_t
         outputs[task] = (kept, sources, images, probs)
 
     # upscale: per scale, against bicubic
-    upscale: dict[str, Any] = {}
     kept, sources, images, _ = outputs["upscale"]
     groups: dict[str, list[int]] = defaultdict(list)
     for j, r in enumerate(kept):
         groups[f"x{(r.model_extra or {}).get('scale', '?')}"].append(j)
-    for name, idx in sorted(groups.items()):
-        rows = defaultdict(list)
-        for j in idx:
-            truth = to_grey_uint8(_read(kept[j], "target_image", root), size)
-            base = bicubic(sources[j], size)
-            rows["psnr"].append(psnr_uint8(images[j], truth))
-            rows["ssim"].append(ssim_uint8(images[j], truth))
-            rows["psnr_bicubic"].append(psnr_uint8(base, truth))
-            rows["ssim_bicubic"].append(ssim_uint8(base, truth))
-        upscale[name] = {"n": len(idx), **{k: _mean(v) for k, v in rows.items()}}
+    upscale = _scores_against_baseline(kept, images, groups, root, size, "bicubic",
+                                       lambda j: bicubic(sources[j], size))
     results["upscale"] = upscale
 
     # translate: per target kind, against the unchanged source
-    translate: dict[str, Any] = {}
     kept, sources, images, _ = outputs["translate"]
     groups = defaultdict(list)
     for j, r in enumerate(kept):
         groups[str((r.model_extra or {}).get("target_kind", "target"))].append(j)
     truths: dict[int, np.ndarray] = {}
-    for name, idx in sorted(groups.items()):
-        rows = defaultdict(list)
-        for j in idx:
-            truths[j] = truth = to_grey_uint8(_read(kept[j], "target_image", root), size)
-            source = to_grey_uint8(sources[j], size)
-            rows["psnr"].append(psnr_uint8(images[j], truth))
-            rows["ssim"].append(ssim_uint8(images[j], truth))
-            rows["psnr_source"].append(psnr_uint8(source, truth))
-            rows["ssim_source"].append(ssim_uint8(source, truth))
-        translate[name] = {"n": len(idx), **{k: _mean(v) for k, v in rows.items()}}
+    translate = _scores_against_baseline(kept, images, groups, root, size, "source",
+                                         lambda j: to_grey_uint8(sources[j], size), truths)
     results["translate"] = translate
 
     # segment: per finding, against the threshold fitted on the train split
