@@ -1,6 +1,6 @@
 """`medunifier demo`: the whole system on a CPU in minutes.
 
-SynthCXR (64x64) -> the `tiny` model trained within a wall-clock budget -> evaluation (retrieval,
+SynthCXR (64x64) -> stage 0 -> the `tiny_frozen` model on cached features -> priors -> evaluation (retrieval,
 zero-shot, report generation, reconstruction) -> `report.html` with the config, loss curves,
 codebook usage, real versus reconstructed images, generated reports and every metric table.
 """
@@ -74,7 +74,12 @@ DEMO_STAGES = [("full", 1.0, LossWeights(itc=1.0, itm=1.0, itg=1.0, tig=4.0))]
 DEMO_OVERRIDES = ["itc_targets=findings"]
 
 
-# A few timed steps on a rested machine run faster than the sustained training loop (which also loads
+# The demo's step counts. Fixed counts make its figures a function of the code and the seed, not of the
+# machine's speed or load (a wall-clock budget gave stage 0 a quarter fewer steps on a loaded machine, and
+# zero-shot fell 0.04). On 2 quiet cores they take about 3.5 + 9 + 4.5 minutes.
+DEMO_STEPS = {"stage0": 480, "stage1": 640, "prior": 270}
+
+# With a wall-clock budget instead: a few timed steps on a rested machine run faster than the sustained training loop (which also loads
 # data, clips gradients, validates and checkpoints): the whole `make demo` must stay under 25 minutes.
 # On the frozen-feature path the demo's loop sustained 0.78 s/step where four timed steps gave 0.75:
 # a tenth covers it.
@@ -82,25 +87,30 @@ CALIBRATION_MARGIN = 1.1
 STAGE0_MARGIN = 1.25  # stage 0 sustained 0.31 s/step where three timed steps gave 0.25 (data loading per step)
 
 
-def demo_config(tokenizer_dir: Path, minutes: float, seed: int, manifest: Path | None = None,
-                vision_dir: Path | None = None, feature_cache: Path | None = None) -> MedUnifierConfig:
+def demo_config(tokenizer_dir: Path, seed: int, manifest: Path | None = None, vision_dir: Path | None = None,
+                feature_cache: Path | None = None, steps: int | None = None,
+                minutes: float | None = None) -> MedUnifierConfig:
     """The `tiny_frozen` preset (frozen stage-0 backbone `vision_dir`, its features read from `feature_cache`)
-    with the demo's stages, sized so that training fits in `minutes` here (step costs timed on the first
-    training reports of `manifest` when given)."""
+    with the demo's stages, for `steps` optimiser steps, or sized so that training fits in `minutes` here
+    (step costs timed on the first training reports of `manifest` when given). Exactly one of the two."""
+    if (steps is None) == (minutes is None):
+        raise ValueError("demo_config takes either steps or minutes, not both or neither")
     overrides = [f"text.tokenizer={tokenizer_dir}", f"train.seed={seed}", *DEMO_OVERRIDES]
     if vision_dir is not None:
         overrides.append(f"vision.pretrained={vision_dir}")
     config = load_config("tiny_frozen", overrides)
-    texts = None
-    if manifest is not None:
-        from medunifier.data.manifest import load_records
+    if minutes is not None:
+        texts = None
+        if manifest is not None:
+            from medunifier.data.manifest import load_records
 
-        texts = [r.text for r in load_records(manifest, splits=["train"]) if r.text][: config.train.batch_size]
-    seconds = _calibrate_step_seconds(config, [losses for _, _, losses in DEMO_STAGES], texts)
-    per_step = CALIBRATION_MARGIN * sum(fraction * s for (_, fraction, _), s in zip(DEMO_STAGES, seconds))
-    steps = max(50, int(minutes * 60 / per_step))
-    console.print("measured " + ", ".join(f"{name} {s:.2f} s/step" for (name, _, _), s in zip(DEMO_STAGES, seconds))
-                  + f" at batch {config.train.batch_size}: {steps} steps fit in {minutes:g} minutes")
+            texts = [r.text for r in load_records(manifest, splits=["train"]) if r.text][: config.train.batch_size]
+        seconds = _calibrate_step_seconds(config, [losses for _, _, losses in DEMO_STAGES], texts)
+        per_step = CALIBRATION_MARGIN * sum(fraction * s for (_, fraction, _), s in zip(DEMO_STAGES, seconds))
+        steps = max(50, int(minutes * 60 / per_step))
+        console.print("measured " + ", ".join(f"{name} {s:.2f} s/step" for (name, _, _), s in zip(DEMO_STAGES, seconds))
+                      + f" at batch {config.train.batch_size}: {steps} steps fit in {minutes:g} minutes")
+    assert steps is not None
     data = config.to_dict()
     data["vision"]["feature_cache"] = str(feature_cache) if feature_cache is not None else None
     data["train"].update(max_steps=steps, save_every=max(steps // 4, 50), val_every=max(steps // 4, 50),
@@ -109,8 +119,12 @@ def demo_config(tokenizer_dir: Path, minutes: float, seed: int, manifest: Path |
     return config_from_dict(data, "<demo config>")
 
 
-def run_stage0(data_dir: Path, out: Path, minutes: float, seed: int) -> dict[str, Any]:
-    """Stage 0 within `minutes` (report embeddings included): the backbone folder `out`, and its probe figures."""
+def run_stage0(data_dir: Path, out: Path, seed: int, steps: int | None = None,
+               minutes: float | None = None) -> dict[str, Any]:
+    """Stage 0 for `steps`, or within `minutes` (report embeddings included): the backbone folder `out`, and its
+    probe figures. Exactly one of `steps` and `minutes`."""
+    if (steps is None) == (minutes is None):
+        raise ValueError("run_stage0 takes either steps or minutes, not both or neither")
     from medunifier.config import load_stage0_config
     from medunifier.data.dataset import ManifestDataset
     from medunifier.eval.stage0 import evaluate_stage0
@@ -131,26 +145,57 @@ def run_stage0(data_dir: Path, out: Path, minutes: float, seed: int) -> dict[str
             tower = TextTower(config.text_encoder, max_length=config.text_max_length)
             TextBank.build(dataset, tower, out / RUN / "text_embeddings.safetensors", config.text_encoder,
                            console.print)  # cached: pretrain_vision reads it back
-            per_step = STAGE0_MARGIN * seconds_per_step(config, tower.width)
-            left = minutes * 60 - (time.perf_counter() - start)
-            steps = max(100, int(left / per_step))
-            console.print(f"stage 0: {per_step / STAGE0_MARGIN:.2f} s/step at batch {config.batch_size}: "
-                          f"{steps} steps in the {left / 60:.1f} minutes left")
+            if minutes is not None:
+                per_step = STAGE0_MARGIN * seconds_per_step(config, tower.width)
+                left = minutes * 60 - (time.perf_counter() - start)
+                steps = max(100, int(left / per_step))
+                console.print(f"stage 0: {per_step / STAGE0_MARGIN:.2f} s/step at batch {config.batch_size}: "
+                              f"{steps} steps in the {left / 60:.1f} minutes left")
+            else:
+                console.print(f"stage 0: {steps} steps at batch {config.batch_size}")
             config = config.model_copy(update={"max_steps": steps, "save_every": max(steps // 4, 50)})
         pretrain_vision(config, manifest, out, resume=resume)
     return evaluate_stage0(out, manifest, data_dir / "manifest_5x200.jsonl")
 
 
-def run_demo(out: str | Path = "runs/demo", minutes: float = 10.0, n_images: int = 6000, seed: int = 0,
-             eval_limit: int = 200, prior_minutes: float | None = None, stage0_minutes: float = 3.0) -> Path | None:
+def demo_budgets(steps: int | None = None, stage0_steps: int | None = None, prior_steps: int | None = None,
+                 minutes: float | None = None, stage0_minutes: float | None = None,
+                 prior_minutes: float | None = None) -> dict[str, dict[str, Any]]:
+    """{"stage0" | "stage1" | "prior": {"steps": n or None, "minutes": m or None}}, one of the two set per stage:
+    the stage's step count when given, its time budget when given, else its `DEMO_STEPS` count.
+
+    Raises ValueError when a stage gets both, or a non-positive value.
+    """
+    chosen: dict[str, dict[str, Any]] = {}
+    for name, n, m in (("stage0", stage0_steps, stage0_minutes), ("stage1", steps, minutes),
+                       ("prior", prior_steps, prior_minutes)):
+        option = "" if name == "stage1" else f"{name}_"
+        if n is not None and m is not None:
+            raise ValueError(f"the demo's {name} takes --{option}steps or --{option}minutes, not both: drop one")
+        if n is not None and n < 1:
+            raise ValueError(f"--{option}steps must be positive (got {n})")
+        if m is not None and m <= 0:
+            raise ValueError(f"--{option}minutes must be positive (got {m})")
+        chosen[name] = {"steps": DEMO_STEPS[name] if n is None and m is None else n, "minutes": m}
+    return chosen
+
+
+def run_demo(out: str | Path = "runs/demo", n_images: int = 6000, seed: int = 0, eval_limit: int = 200,
+             steps: int | None = None, stage0_steps: int | None = None, prior_steps: int | None = None,
+             minutes: float | None = None, stage0_minutes: float | None = None,
+             prior_minutes: float | None = None) -> Path | None:
     """Run the demo into `out` and return the path of `report.html` (None when a signal stopped training:
     the same call resumes it).
 
-    The paper's recipe: stage 0 pre-trains the vision backbone (`stage0_minutes`, report embeddings
-    included), its frozen outputs are cached on disk, stage 1 trains the image-text encoder and the generator
-    on them for `minutes`, and the code priors get `prior_minutes` (default half of `minutes`).
+    The paper's recipe: stage 0 pre-trains the vision backbone, its frozen outputs are cached on disk, stage 1
+    trains the image-text encoder and the generator on them, and the code priors are trained last.
+
+    Each of the three trainings runs a fixed step count (`stage0_steps`, `steps`, `prior_steps`; defaults
+    `DEMO_STEPS`, about 20 minutes in all on 2 cores), so the figures do not depend on this machine's speed or
+    load. Giving a stage's `*minutes` instead fits its step count to that wall-clock budget on this machine.
+    Giving both for one stage is an error.
     """
-    prior_minutes = minutes / 2 if prior_minutes is None else prior_minutes
+    chosen = demo_budgets(steps, stage0_steps, prior_steps, minutes, stage0_minutes, prior_minutes)
     from medunifier.data.synthcxr import write_synthcxr
 
     out = Path(out)
@@ -168,7 +213,7 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 10.0, n_images: int
     console.rule("2/5 stage 0: the vision backbone")
     vision_dir = out / "vision"
     start = time.perf_counter()
-    stage0 = run_stage0(data_dir, vision_dir, stage0_minutes, seed)
+    stage0 = run_stage0(data_dir, vision_dir, seed, **chosen["stage0"])
     console.print("stage 0 (linear probe and zero-shot of the backbone alone, 5x200): " + json.dumps(stage0))
     feature_dir = out / "features"
     if not (feature_dir / "cache.json").exists():
@@ -195,7 +240,8 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 10.0, n_images: int
         config = load_config(run_dir / "config.yaml")
         console.print(f"resuming the run in {run_dir} ({config.train.max_steps} steps)")
     else:
-        config = demo_config(tokenizer_dir, minutes, seed, data_dir / "manifest.jsonl", vision_dir, feature_dir)
+        config = demo_config(tokenizer_dir, seed, data_dir / "manifest.jsonl", vision_dir, feature_dir,
+                             **chosen["stage1"])
     start = time.perf_counter()
     result = train(config, data_dir / "manifest.jsonl", run_dir, resume=resume)
     timings["train_s"] = time.perf_counter() - start
@@ -210,7 +256,7 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 10.0, n_images: int
     from medunifier.model import load_model
 
     start = time.perf_counter()
-    train_demo_priors(run_dir, data_dir / "manifest.jsonl", minutes=prior_minutes, seed=seed)
+    train_demo_priors(run_dir, data_dir / "manifest.jsonl", seed=seed, **chosen["prior"])
     timings["prior_s"] = time.perf_counter() - start
 
     model = load_model(model_dir)

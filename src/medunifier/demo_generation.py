@@ -39,8 +39,17 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
-def train_demo_priors(run_dir: str | Path, manifest: str | Path, minutes: float, seed: int = 0) -> Path:
-    """Train the run's priors in about `minutes` of wall time (code encoding included); returns the prior folder."""
+def train_demo_priors(run_dir: str | Path, manifest: str | Path, minutes: float | None = None, seed: int = 0,
+                      steps: int | None = None) -> Path:
+    """Train the run's priors for `steps`, or in about `minutes` of wall time (code encoding included); returns
+    the prior folder.
+
+    Args:
+        steps: a fixed step count: the prior then does not depend on this machine's speed or load.
+        minutes: fit the step count to this wall-clock budget instead (timed on a few real steps).
+    """
+    if (steps is None) == (minutes is None):
+        raise ValueError("train_demo_priors takes either steps or minutes, not both or neither")
     from medunifier.generate.priors import HierarchicalPrior
     from medunifier.generate.train_prior import (
         CODES_NAME,
@@ -60,7 +69,7 @@ def train_demo_priors(run_dir: str | Path, manifest: str | Path, minutes: float,
     from medunifier.train.loop import resolve_data
 
     start = time.perf_counter()
-    budget = max(30.0, minutes * 60.0)
+    budget = None if minutes is None else max(30.0, minutes * 60.0)
     run_dir = Path(run_dir)
     prior_dir = prior_dir_for(run_dir)
     meta_path = prior_dir / CONFIG_NAME
@@ -75,9 +84,8 @@ def train_demo_priors(run_dir: str | Path, manifest: str | Path, minutes: float,
 
         state = json.loads((latest / "trainer_state.json").read_text())
         settings = PriorConfigModel.model_validate(state["settings"])
-        remaining = budget - (time.perf_counter() - start)
-        train_prior(run_dir, manifest, settings=settings, resume=True, time_limit_s=max(remaining, 60.0), model=model,
-                    log=_log)
+        limit = None if budget is None else max(budget - (time.perf_counter() - start), 60.0)
+        train_prior(run_dir, manifest, settings=settings, resume=True, time_limit_s=limit, model=model, log=_log)
         return prior_dir
 
     settings = prior_settings(model.config, [*DEMO_PRIOR_OVERRIDES, f"seed={seed}"])
@@ -88,6 +96,11 @@ def train_demo_priors(run_dir: str | Path, manifest: str | Path, minutes: float,
 
     text = TextFeatures(model, codes)  # computed once, reused by train_prior
     _log(f"codes and text features of {len(codes)} training images ready after {time.perf_counter() - start:.0f} s")
+    if budget is None:
+        settings = settings.model_copy(update={"max_steps": steps, "save_every": max(50, steps // 4)})
+        _log(f"prior: {steps} steps at batch {settings.batch_size}")
+        train_prior(run_dir, manifest, settings=settings, model=model, text_features=text, log=_log)
+        return prior_dir
 
     # time a few real steps of this prior on this machine
     device = next(model.parameters()).device

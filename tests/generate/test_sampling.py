@@ -227,3 +227,17 @@ def test_demo_section_html(small_run: Path, monkeypatch: pytest.MonkeyPatch) -> 
         assert title in html
     assert metrics["consistency"]["n"] == 10 and "targets" in metrics
     assert (small_run / "run" / "eval" / "synthesis" / "results.json").exists()
+
+
+def test_demo_prior_runs_its_fixed_step_count(small_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from medunifier.demo_generation import train_demo_priors
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run / "run" / "model", run / "model")
+    prior = train_demo_priors(run, small_run / "data" / "manifest.jsonl", steps=3)
+    meta = json.loads((prior / "prior.json").read_text())
+    assert meta["finished"] and meta["step"] == meta["total_steps"] == 3
+    with pytest.raises(ValueError, match="either steps or minutes"):
+        train_demo_priors(run, small_run / "data" / "manifest.jsonl", steps=3, minutes=1.0)
