@@ -40,7 +40,7 @@ def generate_train_prior(
     """Train the text-conditioned top and bottom code priors of a run (frozen model; resumable)."""
     from medunifier.config import ConfigError
     from medunifier.generate.train_prior import train_prior
-    from medunifier.train.loop import DataError
+    from medunifier.train.data import DataError
 
     try:
         result = train_prior(ckpt, data, overrides=overrides or [], max_steps=max_steps, resume=resume,
