@@ -2,20 +2,91 @@
 
 The model all-gathers its contrastive features itself; our samplers split the data by rank. Each process
 holds the whole model and optimiser, which is what checkpoints save and what exact resume restores.
+Sharded training (Accelerate's FSDP, DeepSpeed or Megatron-LM) would hold a shard per process, which neither
+the checkpoints nor the model's own all-gather handle: such a launch is refused before anything is built.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from medunifier.config import ConfigError
 from medunifier.utils import launch_rank_world
 
-__all__ = ["cpu_only_multiprocess", "weights_checksum", "write_rank_summary"]
+__all__ = [
+    "UNSUPPORTED_BACKENDS", "UnsupportedDistributionError", "check_accelerator", "check_launch",
+    "cpu_only_multiprocess", "weights_checksum", "write_rank_summary",
+]
+
+# Accelerate's distributed types that shard the model or the optimiser -> (name, the variable that asks for it)
+UNSUPPORTED_BACKENDS = {
+    "FSDP": ("FSDP", "ACCELERATE_USE_FSDP"),
+    "DEEPSPEED": ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"),
+    "MEGATRON_LM": ("Megatron-LM", "ACCELERATE_USE_MEGATRON_LM"),
+}
+_TRUE = ("1", "true", "yes", "y", "on", "t")
+WHAT_WORKS = ("medunifier trains on one process (CPU or GPU) or with DDP over several: "
+              "`torchrun --nproc_per_node N -m medunifier.cli pretrain ...`, or `accelerate launch` with a "
+              "multi-GPU (DDP) config")
+
+
+class UnsupportedDistributionError(ConfigError):
+    """A launch that asks for a distributed backend medunifier does not support (FSDP, DeepSpeed, Megatron-LM)."""
+
+
+def _refusal(kind: str, why: str, fix: str) -> UnsupportedDistributionError:
+    name = UNSUPPORTED_BACKENDS[kind][0]
+    return UnsupportedDistributionError(f"{name} is not supported ({why}). {WHAT_WORKS}. {fix}")
+
+
+def check_launch() -> None:
+    """Refuse, before anything is built, a launch that asks Accelerate for FSDP, DeepSpeed or Megatron-LM:
+    through the environment `accelerate launch` sets from its config, or through an Accelerate state that
+    this process already set up.
+
+    Raises:
+        UnsupportedDistributionError: the message names the backend, how it was asked for, and what works.
+    """
+    for kind, (name, flag) in UNSUPPORTED_BACKENDS.items():
+        value = os.environ.get(flag, "")
+        if value.strip().lower() in _TRUE:
+            raise _refusal(kind, f"the environment sets {flag}={value}, as `accelerate launch` does for a {name} "
+                           "config", f"Unset {flag}, or choose multi-GPU without {name} in `accelerate config`")
+    state = sys.modules.get("accelerate.state")  # no Accelerate state can exist before Accelerate is imported
+    if state is not None:
+        kind = _type_name(state.AcceleratorState._shared_state.get("distributed_type"))
+        if kind in UNSUPPORTED_BACKENDS:
+            raise _refusal(kind, "this process's Accelerate state was set up for it",
+                           "Train in a fresh process launched with DDP")
+
+
+def check_accelerator(accelerator: Any) -> None:
+    """Refuse an `accelerate.Accelerator` whose distributed type shards the model (FSDP, DeepSpeed, Megatron-LM).
+
+    Args:
+        accelerator: the run's Accelerator, just built.
+
+    Raises:
+        UnsupportedDistributionError: as `check_launch`.
+    """
+    kind = _type_name(accelerator.distributed_type)
+    if kind in UNSUPPORTED_BACKENDS:
+        raise _refusal(kind, f"Accelerate set the run up as {kind}", "Launch with DDP instead")
+
+
+def _type_name(distributed_type: Any) -> str | None:
+    """'FSDP' for DistributedType.FSDP (or the string 'FSDP'); None for None."""
+    if distributed_type is None:
+        return None
+    return str(getattr(distributed_type, "name", distributed_type)).upper()
 
 
 def cpu_only_multiprocess() -> bool:

@@ -37,7 +37,12 @@ from medunifier.train.checkpoint import capture_rng_state, latest_checkpoint, sa
 from medunifier.train.compute import configure_compute
 from medunifier.train.curriculum import Stage, resolve_stages, stage_at, total_steps, validate_stages
 from medunifier.train.data import BatchStream, DataError, DataSource, build_loader, equalize, resolve_data
-from medunifier.train.distributed import cpu_only_multiprocess, write_rank_summary
+from medunifier.train.distributed import (
+    check_accelerator,
+    check_launch,
+    cpu_only_multiprocess,
+    write_rank_summary,
+)
 from medunifier.train.metrics import MetricsLogger, plot_loss_curves, progress_bar, update_progress
 from medunifier.train.optim import WarmupCosineSchedule, build_optimizer
 from medunifier.train.precision import resolve_mixed_precision
@@ -97,7 +102,7 @@ class Trainer:
         schedule_changed: bool = False,
     ):
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
         self.config, self.source, self.run_dir, self.stages = config, source, run_dir, stages
         self.tc = config.train
@@ -111,6 +116,7 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         acc = self.accelerator
+        check_accelerator(acc)  # FSDP / DeepSpeed asked for by an Accelerate state or config: refused
         self.rank, self.world = acc.process_index, acc.num_processes
         self.is_main = acc.is_main_process
         if self.is_main:
@@ -119,13 +125,6 @@ class Trainer:
             for stale in (run_dir / "checkpoints").glob(".tmp-*"):  # left by a crash mid-save
                 shutil.rmtree(stale, ignore_errors=True)
         acc.wait_for_everyone()
-        if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            if self.is_main:
-                print("warning: checkpoints hold each process's local (possibly sharded) model and optimiser "
-                      "state; exact resume is only tested for single-process and DDP runs", file=sys.stderr)
-            deepspeed = getattr(acc.state, "deepspeed_plugin", None)
-            if deepspeed is not None and deepspeed.deepspeed_config.get("train_micro_batch_size_per_gpu") == "auto":
-                deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = self.tc.batch_size
 
         set_seed(self.tc.seed)  # identical initialisation on every process
         model = build_model(config)
@@ -557,8 +556,10 @@ def train(
     `resume` continues from the newest intact checkpoint in `out` (a damaged newer one is moved aside to
     `step-N.damaged`); `resume_from` names the checkpoint folder to continue from instead. Everything that
     can be checked without the model (config, data path, curriculum against the data, the run folder,
-    the checkpoint) is checked first.
+    the checkpoint) is checked first, and before them the launch: FSDP, DeepSpeed and Megatron-LM are refused
+    (`train.distributed`).
     """
+    check_launch()
     if isinstance(config, MedUnifierConfig):
         cfg = config
         if overrides:
