@@ -66,7 +66,7 @@ def train_demo_priors(run_dir: str | Path, manifest: str | Path, minutes: float 
     )
     from medunifier.model import load_model
     from medunifier.train.checkpoint import latest_checkpoint
-    from medunifier.train.loop import resolve_data
+    from medunifier.train.data import resolve_data
 
     start = time.perf_counter()
     budget = None if minutes is None else max(30.0, minutes * 60.0)

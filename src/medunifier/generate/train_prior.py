@@ -361,7 +361,8 @@ def train_prior(
     """
     from medunifier.config import ConfigError
     from medunifier.model import load_model
-    from medunifier.train.loop import DataError, StopFlag, resolve_data
+    from medunifier.train.data import DataError, resolve_data
+    from medunifier.train.signals import StopFlag
 
     source = resolve_data(data)
     if source.kind != "manifest":

@@ -6,10 +6,9 @@ one GPU, or several processes (`torchrun --nproc_per_node N -m medunifier.cli pr
 Accelerate wraps the model (DDP) and the optimiser and handles mixed precision and gradient
 accumulation; the model all-gathers its contrastive features itself.
 
-Data is sharded across processes by our own samplers (`ResumableRandomSampler`, the mixture
-sampler of a stage, or `StreamingShardDataset`'s rank split), not by `accelerator.prepare`, so
-that the exact data position can be saved and restored. `train.batch_size` is the micro-batch of
-one process; one optimiser step sees `batch_size x processes x grad_accum` samples.
+Data is sharded across processes by our own samplers (`train.data`), not by `accelerator.prepare`,
+so that the exact data position can be saved and restored (`train.resume`). `train.batch_size` is the
+micro-batch of one process; one optimiser step sees `batch_size x processes x grad_accum` samples.
 
 Steps and schedules: `train.max_steps` (or the sum of the stages' steps) defines the learning-rate
 schedule and the curriculum; `max_steps=` only says where this invocation stops, so a run cut in
@@ -18,18 +17,13 @@ two pieces (`--max-steps 20`, then `--resume`) follows exactly the same trajecto
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 import shutil
 import signal
 import sys
-import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,32 +31,30 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from medunifier.config import ConfigError, MedUnifierConfig, load_config, save_config, split_mixture_key
+from medunifier.config import ConfigError, MedUnifierConfig, load_config, save_config
 from medunifier.data.augment import augment_batch
-from medunifier.data.manifest import I2I_TASKS, ReadReport, Record, read_manifest
-from medunifier.train.checkpoint import (
-    capture_rng_state,
-    checkpoint_problem,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    resume_checkpoint,
-    save_checkpoint,
-)
+from medunifier.train.checkpoint import capture_rng_state, latest_checkpoint, save_checkpoint
 from medunifier.train.compute import configure_compute
 from medunifier.train.curriculum import Stage, resolve_stages, stage_at, total_steps, validate_stages
-from medunifier.train.metrics import MetricsLogger, plot_loss_curves, truncate_metrics
+from medunifier.train.data import BatchStream, DataError, DataSource, build_loader, equalize, resolve_data
+from medunifier.train.distributed import (
+    check_accelerator,
+    check_launch,
+    cpu_only_multiprocess,
+    write_rank_summary,
+)
+from medunifier.train.metrics import MetricsLogger, plot_loss_curves, progress_bar, update_progress
 from medunifier.train.optim import WarmupCosineSchedule, build_optimizer
 from medunifier.train.precision import resolve_mixed_precision
+from medunifier.train.resume import check_resumable, choose_checkpoint, restore_run
+from medunifier.train.signals import StopFlag
 from medunifier.utils import launch_rank_world
 
-SHARD_INDEX = "shards.json"
-DATA_REPORT = "data_report.json"  # in the run folder: the manifest records left out, and why
+__all__ = [
+    "DataError", "NonFiniteLossError", "TrainResult", "Trainer", "build_model", "resolve_data", "train",
+]
+
 MAX_VAL_BATCHES = 50  # validation reads at most this many batches per process
-
-
-class DataError(ValueError):
-    """Training data that cannot be used; raised before any model is built."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -86,211 +78,11 @@ class TrainResult:
     prior: Any = None  # the PriorTrainResult when the caller ran the prior stage (see generate.prior_stage)
 
 
-# -------------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class DataSource:
-    """A validated `--data`: a manifest (records read) or a folder of tar shards (index read)."""
-
-    path: Path
-    kind: str  # "manifest" | "shards"
-    train_records: list[Record] = field(default_factory=list)
-    val_records: list[Record] = field(default_factory=list)
-    shard_total: int | None = None
-    report: ReadReport | None = None  # the manifest records left out, and why
-
-
-def resolve_data(path: str | Path, report_dir: str | Path | None = None) -> DataSource:
-    """Check that `path` is usable training data: a manifest.jsonl, a folder holding one, or shards.
-
-    Args:
-        path: the `--data` argument.
-        report_dir: where `data_report.json` (every left-out record with its line and reason) is written
-            when the manifest has bad records (by the main process only).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data path not found: {path}")
-    if path.is_dir():
-        if (path / SHARD_INDEX).is_file() or any(path.glob("*.tar")):
-            from medunifier.data.shards import read_index
-
-            index = read_index(path)
-            if not index.get("shards"):
-                raise DataError(f"{path}: the shard index lists no shards")
-            if index.get("total") == 0:
-                raise DataError(f"{path}: the shards hold no samples")
-            return DataSource(path, "shards", shard_total=index.get("total"))
-        if (path / "manifest.jsonl").is_file():
-            path = path / "manifest.jsonl"
-        else:
-            raise DataError(f"{path} is a folder without manifest.jsonl, {SHARD_INDEX} or .tar shards")
-    try:
-        records, report = read_manifest(path)
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"cannot read manifest {path}: {err}") from None
-    lines = report.summary_lines(first=5)
-    if lines and report_dir is not None:
-        target = Path(report_dir) / DATA_REPORT
-        if launch_rank_world()[0] == 0:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(json.dumps(report.to_dict(), indent=1))
-        lines.append(f"  the full list: {target}")
-    for line in lines:
-        print(f"warning: {line}", file=sys.stderr)
-    with_image = [r for r in records if r.image is not None]
-    train_records = [r for r in with_image if r.split == "train"]
-    if not train_records:
-        raise DataError(
-            f"{path}: no training records (split 'train' with an image) among {len(records)} valid records"
-            + (f" ({report.skipped} lines skipped as invalid)" if report.skipped else "")
-        )
-    val_records = [r for r in with_image if r.split == "val"]
-    return DataSource(path, "manifest", train_records=train_records, val_records=val_records, report=report)
-
-
-def _equalize(batch: dict[str, Any], n: int) -> dict[str, Any]:
-    """The first `n` samples of a batch (tensors and lists alike)."""
-    return {k: v[:n] for k, v in batch.items()}
-
-
-class BatchStream:
-    """Endless batches from a DataLoader, with a data position that can be saved and restored.
-
-    For a map-style dataset the position is the sampler's (epoch, index) computed from the number of
-    batches training has consumed (DataLoader workers read ahead); for a streaming dataset it is
-    (epoch, batches consumed in the epoch) and restoring re-reads and discards those batches.
-    """
-
-    def __init__(self, loader: DataLoader, batch_size: int, seed: int):
-        self.loader = loader
-        self.sampler = getattr(loader, "sampler", None)
-        if not hasattr(self.sampler, "state_dict"):
-            self.sampler = None
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0  # streaming datasets only
-        self.consumed = 0  # batches taken from the current iterator
-        self._it: Iterator[Any] | None = None
-        self._skip = 0
-
-    def _start(self) -> None:
-        if self.loader.generator is not None:  # worker seeds: a function of the epoch, not of the global RNG
-            self.loader.generator.manual_seed(self.seed * 1000 + self.epoch)
-        if self.sampler is None and hasattr(self.loader.dataset, "set_epoch"):
-            self.loader.dataset.set_epoch(self.epoch)
-        self._it = iter(self.loader)
-        self.consumed = 0
-        while self._skip > 0:
-            self._skip -= 1
-            next(self._it)
-            self.consumed += 1
-
-    def next(self) -> dict[str, Any] | None:
-        """The next batch (None when the collator dropped every sample), moving on to new epochs as needed."""
-        if self._it is None:
-            self._start()
-        empty_epochs = 0
-        while True:
-            try:
-                batch = next(self._it)
-                break
-            except StopIteration:
-                # a process's share of a streamed epoch may be smaller than a batch; many in a row is an error
-                empty_epochs += self.consumed == 0
-                if empty_epochs >= 10:
-                    raise DataError("the training data yielded no full batch in 10 epochs in a row: fewer "
-                                    "samples than batch_size for this process?") from None
-                self.epoch += 1
-                self._start()
-        self.consumed += 1
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        if self.sampler is not None:
-            if self._it is None:
-                return {"sampler": self.sampler.state_dict()}
-            return {"sampler": self.sampler.state_dict(samples_consumed=self.consumed * self.batch_size)}
-        return {"epoch": self.epoch, "batches": self.consumed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._it = None
-        if self.sampler is not None:
-            self.sampler.load_state_dict(state["sampler"])
-        else:
-            self.epoch, self._skip = int(state["epoch"]), int(state["batches"])
-
-
-# --------------------------------------------------------------------------------------- stopping
-
-
-class StopFlag:
-    """SIGINT/SIGTERM set a flag that the loop checks once per step (it then checkpoints and exits 0)."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal is not None and signum == signal.SIGINT:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.signal = signum
-        print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step", file=sys.stderr)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    @property
-    def requested(self) -> bool:
-        return self.signal is not None
-
-
-def _cpu_only_multiprocess() -> bool:
-    """Several processes (torchrun) on a machine without accelerators.
-
-    Accelerate only sets up its CPU multi-process mode (gloo) when told `cpu=True`; without it each
-    torchrun process would silently train alone.
-    """
-    if launch_rank_world()[1] <= 1:
-        return False
-    from accelerate import utils
-
-    probes = ("is_xpu_available", "is_npu_available", "is_mlu_available", "is_musa_available", "is_hpu_available")
-    return not (torch.cuda.is_available() or any(getattr(utils, p, lambda: False)() for p in probes))
-
-
 def build_model(config: MedUnifierConfig) -> nn.Module:
     """The model a run trains (a function so that tests can substitute it)."""
     from medunifier.model.medunifier import MedUnifier
 
     return MedUnifier(config)
-
-
-def weights_checksum(model: nn.Module) -> str:
-    """SHA-256 over every parameter and buffer, in name order (compares processes and runs).
-
-    BatchNorm running statistics are left out: each process updates them from its own batches (as in
-    DDP without SyncBatchNorm, which has no CPU implementation), and the saved model carries rank 0's.
-    """
-    running = {f"{prefix}.{buffer}" if prefix else buffer
-               for prefix, module in model.named_modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
-               for buffer in ("running_mean", "running_var", "num_batches_tracked")}
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if name in running:
-            continue
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ trainer
@@ -310,7 +102,7 @@ class Trainer:
         schedule_changed: bool = False,
     ):
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
         self.config, self.source, self.run_dir, self.stages = config, source, run_dir, stages
         self.tc = config.train
@@ -318,12 +110,13 @@ class Trainer:
         self.precision = resolve_mixed_precision(self.tc.mixed_precision)
         # unused parameters are normal: a zero loss weight skips an objective, a stage freezes modules
         self.accelerator = Accelerator(
-            cpu=_cpu_only_multiprocess(),
+            cpu=cpu_only_multiprocess(),
             mixed_precision=self.precision,
             gradient_accumulation_steps=self.tc.grad_accum,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         acc = self.accelerator
+        check_accelerator(acc)  # FSDP / DeepSpeed asked for by an Accelerate state or config: refused
         self.rank, self.world = acc.process_index, acc.num_processes
         self.is_main = acc.is_main_process
         if self.is_main:
@@ -332,13 +125,6 @@ class Trainer:
             for stale in (run_dir / "checkpoints").glob(".tmp-*"):  # left by a crash mid-save
                 shutil.rmtree(stale, ignore_errors=True)
         acc.wait_for_everyone()
-        if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            if self.is_main:
-                print("warning: checkpoints hold each process's local (possibly sharded) model and optimiser "
-                      "state; exact resume is only tested for single-process and DDP runs", file=sys.stderr)
-            deepspeed = getattr(acc.state, "deepspeed_plugin", None)
-            if deepspeed is not None and deepspeed.deepspeed_config.get("train_micro_batch_size_per_gpu") == "auto":
-                deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = self.tc.batch_size
 
         set_seed(self.tc.seed)  # identical initialisation on every process
         model = build_model(config)
@@ -359,41 +145,20 @@ class Trainer:
         self.scheduler: WarmupCosineSchedule | None = None
         self.last_saved: int | None = None
         self.last_val: int | None = None
-        saved_data: dict[str, Any] | None = None
-        saved_sched: dict[str, Any] | None = None
+        # a resumed run's data position and scheduler state, taken up when its stage starts
+        self._saved_data: dict[str, Any] | None = None
+        self._saved_sched: dict[str, Any] | None = None
         self.resumed_from = resume_from
         if resume_from is not None:
-            saved_world = json.loads((resume_from / "trainer_state.json").read_text()).get("world_size", self.world)
-            same_world = saved_world == self.world
-            # another process count: rank 0's data position is re-split by the sampler, RNG starts afresh
-            trainer_state, rank_state = load_checkpoint(
-                resume_from, self.unwrapped, self.optimizer, rank=self.rank if same_world else 0,
-                restore_rng=same_world,
-            )
-            if not same_world:
-                print(f"warning: resuming a {saved_world}-process run on {self.world} processes: the data "
-                      "order is re-split (a few samples may repeat)", file=sys.stderr)
-            self.step = int(trainer_state["step"])
-            self.skipped_steps = int(trainer_state.get("skipped_steps", 0))
-            self.dropped_samples = int(trainer_state.get("dropped_samples", 0))
-            self.samples_seen = int(trainer_state.get("samples_seen", 0))
-            if acc.scaler is not None and trainer_state.get("scaler"):
-                acc.scaler.load_state_dict(trainer_state["scaler"])
-            stage_now = stage_at(stages, self.step)[0]
-            if trainer_state.get("stage_index") == stage_now and not schedule_changed:
-                saved_sched = trainer_state.get("scheduler")
-            if not same_world or rank_state is None:
-                set_seed(self.tc.seed + self.rank + self.step)
-            if rank_state is not None and rank_state.get("stage_index") == stage_now:
-                saved_data = rank_state.get("data")
+            restored = restore_run(resume_from, self.unwrapped, self.optimizer, scaler=acc.scaler, stages=stages,
+                                   rank=self.rank, world=self.world, seed=self.tc.seed,
+                                   schedule_changed=schedule_changed, run_dir=run_dir, is_main=self.is_main)
+            self.step, self.skipped_steps = restored.step, restored.skipped_steps
+            self.dropped_samples, self.samples_seen = restored.dropped_samples, restored.samples_seen
+            self._saved_data, self._saved_sched = restored.data, restored.scheduler
             self.last_saved = self.last_val = self.step
-            if self.is_main:
-                dropped = truncate_metrics(run_dir, self.step)
-                print(f"resumed from {resume_from} at step {self.step}"
-                      + (f" (dropped {dropped} metric records logged after it)" if dropped else ""))
         else:
             set_seed(self.tc.seed + self.rank)  # dropout and ITM negatives differ across processes
-        self._saved_data, self._saved_sched = saved_data, saved_sched
         self.logger = MetricsLogger(run_dir, enabled=self.is_main)
         self.stop = StopFlag()
         self.progress: Any = None
@@ -412,45 +177,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------- data
 
     def _loader(self, stage: Stage, split: str) -> DataLoader | None:
-        from medunifier.data.dataset import (
-            Collator,
-            ManifestDataset,
-            ResumableRandomSampler,
-            make_mixture_sampler,
-        )
-
-        cfg, tc = self.config, self.tc
-        collate = Collator(self.tokenizer, max_length=cfg.text.max_length)
-        image_kw = {"image_size": cfg.image.size, "channels": cfg.image.channels,
-                    "mean": cfg.image.mean, "std": cfg.image.std}
-        seed = tc.seed + 1000 * stage.index
-        common = {"batch_size": tc.batch_size, "collate_fn": collate, "num_workers": tc.num_workers,
-                  "pin_memory": self.accelerator.device.type == "cuda", "persistent_workers": False}
-        if self.source.kind == "shards":
-            from medunifier.data.shards import StreamingShardDataset
-
-            dataset = StreamingShardDataset(self.source.path, splits=[split], seed=seed,
-                                            shuffle_buffer=256 if split == "train" else 0,
-                                            rank=self.rank, world_size=self.world, **image_kw)
-            return DataLoader(dataset, drop_last=split == "train", generator=torch.Generator(), **common)
-        records = self.source.train_records if split == "train" else self.source.val_records
-        if split != "train" or not any(split_mixture_key(k)[0] == "i2i" for k in stage.mixture):
-            records = [r for r in records if r.task not in I2I_TASKS]  # they train only under "i2i:" keys
-        if not records:
-            return None
-        dataset = ManifestDataset(records, root=self.source.path.parent,
-                                  hash_images=cfg.vision.feature_cache is not None, **image_kw)
-        if split == "train" and stage.mixture:
-            sampler = make_mixture_sampler(dataset, stage.mixture, seed=seed, num_replicas=self.world,
-                                           rank=self.rank, batch_size=tc.batch_size)
-        else:
-            sampler = ResumableRandomSampler(len(dataset), seed=seed, num_replicas=self.world, rank=self.rank,
-                                             shuffle=split == "train")
-            if split == "train" and len(sampler) < tc.batch_size:
-                raise DataError(f"the train split has {len(dataset)} samples: fewer than one batch of "
-                                f"{tc.batch_size} per process ({self.world} processes)")
-        return DataLoader(dataset, sampler=sampler, drop_last=split == "train", generator=torch.Generator(),
-                          **common)
+        """This process's DataLoader of a stage's split (None when the split is empty)."""
+        return build_loader(self.config, self.source, stage, split, self.tokenizer, rank=self.rank,
+                            world=self.world, pin_memory=self.accelerator.device.type == "cuda")
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         device = self.accelerator.device
@@ -476,7 +205,7 @@ class Trainer:
             self.dropped_samples += self.tc.batch_size - n_local
             (n,) = self._agree([float(n_local)], "min")
             if n > 0:
-                batch = _equalize(batch, int(n)) if n < n_local else batch
+                batch = equalize(batch, int(n)) if n < n_local else batch
                 if len(self.first_ids) < 64:  # which samples this process saw first (ranks/rank-N.json)
                     self.first_ids.extend(batch["ids"][: 64 - len(self.first_ids)])
                 return self._to_device(batch)
@@ -629,7 +358,7 @@ class Trainer:
                 (n,) = self._agree([float(n_local)], "min")
                 if n == 0:
                     break
-                batch = self._to_device(_equalize(batch, int(n)))
+                batch = self._to_device(equalize(batch, int(n)))
                 with self.accelerator.autocast():
                     out = model(batch, loss_weights=stage.losses)
                 for k, v in {"loss": out.loss, **{f"loss_{k}": v for k, v in out.losses.items()}}.items():
@@ -683,7 +412,7 @@ class Trainer:
     def run(self) -> TrainResult:
         acc, tc = self.accelerator, self.tc
         total = total_steps(self.stages)
-        progress = self.progress = _progress(self.is_main, self.step, self.stop_at)
+        progress = self.progress = progress_bar(self.is_main, self.step, self.stop_at)
         throughput: list[float] = []
         result = TrainResult(self.run_dir, self.step, "", is_main=self.is_main)
         self.stop.install()
@@ -725,7 +454,7 @@ class Trainer:
                         record = self._log_window(window, stage, lr)
                         throughput.append(record["samples_per_s"])
                         self.logger.log(record)
-                        _progress_update(progress, self.step, record)
+                        update_progress(progress, self.step, record)
                         window = _new_window()
                     elif progress is not None:
                         progress.update(self.step - progress.n)
@@ -748,7 +477,8 @@ class Trainer:
                 if self.is_main:
                     result.model_dir = self.unwrapped.save_pretrained(self.run_dir / "model")
             if self.world > 1:
-                self._write_rank_summary()
+                write_rank_summary(self.run_dir, self.rank, self.world, self.step, self.unwrapped,
+                                   dropped_samples=self.dropped_samples, first_ids=self.first_ids)
             acc.wait_for_everyone()
             result.stage = final_stage.name
         finally:
@@ -790,14 +520,6 @@ class Trainer:
         raise NonFiniteLossError(f"{detail}. Saved the last good state as {path}; set train.skip_nonfinite=true "
                                  "to skip such steps, or lower train.lr")
 
-    def _write_rank_summary(self) -> None:
-        folder = self.run_dir / "ranks"
-        folder.mkdir(exist_ok=True)
-        summary = {"rank": self.rank, "world_size": self.world, "step": self.step,
-                   "weights_sha256": weights_checksum(self.unwrapped), "dropped_samples": self.dropped_samples,
-                   "first_sample_ids": self.first_ids}
-        (folder / f"rank-{self.rank}.json").write_text(json.dumps(summary, indent=1))
-
 
 def _floats(values: dict[str, Tensor]) -> dict[str, float]:
     return {k: float(v) for k, v in values.items()}
@@ -813,28 +535,6 @@ def _stack(values: list[Tensor], device: torch.device) -> Tensor:
 def _new_window() -> dict[str, Any]:
     return {"steps": 0, "samples": 0, "time": 0.0, "losses": defaultdict(float), "metrics": defaultdict(float),
             "counts": defaultdict(int), "grad_norm": None}
-
-
-def _progress(enabled: bool, start: int, total: int) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, desc="pretrain", unit="step", dynamic_ncols=True,
-                disable=os.environ.get("MEDUNIFIER_NO_PROGRESS") == "1", file=sys.stderr)
-
-
-def _progress_update(progress: Any, step: int, record: dict[str, Any]) -> None:
-    if progress is None:
-        return
-    shown = {"loss": record.get("loss")}
-    for key in ("loss_itc", "loss_itm", "loss_itg", "loss_tig", "loss_i2i"):
-        if key in record:
-            shown[key[5:]] = record[key]
-    postfix = {k: f"{v:.3f}" for k, v in shown.items() if isinstance(v, float) and math.isfinite(v)}
-    postfix["samples/s"] = f"{record['samples_per_s']:.1f}"
-    progress.set_postfix(postfix, refresh=False)
-    progress.update(step - progress.n)
 
 
 # -------------------------------------------------------------------------------------- entry point
@@ -856,8 +556,10 @@ def train(
     `resume` continues from the newest intact checkpoint in `out` (a damaged newer one is moved aside to
     `step-N.damaged`); `resume_from` names the checkpoint folder to continue from instead. Everything that
     can be checked without the model (config, data path, curriculum against the data, the run folder,
-    the checkpoint) is checked first.
+    the checkpoint) is checked first, and before them the launch: FSDP, DeepSpeed and Megatron-LM are refused
+    (`train.distributed`).
     """
+    check_launch()
     if isinstance(config, MedUnifierConfig):
         cfg = config
         if overrides:
@@ -883,27 +585,9 @@ def train(
     validate_stages(stages, source.train_records, getattr(MedUnifier, "MODULE_PREFIXES", None))
 
     run_dir = Path(out)
-    existing = list_checkpoints(run_dir)
-    checkpoint = None
-    if resume_from is not None:
-        checkpoint = Path(resume_from)
-        problem = checkpoint_problem(checkpoint)
-        if problem is not None:
-            raise ConfigError(f"--resume-from {checkpoint}: cannot resume from it ({problem}); pick another "
-                              f"checkpoint folder, e.g. an older one under {run_dir / 'checkpoints'}")
-    elif resume:
-        checkpoint = resume_checkpoint(run_dir, move_aside=launch_rank_world()[0] == 0)
-        if checkpoint is None and existing:
-            raise ConfigError(f"{run_dir}: every checkpoint is damaged (moved aside as step-N.damaged): start a "
-                              "new run in another --out, or repair one and pass --resume-from")
-        if checkpoint is None:
-            print(f"warning: --resume given but {run_dir} has no checkpoint: starting a new run", file=sys.stderr)
-    elif existing:
-        raise ConfigError(f"{run_dir} already holds checkpoints (latest {existing[-1].name}): pass --resume to "
-                          "continue it, or choose another --out")
-    resume_from = checkpoint
+    resume_from = choose_checkpoint(run_dir, resume, resume_from)
     total = total_steps(stages)
-    schedule_changed = resume_from is not None and _check_resumable(resume_from, stages)
+    schedule_changed = resume_from is not None and check_resumable(resume_from, stages)
     stop_at = total if max_steps is None else min(max_steps, total)
     trainer = Trainer(cfg, source, run_dir, stages, stop_at, resume_from, schedule_changed)
     result = trainer.run()
@@ -911,18 +595,3 @@ def train(
     result.finished = not result.interrupted and result.step >= total
     return result
 
-
-def _check_resumable(checkpoint: Path, stages: list[Stage]) -> bool:
-    """Fail when the checkpoint's curriculum cannot continue under this config; True when stage lengths changed."""
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    saved = state.get("stages") or []
-    if [name for name, _ in saved] != [s.name for s in stages]:
-        raise ConfigError(f"{checkpoint} was trained with stages {[n for n, _ in saved]}, this config has "
-                          f"{[s.name for s in stages]}")
-    if state["step"] > total_steps(stages):
-        raise ConfigError(f"{checkpoint} is at step {state['step']}, past this config's {total_steps(stages)} steps")
-    changed = [list(x) for x in saved] != [[s.name, s.steps] for s in stages]
-    if changed:
-        print(f"warning: stage lengths changed from {saved} to {[[s.name, s.steps] for s in stages]}: the "
-              "learning-rate schedule follows the new lengths", file=sys.stderr)
-    return changed

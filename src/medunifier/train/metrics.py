@@ -1,4 +1,4 @@
-"""What a run writes about itself: `metrics.jsonl`, optional TensorBoard, `loss_curves.png`.
+"""What a run writes about itself: `metrics.jsonl`, optional TensorBoard, `loss_curves.png`, the progress bar.
 
 Each line of `metrics.jsonl` is one JSON object with `kind` ("train" or "val"), `step`, `stage`
 and flat numeric fields (`loss`, `loss_itc`, ..., `lr`, `samples_per_s`, codebook usage, ...).
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -147,3 +149,39 @@ def _ema(values: tuple[float, ...], alpha: float = 0.2) -> list[float]:
         running = alpha * v + (1 - alpha) * running if math.isfinite(v) else running
         out.append(running)
     return out
+
+
+def progress_bar(enabled: bool, start: int, total: int) -> Any:
+    """The terminal progress bar of the main process (None elsewhere); MEDUNIFIER_NO_PROGRESS=1 hides it.
+
+    Args:
+        enabled: this is the main process.
+        start: the step the bar starts from (a resumed run's).
+        total: the step this invocation stops at.
+    """
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="pretrain", unit="step", dynamic_ncols=True,
+                disable=os.environ.get("MEDUNIFIER_NO_PROGRESS") == "1", file=sys.stderr)
+
+
+def update_progress(progress: Any, step: int, record: dict[str, Any]) -> None:
+    """Move the bar to `step` and show the losses and throughput of a train log record.
+
+    Args:
+        progress: the bar from `progress_bar` (None: nothing to do).
+        step: the step just finished.
+        record: the log record of the window ending at `step`.
+    """
+    if progress is None:
+        return
+    shown = {"loss": record.get("loss")}
+    for key in ("loss_itc", "loss_itm", "loss_itg", "loss_tig", "loss_i2i"):
+        if key in record:
+            shown[key[5:]] = record[key]
+    postfix = {k: f"{v:.3f}" for k, v in shown.items() if isinstance(v, float) and math.isfinite(v)}
+    postfix["samples/s"] = f"{record['samples_per_s']:.1f}"
+    progress.set_postfix(postfix, refresh=False)
+    progress.update(step - progress.n)

@@ -197,12 +197,14 @@ def pretrain_vision(config: Stage0Config, data: str | Path, out_dir: str | Path,
     from accelerate.utils import set_seed
 
     from medunifier.data.dataset import ResumableRandomSampler
-    from medunifier.train.loop import _cpu_only_multiprocess
+    from medunifier.train.distributed import check_accelerator, check_launch, cpu_only_multiprocess
 
+    check_launch()  # FSDP, DeepSpeed and Megatron-LM are refused
     out = Path(out_dir)
     run_dir = out / RUN
-    accelerator = Accelerator(cpu=_cpu_only_multiprocess(),
+    accelerator = Accelerator(cpu=cpu_only_multiprocess(),
                               mixed_precision=resolve_mixed_precision(config.mixed_precision))
+    check_accelerator(accelerator)
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
 
     def say(message: str) -> None:
