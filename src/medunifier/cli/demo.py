@@ -6,20 +6,31 @@ from pathlib import Path
 
 import typer
 
+from medunifier.cli.common import fail
+
 __all__ = ["demo"]
 
 
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="output folder"),
-    minutes: float = typer.Option(10.0, help="training budget of stage 1 (the image-text encoder and generator)"),
-    stage0_minutes: float = typer.Option(3.0, help="budget of stage 0 (the vision backbone), report embeddings "
-                                         "included"),
-    prior_minutes: float | None = typer.Option(None, help="training budget of the code priors (default minutes/2)"),
+    steps: int | None = typer.Option(None, help="stage-1 steps (the image-text encoder and generator; default 640)"),
+    stage0_steps: int | None = typer.Option(None, help="stage-0 steps (the vision backbone; default 480)"),
+    prior_steps: int | None = typer.Option(None, help="steps of the code priors (default 270)"),
+    minutes: float | None = typer.Option(None, help="fit stage 1 to this wall-clock budget on this machine instead "
+                                         "of a step count (the figures then depend on the machine's speed and load)"),
+    stage0_minutes: float | None = typer.Option(None, help="the same for stage 0 (report embeddings included)"),
+    prior_minutes: float | None = typer.Option(None, help="the same for the code priors"),
     n_images: int = typer.Option(6000, help="SynthCXR images to generate (plus the 5x200 set)"),
 ) -> None:
     """The whole system on a CPU in minutes: SynthCXR, stage 0, the frozen-encoder model, priors, evaluation,
-    an HTML report."""
-    from medunifier.demo import run_demo
+    an HTML report. Fixed step counts by default (about 20 minutes on 2 cores), so the figures do not depend
+    on the machine's load."""
+    from medunifier.demo import demo_budgets, run_demo
 
-    run_demo(out, minutes=minutes, prior_minutes=prior_minutes, n_images=n_images, stage0_minutes=stage0_minutes)
-
+    budgets = dict(steps=steps, stage0_steps=stage0_steps, prior_steps=prior_steps, minutes=minutes,
+                   stage0_minutes=stage0_minutes, prior_minutes=prior_minutes)
+    try:
+        demo_budgets(**budgets)
+    except ValueError as err:
+        fail(str(err))
+    run_demo(out, n_images=n_images, **budgets)
