@@ -24,9 +24,9 @@ def test_a_stage_given_minutes_is_fitted_to_time_and_the_others_keep_their_steps
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"stage0_steps": 10, "stage0_minutes": 1.0}, "--stage0_steps or --stage0_minutes, not both"),
+    ({"stage0_steps": 10, "stage0_minutes": 1.0}, "--stage0-steps or --stage0-minutes, not both"),
     ({"steps": 0}, "--steps must be positive"),
-    ({"prior_minutes": -1.0}, "--prior_minutes must be positive"),
+    ({"prior_minutes": -1.0}, "--prior-minutes must be positive"),
 ])  # fmt: skip
 def test_incompatible_or_empty_budgets_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -169,7 +169,7 @@ def demo_budgets(steps: int | None = None, stage0_steps: int | None = None, prio
     chosen: dict[str, dict[str, Any]] = {}
     for name, n, m in (("stage0", stage0_steps, stage0_minutes), ("stage1", steps, minutes),
                        ("prior", prior_steps, prior_minutes)):
-        option = "" if name == "stage1" else f"{name}_"
+        option = "" if name == "stage1" else f"{name}-"
         if n is not None and m is not None:
             raise ValueError(f"the demo's {name} takes --{option}steps or --{option}minutes, not both: drop one")
         if n is not None and n < 1:
