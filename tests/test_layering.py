@@ -42,6 +42,8 @@ EXCEPTIONS = {
         "the model owns its tokenizer and special-token ids until a processor takes them out of model/",
     ("medunifier.model.medunifier", "medunifier.data.dataset"):
         "the question/answer prompt layout (Collator) tokenises VQA prefixes; it moves with the processor",
+    ("medunifier.model.saving", "medunifier.data.tokenizer"):
+        "a saved model's folder holds its tokenizer, which loading reads back; it moves with the processor",
     ("medunifier.model.bert_weights", "medunifier.data.tokenizer"):
         "the task tokens ([DEC], [ENC]) the tokenizer adds decide the embedding rows a BERT checkpoint fills",
 }

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["PSNR_CAP_DB", "html_table", "jsonable", "launch_rank_world", "process_group_rank_world", "psnr_db"]
+__all__ = ["PSNR_CAP_DB", "html_table", "jsonable", "launch_rank_world", "process_group_rank_world", "psnr_db",
+           "psnr_normalised"]
 
 PSNR_CAP_DB = 100.0  # identical images: PSNR is infinite, reported as this
 
@@ -35,6 +36,18 @@ def psnr_db(mse: Tensor | float, peak: float = 1.0) -> Tensor | float:
     if isinstance(mse, Tensor):
         return (10 * torch.log10(peak**2 / mse.float())).clamp_max(PSNR_CAP_DB)
     return PSNR_CAP_DB if mse <= 0 else min(PSNR_CAP_DB, 10.0 * math.log10(peak**2 / mse))
+
+
+def psnr_normalised(images: Tensor, targets: Tensor, std: float | Sequence[float] = 0.5) -> Tensor:
+    """PSNR in dB on the [0, 1] scale of images normalised as (x - mean) / std: a 0-d tensor.
+
+    Args:
+        images, targets: [B, C, H, W] normalised tensors.
+        std: the normalisation's std, one value or one per channel (C values).
+    """
+    if not isinstance(std, (int, float)):
+        std = torch.tensor([float(s) for s in std], device=images.device).view(-1, 1, 1)  # [C, 1, 1]
+    return psnr_db(((images.float() - targets.float()) * std).pow(2).mean())
 
 
 def process_group_rank_world() -> tuple[int, int]:

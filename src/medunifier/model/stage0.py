@@ -27,7 +27,7 @@ import transformers
 from torch import Tensor, nn
 
 from medunifier.config import ImageConfig, VisionConfig
-from medunifier.model.medunifier import gather_no_grad, gather_with_grad
+from medunifier.model.losses import gather_no_grad, gather_with_grad
 from medunifier.model.vision import build_backbone
 from medunifier.pretrained import resolve_local
 from medunifier.utils import process_group_rank_world
