@@ -15,6 +15,8 @@ import zipfile
 from pathlib import Path
 
 MINILM = "minilm"
+SAVED_CONFIG_NAME = "config.json"  # a saved MedUnifier folder's config (beside model.safetensors)
+SAVED_TOKENIZER_DIR = "tokenizer"  # and its tokenizer's files
 INCEPTION_FILE = "default_1.pt"
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 
@@ -63,6 +65,19 @@ def resolve_local(spec: str) -> Path:
             f"pretrained folder not found: '{spec}'. medunifier never downloads weights; "
             "name a local folder (or 'minilm' for the packaged MiniLM)."
         )
+    return path
+
+
+def saved_model_dir(path: str | Path) -> Path:
+    """The folder of a saved MedUnifier model: `path` itself or a run folder's `model/`.
+
+    Raises FileNotFoundError when neither holds a config.json.
+    """
+    path = Path(path)
+    if (path / "model" / SAVED_CONFIG_NAME).exists():  # a run folder
+        path = path / "model"
+    if not (path / SAVED_CONFIG_NAME).exists():
+        raise FileNotFoundError(f"no {SAVED_CONFIG_NAME} in {path}: not a saved MedUnifier model")
     return path
 
 

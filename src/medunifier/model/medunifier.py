@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medunifier.config import I2I_TASKS, LossWeights, MedUnifierConfig
-from medunifier.data.tokenizer import load_tokenizer, special_ids
 from medunifier.model.decoding import generate
 from medunifier.model.encoder import ImageTextEncoder
 from medunifier.model.generator import TextGroundedGenerator
@@ -55,6 +54,7 @@ from medunifier.model.losses import (
 )
 from medunifier.model.saving import load_pretrained, save_pretrained
 from medunifier.model.vision import VisionEncoder
+from medunifier.tokens import load_tokenizer, special_ids
 
 __all__ = ["MedUnifier", "MedUnifierOutput"]
 
@@ -386,16 +386,21 @@ class MedUnifier(nn.Module):
         no_repeat_ngram_size: int = 0,
         length_penalty: float = 1.0,
         generator: torch.Generator | None = None,
-        prefix_texts: list[str] | None = None,
+        prefix_ids: Tensor | None = None,
+        prefix_mask: Tensor | None = None,
         *,
         modalities: list[str] | None = None,
     ) -> list[str]:
-        """Draft reports (or answers, when `prefix_texts` holds questions) for a batch of images."""
+        """Draft reports for a batch of images, or answers after question prefixes.
+
+        prefix_ids, prefix_mask: [B, P] left-padded "[DEC] question [SEP]" (`Processor.question_prefixes`);
+        decoding continues after them and the answer alone is returned.
+        """
         image_embeds = self.image_features(pixel_values)
-        prefix_ids = prefix_mask = None
         max_length = max_length or self.config.text.max_length
-        if prefix_texts is not None:
-            prefix_ids, prefix_mask = self.question_prefixes(prefix_texts)
+        if prefix_ids is not None:
+            if prefix_mask is None:
+                raise ValueError("prefix_ids needs its prefix_mask (Processor.question_prefixes gives both)")
             prefix_ids, prefix_mask = prefix_ids.to(pixel_values.device), prefix_mask.to(pixel_values.device)
             room = self.config.encoder.max_position_embeddings - prefix_ids.shape[1]
             max_length = max(1, min(max_length, room))
@@ -420,24 +425,6 @@ class MedUnifier(nn.Module):
             modality_ids=self.modality_ids_for(modalities, pixel_values.shape[0]),
         )
         return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-
-    def question_prefixes(self, questions: list[str]) -> tuple[Tensor, Tensor]:
-        """Left-padded "[DEC] question [SEP]" ids and mask [B, P]: the VQA training layout (and truncation),
-        after which the answer is decoded (`generate_report(prefix_texts=...)`)."""
-        from medunifier.data.dataset import Collator
-
-        collator = Collator(self.tokenizer, max_length=self.config.text.max_length)
-        prompts = []
-        for question in self.tokenizer(list(questions), add_special_tokens=False)["input_ids"]:
-            sequence, prefix_length = collator.encode_qa(question, [])
-            prompts.append([self.special["dec"], *sequence[1:prefix_length]])
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.special["pad"], dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            mask[row, width - len(prompt):] = 1
-        return ids, mask
 
     def _generator_inputs(
         self,

@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from medunifier.config import MedUnifierConfig, config_from_dict
-from medunifier.data.tokenizer import load_tokenizer
+from medunifier.pretrained import SAVED_CONFIG_NAME, SAVED_TOKENIZER_DIR, saved_model_dir
+from medunifier.tokens import load_tokenizer
 
 if TYPE_CHECKING:
     from medunifier.model.medunifier import MedUnifier
@@ -26,8 +27,8 @@ if TYPE_CHECKING:
 __all__ = ["CONFIG_NAME", "TOKENIZER_DIR", "WEIGHTS_NAME", "load_pretrained", "save_pretrained"]
 
 WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-TOKENIZER_DIR = "tokenizer"
+CONFIG_NAME = SAVED_CONFIG_NAME
+TOKENIZER_DIR = SAVED_TOKENIZER_DIR
 
 
 def _untied(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -56,16 +57,6 @@ def save_pretrained(model: MedUnifier, out_dir: str | Path) -> Path:
     return out
 
 
-def model_folder(model_dir: str | Path) -> Path:
-    """The folder holding config.json: `model_dir` itself or a run folder's `model/`."""
-    model_dir = Path(model_dir)
-    if (model_dir / "model" / CONFIG_NAME).exists():  # a run folder
-        model_dir = model_dir / "model"
-    if not (model_dir / CONFIG_NAME).exists():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {model_dir}: not a saved MedUnifier model")
-    return model_dir
-
-
 def load_pretrained(build: Callable[..., MedUnifier], model_dir: str | Path,
                     map_location: str | torch.device = "cpu") -> MedUnifier:
     """The model saved in `model_dir` (or a run folder), on `map_location`.
@@ -76,7 +67,7 @@ def load_pretrained(build: Callable[..., MedUnifier], model_dir: str | Path,
         map_location: where the weights go.
     Raises RuntimeError when a weight is missing or unexpected (tied weights aside).
     """
-    model_dir = model_folder(model_dir)
+    model_dir = saved_model_dir(model_dir)
     data: dict[str, Any] = json.loads((model_dir / CONFIG_NAME).read_text())
     tokenizer = load_tokenizer(str(model_dir / TOKENIZER_DIR))
     data["text"]["tokenizer"] = str(model_dir / TOKENIZER_DIR)
