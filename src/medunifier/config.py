@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.resources
 import itertools
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,11 +47,131 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+IMAGE_DEFAULTS = {"size": 64, "mean": 0.5, "std": 0.5}  # what an unset (null) image field becomes without a folder
+PREPROCESSOR_CONFIG = "preprocessor_config.json"  # a transformers image processor's settings in a model folder
+
+
 class ImageConfig(_Strict):
-    size: int = Field(64, ge=8, description="square input side in pixels")
+    """Input images: side, channels and normalisation.
+
+    `size`, `mean` and `std` set to null (or, for mean and std, left out) take their values from the
+    preprocessor_config.json of the folder `vision.pretrained` names (see `image_settings_from_folder`), and
+    otherwise IMAGE_DEFAULTS.
+    """
+
+    size: int = Field(
+        IMAGE_DEFAULTS["size"], ge=8,
+        description="square input side in pixels; null: the preprocessor_config.json of vision.pretrained's folder "
+        "(crop_size, else size), else 64")
     channels: Literal[1, 3] = Field(3, description="channels fed to the vision encoder (grey images are repeated)")
-    mean: float = Field(0.5, description="pixel mean subtracted after scaling to [0, 1]")
-    std: float = Field(0.5, gt=0, description="pixel std divided by after subtracting the mean")
+    mean: float | list[float] = Field(
+        IMAGE_DEFAULTS["mean"],
+        description="pixel mean subtracted after scaling to [0, 1]: one value, or one per channel; null or "
+        "absent: image_mean in the preprocessor_config.json of vision.pretrained's folder, else 0.5")
+    std: float | list[float] = Field(
+        IMAGE_DEFAULTS["std"],
+        description="pixel std divided by after subtracting the mean: one value, or one per channel; null or "
+        "absent: image_std in the preprocessor_config.json of vision.pretrained's folder, else 0.5")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unset_to_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = {**data, **{k: v for k, v in IMAGE_DEFAULTS.items() if data.get(k) is None}}
+        return data
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> ImageConfig:
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if isinstance(value, list) and len(value) != self.channels:
+                raise ValueError(f"image.{name} has {len(value)} values for image.channels = {self.channels}: give "
+                                 f"one value, or exactly {self.channels} (one per channel)")
+        std = self.std if isinstance(self.std, list) else [self.std]
+        if any(v <= 0 for v in std):
+            raise ValueError(f"image.std must be > 0 (every channel), got {self.std}")
+        return self
+
+
+def _size_from_preprocessor(settings: dict[str, Any], path: Path) -> int | None:
+    """The model's square input side in a transformers image-processor config: `crop_size` when it crops
+    (CLIP, DINOv2), else `size` (an int, {height, width} or {shortest_edge})."""
+    crops = settings.get("do_center_crop", "crop_size" in settings) and settings.get("crop_size") is not None
+    value = settings.get("crop_size") if crops else settings.get("size")
+    if value is None or isinstance(value, int):
+        return value
+    if isinstance(value, dict) and "height" in value and "width" in value:
+        if value["height"] != value["width"]:
+            raise ConfigError(f"{path}: the model takes {value['width']}x{value['height']} images, medunifier takes "
+                              "square ones: set image.size yourself")
+        return int(value["height"])
+    if isinstance(value, dict) and "shortest_edge" in value:
+        return int(value["shortest_edge"])
+    raise ConfigError(f"{path}: cannot read the image size from {value!r}: set image.size yourself")
+
+
+def _channel_values(values: Any, name: str, channels: int, path: Path) -> float | list[float]:
+    """image_mean / image_std for `channels` input channels: one float when every channel has the same value."""
+    values = [float(v) for v in (values if isinstance(values, list) else [values])]
+    if len(set(values)) == 1:
+        return values[0]
+    if len(values) != channels:
+        raise ConfigError(
+            f"{path} gives per-channel {name} {values} but image.channels is {channels}: set image.channels="
+            f"{len(values)} (grey images are then repeated to every channel before the per-channel normalisation), "
+            f"or set image.mean and image.std yourself")
+    return values
+
+
+def image_settings_from_folder(folder: str | Path, channels: int) -> dict[str, Any]:
+    """image.size / mean / std from a transformers image-processor config in `folder` ({} without one).
+
+    Reads `image_mean`, `image_std` (mean 0 and std 1 when `do_normalize` is false) and `crop_size` / `size`,
+    as transformers' image processors write them (`save_pretrained`, or `medunifier pretrain-vision`).
+
+    Args:
+        folder: a vision.pretrained folder.
+        channels: the image.channels the values are for.
+    """
+    path = Path(folder).expanduser() / PREPROCESSOR_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path} is not readable JSON ({err}): fix it, or set image.size, image.mean and image.std "
+                          "yourself") from None
+    found: dict[str, Any] = {"size": _size_from_preprocessor(settings, path)}
+    if settings.get("do_normalize", True) is False:
+        found.update(mean=0.0, std=1.0)
+    else:
+        for name, key in (("mean", "image_mean"), ("std", "image_std")):
+            if settings.get(key) is not None:
+                found[name] = _channel_values(settings[key], key, channels, path)
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def _image_from_pretrained(data: Any, default_image: dict[str, Any] | None = None) -> Any:
+    """A config mapping with its unset image.size / mean / std (absent or null; size only when null) taken from
+    vision.pretrained's preprocessor_config.json. Anything else passes through unchanged."""
+    if not isinstance(data, dict):
+        return data
+    vision = data.get("vision")
+    pretrained = vision.get("pretrained") if isinstance(vision, dict) else getattr(vision, "pretrained", None)
+    if not isinstance(pretrained, str) or not pretrained:
+        return data
+    image = data.get("image")
+    if isinstance(image, BaseModel):  # built in Python: the fields it was given
+        image = {k: getattr(image, k) for k in image.model_fields_set}
+    if image is not None and not isinstance(image, dict):
+        return data  # not a section: field validation names the problem
+    image = dict(default_image or {}) if image is None else dict(image)
+    unset = [k for k in ("mean", "std") if image.get(k) is None] + (["size"] if image.get("size", 0) is None else [])
+    if not unset:
+        return data
+    found = image_settings_from_folder(pretrained, int(image.get("channels") or ImageConfig().channels))
+    image.update({k: found[k] for k in unset if k in found})
+    return {**data, "image": image}
 
 
 class VisionConfig(_Strict):
@@ -440,6 +561,11 @@ class MedUnifierConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation, schedule, checkpoints")
     prior: PriorConfigModel = Field(default_factory=PriorConfigModel, description="text-conditioned code priors")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _image_from_vision_folder(cls, data: Any) -> Any:
+        return _image_from_pretrained(data)
+
     @model_validator(mode="after")
     def _consistent(self) -> MedUnifierConfig:
         wants_i2i = self.losses.i2i > 0 or any(
@@ -481,6 +607,10 @@ class MedUnifierConfig(_Strict):
         return self.model_dump(mode="json")
 
 
+def _stage0_image() -> ImageConfig:
+    return ImageConfig(size=64, channels=1)
+
+
 def _stage0_vision() -> VisionConfig:
     return VisionConfig(backbone="resnet", hidden_size=192, num_layers=2, patch_size=8, frozen=False)
 
@@ -498,7 +628,7 @@ class Stage0Config(_Strict):
     """
 
     name: str = Field("stage0", description="run name, recorded in checkpoints")
-    image: ImageConfig = Field(default_factory=lambda: ImageConfig(size=64, channels=1), description="input images")
+    image: ImageConfig = Field(default_factory=_stage0_image, description="input images")
     vision: VisionConfig = Field(default_factory=_stage0_vision, description="the backbone to pre-train")
     objective: Literal["text", "image", "both"] = Field(
         "text",
@@ -542,6 +672,11 @@ class Stage0Config(_Strict):
     save_every: int = Field(100, ge=1, description="steps between checkpoints")
     keep_last: int = Field(2, ge=1, description="checkpoints kept; older ones are removed")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _image_from_vision_folder(cls, data: Any) -> Any:
+        return _image_from_pretrained(data, default_image=_stage0_image().model_dump(include={"size", "channels"}))
+
     @model_validator(mode="after")
     def _consistent(self) -> Stage0Config:
         if self.vision.backbone == "inception":
@@ -584,7 +719,10 @@ def load_stage0_config(path: str | Path | None, overrides: list[str] | None = No
             raise ConfigError(f"config {path} is not valid YAML: {err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config {path} must be a non-empty mapping")
-    data = apply_overrides(_merged(Stage0Config().model_dump(mode="json"), data), overrides or [])
+    defaults = Stage0Config().model_dump(mode="json")
+    for key in ("mean", "std"):  # left unset: vision.pretrained's preprocessor_config.json, else the default
+        del defaults["image"][key]
+    data = apply_overrides(_merged(defaults, data), overrides or [])
     try:
         return Stage0Config.model_validate(data)
     except ValidationError as err:

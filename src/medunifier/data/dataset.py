@@ -63,6 +63,7 @@ from medunifier.data.manifest import (
     load_records,
 )
 from medunifier.data.processor import Processor
+from medunifier.utils import ChannelStat, denormalise
 
 Item = dict[str, Any]
 
@@ -128,7 +129,7 @@ class ManifestDataset(Dataset):
     """
 
     def __init__(self, manifest: str | Path | Sequence[Record], root: str | Path | None = None,
-                 image_size: int = 64, channels: int = 3, mean: float = 0.5, std: float = 0.5,
+                 image_size: int = 64, channels: int = 3, mean: ChannelStat = 0.5, std: ChannelStat = 0.5,
                  splits: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, image_root: str | Path | None = None,
                  hash_images: bool = False):
@@ -182,7 +183,7 @@ class ManifestDataset(Dataset):
         mask = self._pixels(record, record.mask)
         if mask is None:
             return None
-        return ((mask[:1] * self.std + self.mean) > 0.5).float()
+        return (denormalise(mask, self.mean, self.std)[:1] > 0.5).float()
 
     def __getitem__(self, index: int | tuple[int, str]) -> Item | None:
         index, objective = index if isinstance(index, tuple) else (index, None)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from medunifier.utils import process_group_rank_world, psnr_normalised
+from medunifier.utils import ChannelStat, process_group_rank_world, psnr_normalised
 
 if TYPE_CHECKING:
     from medunifier.model.generator import GeneratorOutput
@@ -361,7 +361,7 @@ def tig_loss(images: Tensor, target_images: Tensor, vq_top: Tensor, vq_bottom: T
 
 
 def tig_terms(gen: GeneratorOutput, target_images: Tensor,
-              std: float | Sequence[float]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+              std: ChannelStat) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(losses, metrics) of one generator pass for the training output.
 
     losses: `tig` (with gradient), and detached `tig_mse`, `vq_top`, `vq_bottom`; metrics (detached): codebook

@@ -239,8 +239,8 @@ def save_backbone(tower: ImageTower, image: ImageConfig, out_dir: str | Path, ex
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
-        "image_mean": [image.mean] * channels,
-        "image_std": [image.std] * channels,
+        "image_mean": image.mean if isinstance(image.mean, list) else [image.mean] * channels,
+        "image_std": image.std if isinstance(image.std, list) else [image.std] * channels,
         "medunifier_channels": image.channels,
     }
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=1))
