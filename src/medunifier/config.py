@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import importlib.resources
 import itertools
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medunifier.pretrained import image_settings_from_folder
 
 # The presets and prompt sets ship inside the package (package data), so a plain `pip install` has them.
 CONFIG_DIR = Path(str(importlib.resources.files("medunifier") / "configs"))
@@ -48,7 +49,6 @@ class _Strict(BaseModel):
 
 
 IMAGE_DEFAULTS = {"size": 64, "mean": 0.5, "std": 0.5}  # what an unset (null) image field becomes without a folder
-PREPROCESSOR_CONFIG = "preprocessor_config.json"  # a transformers image processor's settings in a model folder
 
 
 class ImageConfig(_Strict):
@@ -91,64 +91,6 @@ class ImageConfig(_Strict):
         if any(v <= 0 for v in std):
             raise ValueError(f"image.std must be > 0 (every channel), got {self.std}")
         return self
-
-
-def _size_from_preprocessor(settings: dict[str, Any], path: Path) -> int | None:
-    """The model's square input side in a transformers image-processor config: `crop_size` when it crops
-    (CLIP, DINOv2), else `size` (an int, {height, width} or {shortest_edge})."""
-    crops = settings.get("do_center_crop", "crop_size" in settings) and settings.get("crop_size") is not None
-    value = settings.get("crop_size") if crops else settings.get("size")
-    if value is None or isinstance(value, int):
-        return value
-    if isinstance(value, dict) and "height" in value and "width" in value:
-        if value["height"] != value["width"]:
-            raise ConfigError(f"{path}: the model takes {value['width']}x{value['height']} images, medunifier takes "
-                              "square ones: set image.size yourself")
-        return int(value["height"])
-    if isinstance(value, dict) and "shortest_edge" in value:
-        return int(value["shortest_edge"])
-    raise ConfigError(f"{path}: cannot read the image size from {value!r}: set image.size yourself")
-
-
-def _channel_values(values: Any, name: str, channels: int, path: Path) -> float | list[float]:
-    """image_mean / image_std for `channels` input channels: one float when every channel has the same value."""
-    values = [float(v) for v in (values if isinstance(values, list) else [values])]
-    if len(set(values)) == 1:
-        return values[0]
-    if len(values) != channels:
-        raise ConfigError(
-            f"{path} gives per-channel {name} {values} but image.channels is {channels}: set image.channels="
-            f"{len(values)} (grey images are then repeated to every channel before the per-channel normalisation), "
-            f"or set image.mean and image.std yourself")
-    return values
-
-
-def image_settings_from_folder(folder: str | Path, channels: int) -> dict[str, Any]:
-    """image.size / mean / std from a transformers image-processor config in `folder` ({} without one).
-
-    Reads `image_mean`, `image_std` (mean 0 and std 1 when `do_normalize` is false) and `crop_size` / `size`,
-    as transformers' image processors write them (`save_pretrained`, or `medunifier pretrain-vision`).
-
-    Args:
-        folder: a vision.pretrained folder.
-        channels: the image.channels the values are for.
-    """
-    path = Path(folder).expanduser() / PREPROCESSOR_CONFIG
-    if not path.is_file():
-        return {}
-    try:
-        settings = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{path} is not readable JSON ({err}): fix it, or set image.size, image.mean and image.std "
-                          "yourself") from None
-    found: dict[str, Any] = {"size": _size_from_preprocessor(settings, path)}
-    if settings.get("do_normalize", True) is False:
-        found.update(mean=0.0, std=1.0)
-    else:
-        for name, key in (("mean", "image_mean"), ("std", "image_std")):
-            if settings.get(key) is not None:
-                found[name] = _channel_values(settings[key], key, channels, path)
-    return {k: v for k, v in found.items() if v is not None}
 
 
 def _image_from_pretrained(data: Any, default_image: dict[str, Any] | None = None) -> Any:

@@ -13,7 +13,13 @@ Image-to-image batches (translate / upscale / segment items, drawn by "i2i:" mix
 as `pixel_values`, the instruction as the text and `i2i_targets` / `i2i_masks`; they train the i2i objective
 only (a batch holding such items with another objective switched on is refused).
 
-An objective whose weight is zero is not computed at all (no compute, no gradient).
+The objectives' arithmetic (global-batch gathers, hard negatives, targets, cross-entropies) lives in
+`model.losses`; `forward` runs the networks and composes those functions. An objective whose weight is zero
+is not computed at all (no compute, no gradient).
+
+The model takes tensors: texts and images become them through `medunifier.data.Processor` (the tokenizer,
+the question/answer prompt layout, image preprocessing). The model keeps the tokenizer it was built with for
+its embedding size and special-token ids, `tokenize` (plain texts) and decoding generated reports.
 
 Task-routed experts (`encoder.experts: task`): ITC, ITM, ITG and the understanding API run the encoder
 with role="understand"; TIG's inputs (f_q and the text [CLS]), `reconstruct`, `encode_codes` and the
