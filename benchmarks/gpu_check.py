@@ -34,7 +34,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import medunifier.model.medunifier as medunifier_module
+import medunifier.model.losses as losses_module
 from medunifier.config import load_config
 from medunifier.model.medunifier import MedUnifier
 from medunifier.train.compute import enable_gradient_checkpointing
@@ -74,12 +74,12 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 def cpu_drawn_negatives() -> None:
     """ITM hard negatives from the CPU generator on any device, so CPU and GPU runs draw the same ones."""
-    draw = medunifier_module.sample_hard_negatives
+    draw = losses_module.sample_hard_negatives
 
     def on_cpu(sim, forbidden, generator=None):
         return draw(sim.float().cpu(), forbidden.cpu(), generator).to(sim.device)
 
-    medunifier_module.sample_hard_negatives = on_cpu
+    losses_module.sample_hard_negatives = on_cpu
 
 
 def train_losses(model: MedUnifier, batches: list[dict], device: torch.device, seed: int = 0) -> list[float]:

@@ -19,7 +19,7 @@ import torch
 
 from medunifier.demo import _test_batch, reconstruction_psnr
 from medunifier.model import load_model
-from medunifier.model.medunifier import psnr
+from medunifier.utils import psnr_normalised as psnr
 
 
 @torch.no_grad()

@@ -3,10 +3,12 @@
 Layers, bottom to top (a module may import its own package and any layer below it, never one above, and
 never a different package of the same rank):
 
-    0  base      medunifier.config, medunifier.utils, medunifier.pretrained, and `medunifier.__version__`
+    0  base      medunifier.config, medunifier.utils, medunifier.pretrained, medunifier.tokens (the special
+                 tokens and tokenizer loading both layers above share), and `medunifier.__version__`
     1  data      medunifier.data       datasets, manifests, tokenizer, SynthCXR, converters
+                         and `Processor` (tokenizer, prompt layout, image preprocessing -> tensors)
        model     medunifier.model      the networks, `MedUnifier`, `load_model`: takes tensors, so it does
-                                       not import data/ (and data/ does not import it); see EXCEPTIONS
+                                       not import data/ (and data/ does not import it)
     2  train     medunifier.train      the training engine (loop, stage 0, checkpoints, optimiser, metrics)
     3  generate  medunifier.generate   code priors and sampling; prior training runs on the train engine, and
                                        `generate.prior_stage` runs it after `train` (the engine never calls it)
@@ -28,7 +30,7 @@ import medunifier
 
 PACKAGE = Path(medunifier.__file__).resolve().parent
 RANKS = {
-    "config": 0, "utils": 0, "pretrained": 0,
+    "config": 0, "utils": 0, "pretrained": 0, "tokens": 0,
     "data": 1, "model": 1, "train": 2, "generate": 3, "eval": 4,
     "serve": 5, "demo_generation": 5, "demo": 6,
     "cli": 7,
@@ -37,14 +39,7 @@ API_RANK = 8
 
 # The only imports allowed against the layering, each with its reason. Anything new here is a design
 # decision: add it with its reason, or move the code.
-EXCEPTIONS = {
-    ("medunifier.model.medunifier", "medunifier.data.tokenizer"):
-        "the model owns its tokenizer and special-token ids until a processor takes them out of model/",
-    ("medunifier.model.medunifier", "medunifier.data.dataset"):
-        "the question/answer prompt layout (Collator) tokenises VQA prefixes; it moves with the processor",
-    ("medunifier.model.bert_weights", "medunifier.data.tokenizer"):
-        "the task tokens ([DEC], [ENC]) the tokenizer adds decide the embedding rows a BERT checkpoint fills",
-}
+EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 
 def _group(module: str) -> str:

@@ -15,6 +15,7 @@ from medunifier.utils import (
     launch_rank_world,
     process_group_rank_world,
     psnr_db,
+    psnr_normalised,
 )
 
 
@@ -26,12 +27,18 @@ def test_psnr_of_floats_and_tensors_agree_and_cap() -> None:
     assert float(psnr_db(torch.tensor(0.0))) == PSNR_CAP_DB
 
 
-def test_model_psnr_matches_the_formula_on_normalised_images() -> None:
-    from medunifier.model.medunifier import psnr
-
+def test_psnr_of_normalised_images_matches_the_formula() -> None:
     a = torch.zeros(1, 1, 4, 4)
     b = torch.full((1, 1, 4, 4), 0.2)  # normalised with std 0.5: a pixel difference of 0.1 on [0, 1]
-    assert float(psnr(a, b, std=0.5)) == pytest.approx(20.0, abs=1e-4)
+    assert float(psnr_normalised(a, b, std=0.5)) == pytest.approx(20.0, abs=1e-4)
+
+
+def test_psnr_of_normalised_images_takes_one_std_per_channel() -> None:
+    a = torch.zeros(2, 3, 4, 4)
+    b = torch.ones(2, 3, 4, 4)
+    b[:, 1] = 2.0  # std 0.1 on channel 1: the same 0.2 difference on [0, 1] as channels 0 and 2 (std 0.2)
+    assert float(psnr_normalised(a, b, std=[0.2, 0.1, 0.2])) == pytest.approx(10 * math.log10(1 / 0.04), abs=1e-4)
+    assert float(psnr_normalised(a, b, std=[0.2, 0.2, 0.2])) < float(psnr_normalised(a, b, std=[0.2, 0.1, 0.2]))
 
 
 def test_jsonable_turns_tensors_numpy_and_paths_into_json() -> None:

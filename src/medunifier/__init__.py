@@ -20,6 +20,7 @@ _EXPORTS = {
     "MedUnifierConfig": "medunifier.config",
     "load_config": "medunifier.config",
     "ConfigError": "medunifier.config",
+    "Processor": "medunifier.data.processor",
     "Synthesizer": "medunifier.generate.sampling",
     "train": "medunifier.train.loop",
     "run_retrieval": "medunifier.eval.retrieval",

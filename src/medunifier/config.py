@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medunifier.pretrained import image_settings_from_folder
+
 # The presets and prompt sets ship inside the package (package data), so a plain `pip install` has them.
 CONFIG_DIR = Path(str(importlib.resources.files("medunifier") / "configs"))
 OBJECTIVES = ("itc", "itm", "itg", "tig")  # the paper's four (what an ablation switches)
@@ -46,11 +48,72 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+IMAGE_DEFAULTS = {"size": 64, "mean": 0.5, "std": 0.5}  # what an unset (null) image field becomes without a folder
+
+
 class ImageConfig(_Strict):
-    size: int = Field(64, ge=8, description="square input side in pixels")
+    """Input images: side, channels and normalisation.
+
+    `size`, `mean` and `std` set to null (or, for mean and std, left out) take their values from the
+    preprocessor_config.json of the folder `vision.pretrained` names (see `image_settings_from_folder`), and
+    otherwise IMAGE_DEFAULTS.
+    """
+
+    size: int = Field(
+        IMAGE_DEFAULTS["size"], ge=8,
+        description="square input side in pixels; null: the preprocessor_config.json of vision.pretrained's folder "
+        "(crop_size, else size), else 64")
     channels: Literal[1, 3] = Field(3, description="channels fed to the vision encoder (grey images are repeated)")
-    mean: float = Field(0.5, description="pixel mean subtracted after scaling to [0, 1]")
-    std: float = Field(0.5, gt=0, description="pixel std divided by after subtracting the mean")
+    mean: float | list[float] = Field(
+        IMAGE_DEFAULTS["mean"],
+        description="pixel mean subtracted after scaling to [0, 1]: one value, or one per channel; null or "
+        "absent: image_mean in the preprocessor_config.json of vision.pretrained's folder, else 0.5")
+    std: float | list[float] = Field(
+        IMAGE_DEFAULTS["std"],
+        description="pixel std divided by after subtracting the mean: one value, or one per channel; null or "
+        "absent: image_std in the preprocessor_config.json of vision.pretrained's folder, else 0.5")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unset_to_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = {**data, **{k: v for k, v in IMAGE_DEFAULTS.items() if data.get(k) is None}}
+        return data
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> ImageConfig:
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if isinstance(value, list) and len(value) != self.channels:
+                raise ValueError(f"image.{name} has {len(value)} values for image.channels = {self.channels}: give "
+                                 f"one value, or exactly {self.channels} (one per channel)")
+        std = self.std if isinstance(self.std, list) else [self.std]
+        if any(v <= 0 for v in std):
+            raise ValueError(f"image.std must be > 0 (every channel), got {self.std}")
+        return self
+
+
+def _image_from_pretrained(data: Any, default_image: dict[str, Any] | None = None) -> Any:
+    """A config mapping with its unset image.size / mean / std (absent or null; size only when null) taken from
+    vision.pretrained's preprocessor_config.json. Anything else passes through unchanged."""
+    if not isinstance(data, dict):
+        return data
+    vision = data.get("vision")
+    pretrained = vision.get("pretrained") if isinstance(vision, dict) else getattr(vision, "pretrained", None)
+    if not isinstance(pretrained, str) or not pretrained:
+        return data
+    image = data.get("image")
+    if isinstance(image, BaseModel):  # built in Python: the fields it was given
+        image = {k: getattr(image, k) for k in image.model_fields_set}
+    if image is not None and not isinstance(image, dict):
+        return data  # not a section: field validation names the problem
+    image = dict(default_image or {}) if image is None else dict(image)
+    unset = [k for k in ("mean", "std") if image.get(k) is None] + (["size"] if image.get("size", 0) is None else [])
+    if not unset:
+        return data
+    found = image_settings_from_folder(pretrained, int(image.get("channels") or ImageConfig().channels))
+    image.update({k: found[k] for k in unset if k in found})
+    return {**data, "image": image}
 
 
 class VisionConfig(_Strict):
@@ -440,6 +503,11 @@ class MedUnifierConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation, schedule, checkpoints")
     prior: PriorConfigModel = Field(default_factory=PriorConfigModel, description="text-conditioned code priors")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _image_from_vision_folder(cls, data: Any) -> Any:
+        return _image_from_pretrained(data)
+
     @model_validator(mode="after")
     def _consistent(self) -> MedUnifierConfig:
         wants_i2i = self.losses.i2i > 0 or any(
@@ -481,6 +549,10 @@ class MedUnifierConfig(_Strict):
         return self.model_dump(mode="json")
 
 
+def _stage0_image() -> ImageConfig:
+    return ImageConfig(size=64, channels=1)
+
+
 def _stage0_vision() -> VisionConfig:
     return VisionConfig(backbone="resnet", hidden_size=192, num_layers=2, patch_size=8, frozen=False)
 
@@ -498,7 +570,7 @@ class Stage0Config(_Strict):
     """
 
     name: str = Field("stage0", description="run name, recorded in checkpoints")
-    image: ImageConfig = Field(default_factory=lambda: ImageConfig(size=64, channels=1), description="input images")
+    image: ImageConfig = Field(default_factory=_stage0_image, description="input images")
     vision: VisionConfig = Field(default_factory=_stage0_vision, description="the backbone to pre-train")
     objective: Literal["text", "image", "both"] = Field(
         "text",
@@ -542,6 +614,11 @@ class Stage0Config(_Strict):
     save_every: int = Field(100, ge=1, description="steps between checkpoints")
     keep_last: int = Field(2, ge=1, description="checkpoints kept; older ones are removed")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _image_from_vision_folder(cls, data: Any) -> Any:
+        return _image_from_pretrained(data, default_image=_stage0_image().model_dump(include={"size", "channels"}))
+
     @model_validator(mode="after")
     def _consistent(self) -> Stage0Config:
         if self.vision.backbone == "inception":
@@ -584,7 +661,10 @@ def load_stage0_config(path: str | Path | None, overrides: list[str] | None = No
             raise ConfigError(f"config {path} is not valid YAML: {err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config {path} must be a non-empty mapping")
-    data = apply_overrides(_merged(Stage0Config().model_dump(mode="json"), data), overrides or [])
+    defaults = Stage0Config().model_dump(mode="json")
+    for key in ("mean", "std"):  # left unset: vision.pretrained's preprocessor_config.json, else the default
+        del defaults["image"][key]
+    data = apply_overrides(_merged(defaults, data), overrides or [])
     try:
         return Stage0Config.model_validate(data)
     except ValidationError as err:

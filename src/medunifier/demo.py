@@ -306,7 +306,7 @@ def _test_batch(model: MedUnifier, data_dir: Path, n: int) -> tuple[torch.Tensor
 @torch.no_grad()
 def reconstruction_psnr(model: MedUnifier, data_dir: Path, n: int) -> dict[str, float]:
     """PSNR of held-out images reconstructed through the VQ codes, grounded on their reports."""
-    from medunifier.model.medunifier import psnr
+    from medunifier.utils import psnr_normalised as psnr
 
     pixels, records = _test_batch(model, data_dir, n)
     values = []

@@ -16,7 +16,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["PSNR_CAP_DB", "html_table", "jsonable", "launch_rank_world", "process_group_rank_world", "psnr_db"]
+__all__ = ["PSNR_CAP_DB", "ChannelStat", "denormalise", "html_table", "jsonable", "launch_rank_world", "normalise",
+           "process_group_rank_world", "psnr_db", "psnr_normalised"]
+
+ChannelStat = float | Sequence[float]  # an image normalisation value: one for every channel, or one per channel
 
 PSNR_CAP_DB = 100.0  # identical images: PSNR is infinite, reported as this
 
@@ -35,6 +38,34 @@ def psnr_db(mse: Tensor | float, peak: float = 1.0) -> Tensor | float:
     if isinstance(mse, Tensor):
         return (10 * torch.log10(peak**2 / mse.float())).clamp_max(PSNR_CAP_DB)
     return PSNR_CAP_DB if mse <= 0 else min(PSNR_CAP_DB, 10.0 * math.log10(peak**2 / mse))
+
+
+def _per_channel(value: ChannelStat, like: Tensor) -> float | Tensor:
+    """A scalar as it is; per-channel values as a [C, 1, 1] tensor on `like`'s device and dtype."""
+    if isinstance(value, (int, float)):
+        return value
+    return torch.tensor([float(v) for v in value], dtype=like.dtype, device=like.device).view(-1, 1, 1)
+
+
+def normalise(pixels: Tensor, mean: ChannelStat, std: ChannelStat) -> Tensor:
+    """[0, 1] pixels [..., C, H, W] -> (x - mean) / std, with one value or one per channel (C values)."""
+    return (pixels - _per_channel(mean, pixels)) / _per_channel(std, pixels)
+
+
+def denormalise(pixels: Tensor, mean: ChannelStat, std: ChannelStat) -> Tensor:
+    """The inverse of `normalise`: x * std + mean, back to the [0, 1] scale (not clamped)."""
+    return pixels * _per_channel(std, pixels) + _per_channel(mean, pixels)
+
+
+def psnr_normalised(images: Tensor, targets: Tensor, std: ChannelStat = 0.5) -> Tensor:
+    """PSNR in dB on the [0, 1] scale of images normalised as (x - mean) / std: a 0-d tensor.
+
+    Args:
+        images, targets: [B, C, H, W] normalised tensors.
+        std: the normalisation's std, one value or one per channel (C values).
+    """
+    diff = images.float() - targets.float()
+    return psnr_db((diff * _per_channel(std, diff)).pow(2).mean())
 
 
 def process_group_rank_world() -> tuple[int, int]:

@@ -214,15 +214,21 @@ def test_greedy_answer_is_the_argmax_of_the_training_layout(model, pixels) -> No
 
 @torch.no_grad()
 def test_generate_report_with_questions_continues_the_training_layout(model, pixels) -> None:
-    """generate_report(prefix_texts=...) and beam search decode after the left-padded "[DEC] q [SEP]" prefix,
-    so with one beam they give exactly the cached greedy answer of the training layout, padding or not."""
+    """generate_report after Processor.question_prefixes and beam search decode after the left-padded
+    "[DEC] q [SEP]" prefix, so with one beam they give exactly the cached greedy answer of the training layout,
+    padding or not."""
+    from medunifier.data.processor import Processor
+
     questions = ["What is abnormal in the left upper lobe?", "Is it normal?"]
     expected = _greedy_answers(model, model.image_features(pixels), questions, max_length=5)
     assert all(len(t) >= 2 for t in expected)
     decoded = [model.tokenizer.decode(t, skip_special_tokens=True) for t in expected]
-    assert model.generate_report(pixels, num_beams=1, max_length=5, prefix_texts=questions) == decoded
-    assert model.generate_report(pixels[1:], num_beams=1, max_length=5, prefix_texts=questions[1:]) == decoded[1:]
-    ids, mask = model.question_prefixes(questions)
+    processor = Processor.from_config(model.config, model.tokenizer)
+    ids, mask = processor.question_prefixes(questions)
+    assert model.generate_report(pixels, num_beams=1, max_length=5, prefix_ids=ids, prefix_mask=mask) == decoded
+    one_ids, one_mask = processor(questions=questions[1:]).values()
+    assert model.generate_report(pixels[1:], num_beams=1, max_length=5, prefix_ids=one_ids,
+                                 prefix_mask=one_mask) == decoded[1:]
     assert mask[:, -1].all() and not mask[1, 0]  # left-padded: the shorter question starts later
     assert ids[0, 0] == model.special["dec"] and ids[0, -1] == model.special["sep"]
     from medunifier.model.decoding import generate

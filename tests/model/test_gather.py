@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from medunifier.model.medunifier import gather_with_grad
+from medunifier.model.losses import gather_with_grad
 
 WORLD, ROWS, DIM = 2, 3, 4
 

@@ -62,7 +62,8 @@ from medunifier.data.manifest import (
     get_image_root,
     load_records,
 )
-from medunifier.data.tokenizer import special_ids
+from medunifier.data.processor import Processor
+from medunifier.utils import ChannelStat, denormalise
 
 Item = dict[str, Any]
 
@@ -128,7 +129,7 @@ class ManifestDataset(Dataset):
     """
 
     def __init__(self, manifest: str | Path | Sequence[Record], root: str | Path | None = None,
-                 image_size: int = 64, channels: int = 3, mean: float = 0.5, std: float = 0.5,
+                 image_size: int = 64, channels: int = 3, mean: ChannelStat = 0.5, std: ChannelStat = 0.5,
                  splits: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, image_root: str | Path | None = None,
                  hash_images: bool = False):
@@ -182,7 +183,7 @@ class ManifestDataset(Dataset):
         mask = self._pixels(record, record.mask)
         if mask is None:
             return None
-        return ((mask[:1] * self.std + self.mean) > 0.5).float()
+        return (denormalise(mask, self.mean, self.std)[:1] > 0.5).float()
 
     def __getitem__(self, index: int | tuple[int, str]) -> Item | None:
         index, objective = index if isinstance(index, tuple) else (index, None)
@@ -212,38 +213,24 @@ class Collator:
     """Items -> the training batch (see the module docstring). Returns None if every item was dropped."""
 
     def __init__(self, tokenizer: Any, max_length: int = 95, pad_to_max_length: bool = False):
-        if max_length < 4:
-            raise ValueError(f"max_length must be at least 4, got {max_length}")
+        self.processor = Processor(tokenizer, max_length=max_length)  # the prompt layout (and the length check)
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.pad_to_max_length = pad_to_max_length
-        ids = special_ids(tokenizer)
+        ids = self.processor.special
         self.pad_id, self.cls_id, self.sep_id = ids["pad"], ids["cls"], ids["sep"]
         self.dropped = 0
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        if not texts:
-            return []
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return self.processor.token_ids(texts)
 
     def encode_text(self, content: list[int]) -> list[int]:
-        """[CLS] content [SEP], content cut to fit max_length (the closing [SEP] is always kept)."""
-        return [self.cls_id, *content[: self.max_length - 2], self.sep_id]
+        """[CLS] content [SEP] within max_length (`Processor.encode_text`)."""
+        return self.processor.encode_text(content)
 
     def encode_qa(self, question: list[int], answer: list[int]) -> tuple[list[int], int]:
-        """[CLS] question [SEP] answer [SEP] and the prefix length (question side).
-
-        When too long, the question is cut first (down to half the budget), then the answer;
-        at least one answer token always survives when the answer is not empty.
-        """
-        budget = self.max_length - 3
-        if len(question) + len(answer) > budget:
-            keep_q = min(len(question), max(budget - len(answer), budget // 2))
-            if answer:
-                keep_q = min(keep_q, budget - 1)
-            question, answer = question[:keep_q], answer[: budget - keep_q]
-        prefix = [self.cls_id, *question, self.sep_id]
-        return [*prefix, *answer, self.sep_id], len(prefix)
+        """[CLS] question [SEP] answer [SEP] and the prefix length (`Processor.encode_qa`)."""
+        return self.processor.encode_qa(question, answer)
 
     def __call__(self, items: Sequence[Item | None]) -> dict[str, Any] | None:
         kept = [it for it in items if it is not None and it.get("pixel_values") is not None]

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from medunifier.utils import ChannelStat, denormalise, normalise
+
 DEFAULT_MAX_PIXELS = 64_000_000
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 
@@ -169,8 +171,10 @@ def resize_array(arr: np.ndarray, size: int) -> np.ndarray:
     return np.stack(channels, axis=-1)
 
 
-def to_tensor(arr: np.ndarray, size: int, channels: int = 1, mean: float = 0.5, std: float = 0.5) -> torch.Tensor:
-    """[0, 1] array -> normalised float tensor of shape (channels, size, size)."""
+def to_tensor(arr: np.ndarray, size: int, channels: int = 1, mean: ChannelStat = 0.5,
+              std: ChannelStat = 0.5) -> torch.Tensor:
+    """[0, 1] array -> normalised float tensor of shape (channels, size, size); mean and std are one value or one
+    per channel."""
     arr = resize_array(arr, size)
     if arr.ndim == 3 and channels == 1:
         arr = arr @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -178,12 +182,12 @@ def to_tensor(arr: np.ndarray, size: int, channels: int = 1, mean: float = 0.5, 
     tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
     if tensor.shape[0] != channels:
         tensor = tensor.expand(channels, -1, -1).contiguous()
-    return (tensor - mean) / std
+    return normalise(tensor, mean, std)
 
 
-def to_uint8(tensor: torch.Tensor, mean: float = 0.5, std: float = 0.5) -> np.ndarray:
+def to_uint8(tensor: torch.Tensor, mean: ChannelStat = 0.5, std: ChannelStat = 0.5) -> np.ndarray:
     """Inverse of `to_tensor` for display: (C, H, W) normalised -> (H, W) or (H, W, 3) uint8."""
-    arr = (tensor.detach().float().cpu() * std + mean).clamp(0, 1).numpy()
+    arr = denormalise(tensor.detach().float().cpu(), mean, std).clamp(0, 1).numpy()
     arr = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, -1)
     return (arr * 255.0 + 0.5).astype(np.uint8)
 

@@ -27,7 +27,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from medunifier.data.dataset import Item, make_item, warn_skipped
 from medunifier.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image_bytes, to_tensor
 from medunifier.data.manifest import Record, load_records
-from medunifier.utils import launch_rank_world
+from medunifier.utils import ChannelStat, launch_rank_world
 
 INDEX_NAME = "shards.json"
 
@@ -191,8 +191,8 @@ class StreamingShardDataset(IterableDataset):
     steps, not exhaust the stream in lock-step.
     """
 
-    def __init__(self, shard_dir: str | Path, image_size: int = 64, channels: int = 3, mean: float = 0.5,
-                 std: float = 0.5, splits: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
+    def __init__(self, shard_dir: str | Path, image_size: int = 64, channels: int = 3, mean: ChannelStat = 0.5,
+                 std: ChannelStat = 0.5, splits: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
                  seed: int = 0, shuffle_buffer: int = 0, rank: int | None = None, world_size: int | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS):
         super().__init__()

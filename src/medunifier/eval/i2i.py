@@ -34,6 +34,7 @@ from medunifier.data.manifest import I2I_TASKS, Record, load_records
 from medunifier.eval.common import model_device, print_table, write_results
 from medunifier.eval.edit import cnn_detector, psnr_uint8, ssim_uint8
 from medunifier.model import load_model
+from medunifier.utils import denormalise
 
 __all__ = ["bicubic", "dice_iou", "evaluate_i2i", "fit_threshold", "print_i2i_tables", "run_i2i_eval",
            "threshold_mask", "to_grey_uint8"]
@@ -121,7 +122,7 @@ def _run_model(model: Any, sources: Sequence[np.ndarray], instructions: Sequence
         pixels = torch.stack([to_tensor(s, c.size, c.channels, c.mean, c.std)
                               for s in sources[start : start + batch_size]]).to(device)
         out, mask = model.image_to_image(pixels, list(instructions[start : start + batch_size]))
-        grey = (out.float() * c.std + c.mean).clamp(0, 1).mean(1)  # [B, S, S]
+        grey = denormalise(out.float(), c.mean, c.std).clamp(0, 1).mean(1)  # [B, S, S]
         images.append((grey * 255.0 + 0.5).to(torch.uint8).cpu().numpy())
         probs.append(mask[:, 0].float().cpu().numpy())
     size = c.size

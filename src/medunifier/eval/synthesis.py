@@ -45,6 +45,7 @@ from medunifier.data.manifest import Record
 from medunifier.eval.common import load_split, print_table, write_results
 from medunifier.model.protocols import ImageTextModel
 from medunifier.pretrained import inception_weights
+from medunifier.utils import normalise
 
 MAX_CLASSIFIER_IMAGES = 20_000
 
@@ -169,7 +170,7 @@ class FindingClassifier:
                 out.append(self.net.features(x.to(_device(self.net))).float().cpu().numpy())
             else:
                 c = self.model.config.image
-                px = ((x + 1) / 2 - c.mean) / c.std
+                px = normalise((x + 1) / 2, c.mean, c.std)
                 px = px.expand(-1, c.channels, -1, -1).to(_device(self.model))
                 if px.shape[-1] != c.size:
                     px = F.interpolate(px, size=(c.size, c.size), mode="bilinear", align_corners=False)

@@ -9,7 +9,7 @@ tokens and the closing [SEP] are scored. Greedy answers and candidate scores use
   is read at the prefix's [SEP] and greedy decoding runs until [SEP] (`max_length` tokens at most). Text
   position ids count valid tokens, so a question padded to the batch's longest decodes like the same
   question alone. (num_beams > 1 goes through `medunifier.model.decoding.generate` with
-  `continue_prefix=True` on the left-padded prefix from `MedUnifier.question_prefixes`: the same layout.)
+  `continue_prefix=True` on the left-padded prefix from `Processor.question_prefixes`: the same layout.)
 * candidate answers: every (question, candidate) pair becomes "[DEC] question [SEP] candidate [SEP]"; one
   teacher-forced pass (in chunks of `batch_size` pairs) gives each candidate its total log-likelihood: the
   sum of log p(token) over the candidate's tokens and its closing [SEP], under the model's raw distribution
@@ -425,7 +425,10 @@ def _beam_answers(model: MedUnifier, image_embeds: Tensor, questions: Sequence[s
     from medunifier.model.decoding import generate
 
     special = model.special
-    ids, mask = model.question_prefixes(list(questions))  # left-padded "[DEC] question [SEP]"
+    from medunifier.data.processor import Processor
+
+    processor = Processor(model.tokenizer, int(model.config.text.max_length))
+    ids, mask = processor.question_prefixes(list(questions))  # left-padded "[DEC] question [SEP]"
     ids, mask = ids.to(image_embeds.device), mask.to(image_embeds.device)
     limit = int(model.encoder.config.max_position_embeddings) - ids.shape[1]
     tokens, _ = generate(model.encoder, image_embeds, bos_id=special["dec"], eos_id=special["sep"],

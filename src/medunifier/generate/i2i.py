@@ -17,6 +17,7 @@ import torch
 from medunifier.data.converters.mri import MRI_TRANSLATIONS
 from medunifier.data.images import as_array, to_tensor
 from medunifier.data.synthcxr import I2I_SCALES, I2I_TRANSLATIONS, MASK_FINDINGS, MASK_NAMES
+from medunifier.utils import denormalise
 
 __all__ = ["FINDING_ALIASES", "ImageToImage", "instruction_for", "translation_kinds"]
 
@@ -76,7 +77,7 @@ class ImageToImage:
         pixels = to_tensor(as_array(image), c.size, c.channels, c.mean, c.std)[None]
         with torch.no_grad():
             out, mask = self.model.image_to_image(pixels.to(next(self.model.parameters()).device), [instruction])
-        grey = (out[0].float() * c.std + c.mean).clamp(0, 1).mean(0).cpu().numpy()
+        grey = denormalise(out[0].float(), c.mean, c.std).clamp(0, 1).mean(0).cpu().numpy()
         return (grey * 255.0 + 0.5).astype(np.uint8), mask[0, 0].float().cpu().numpy()
 
     def translate(self, image: Any, to: str) -> np.ndarray:

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from medunifier.data.tokenizer import TASK_TOKENS
 from medunifier.model.checkpoint_loading import WeightMismatchError, check_mismatch, read_tensors
 from medunifier.model.encoder import ImageTextEncoder
 from medunifier.pretrained import resolve_local
+from medunifier.tokens import TASK_TOKENS
 
 # checkpoint tensors a BERT folder may hold that the encoder never uses: pooler, next-sentence head, the
 # cached position ids

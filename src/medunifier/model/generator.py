@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from vector_quantize_pytorch import VectorQuantize
 
 from medunifier.config import GeneratorConfig, ImageConfig
+from medunifier.model.losses import tig_loss
 from medunifier.utils import process_group_rank_world
 
 DECODER_RES_BLOCKS = 2  # residual blocks at the bottom resolution in the decoder (VQ-VAE-2 uses 2)
@@ -329,8 +330,7 @@ class TextGroundedGenerator(nn.Module):
                 raise ValueError(
                     f"target_images {tuple(target_images.shape)} != reconstruction {tuple(images.shape)}"
                 )
-            mse = F.mse_loss(images.float(), target_images.float())
-            loss = mse + vq_top + vq_bottom
+            loss, mse = tig_loss(images, target_images, vq_top, vq_bottom)
         else:
             mse = loss = images.new_zeros((), dtype=torch.float32)
         usage_top, perplexity_top = code_statistics(codes_top, self.codebook_size_top)

@@ -13,7 +13,13 @@ Image-to-image batches (translate / upscale / segment items, drawn by "i2i:" mix
 as `pixel_values`, the instruction as the text and `i2i_targets` / `i2i_masks`; they train the i2i objective
 only (a batch holding such items with another objective switched on is refused).
 
-An objective whose weight is zero is not computed at all (no compute, no gradient).
+The objectives' arithmetic (global-batch gathers, hard negatives, targets, cross-entropies) lives in
+`model.losses`; `forward` runs the networks and composes those functions. An objective whose weight is zero
+is not computed at all (no compute, no gradient).
+
+The model takes tensors: texts and images become them through `medunifier.data.Processor` (the tokenizer,
+the question/answer prompt layout, image preprocessing). The model keeps the tokenizer it was built with for
+its embedding size and special-token ids, `tokenize` (plain texts) and decoding generated reports.
 
 Task-routed experts (`encoder.experts: task`): ITC, ITM, ITG and the understanding API run the encoder
 with role="understand"; TIG's inputs (f_q and the text [CLS]), `reconstruct`, `encode_codes` and the
@@ -27,31 +33,36 @@ mapped to ids (`modality_ids`, unknown -> 0) and reach every encoder pass of the
 
 from __future__ import annotations
 
-import json
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from medunifier.config import I2I_TASKS, LossWeights, MedUnifierConfig, config_from_dict
-from medunifier.data.tokenizer import load_tokenizer, special_ids
+from medunifier.config import I2I_TASKS, LossWeights, MedUnifierConfig
 from medunifier.model.decoding import generate
 from medunifier.model.encoder import ImageTextEncoder
 from medunifier.model.generator import TextGroundedGenerator
 from medunifier.model.i2i import ImageToImageHead, i2i_loss
+from medunifier.model.losses import (
+    contrastive_logits,
+    itc_loss,
+    itc_similarity,
+    itc_soft_targets,
+    itg_labels,
+    itm_loss,
+    itm_pairs,
+    lm_loss,
+    tig_terms,
+)
+from medunifier.model.saving import load_pretrained, save_pretrained
 from medunifier.model.vision import VisionEncoder
-from medunifier.utils import process_group_rank_world, psnr_db
+from medunifier.tokens import load_tokenizer, special_ids
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-TOKENIZER_DIR = "tokenizer"
+__all__ = ["MedUnifier", "MedUnifierOutput"]
 
 
 @dataclass
@@ -68,93 +79,6 @@ class MedUnifierOutput:
     loss: Tensor
     losses: dict[str, Tensor] = field(default_factory=dict)
     metrics: dict[str, Tensor | float] = field(default_factory=dict)
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """All-gather along dim 0 whose backward hands each rank the summed gradient of its own rows.
-
-    Every rank's loss uses every rank's rows, so the gradient of rank r's rows is the sum over ranks of
-    each loss's gradient with respect to them: an all-reduce of the gathered gradient, then rank r's
-    slice. DDP's averaging of parameter gradients then gives the gradient of the mean loss. Written on
-    the public `all_gather`/`all_reduce` (gloo and NCCL) since `torch.distributed.nn.functional` is
-    deprecated. Every rank must pass the same shape.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        rank, world = process_group_rank_world()
-        shards = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(shards, x.contiguous())
-        ctx.rows = (rank * x.shape[0], (rank + 1) * x.shape[0])
-        return torch.cat(shards, dim=0)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        start, end = ctx.rows
-        return grad[start:end]
-
-
-def gather_with_grad(x: Tensor) -> Tensor:
-    """All-gather along dim 0 keeping the gradient of the local shard (no-op on one process)."""
-    _, world = process_group_rank_world()
-    if world == 1:
-        return x
-    return _GatherWithGrad.apply(x)
-
-
-@torch.no_grad()
-def gather_no_grad(x: Tensor) -> Tensor:
-    _, world = process_group_rank_world()
-    if world == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out, dim=0)
-
-
-def itc_similarity(image_feats: Tensor, text_feats: Tensor, temperature: Tensor | float) -> tuple[Tensor, Tensor]:
-    """Max-over-queries similarity (paper eq. ITC).
-
-    image_feats [Bi, Q, E] and text_feats [Bt, E], both L2-normalised.
-    Returns (sim_i2t [Bi, Bt], sim_t2i [Bt, Bi]), already divided by the temperature.
-    """
-    with torch.autocast(device_type=image_feats.device.type, enabled=False):  # logits in float32 under autocast
-        sim = torch.einsum("iqe,te->itq", image_feats.float(), text_feats.float()).amax(dim=-1)  # [Bi, Bt]
-    sim = sim / temperature
-    return sim, sim.t()
-
-
-def sample_hard_negatives(sim: Tensor, forbidden: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """One hard negative per row, drawn from softmax(sim) with forbidden entries (positive, duplicates) masked.
-
-    sim [B, N], forbidden [B, N] bool. A row with no allowed entry falls back to uniform over the allowed set,
-    or (when everything is forbidden) to any other index.
-    """
-    weights = torch.softmax(sim.float(), dim=1).masked_fill(forbidden, 0.0)
-    weights = torch.nan_to_num(weights, nan=0.0)
-    # the fallback is computed for every row and taken where needed: no host-device sync in the training step
-    empty = weights.sum(dim=1, keepdim=True) <= 0  # [B, 1]
-    fallback = (~forbidden).float()
-    fallback = fallback.masked_fill(fallback.sum(dim=1, keepdim=True) <= 0, 1.0)
-    weights = torch.where(empty, fallback, weights)
-    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
-
-
-def same_findings(labels: Tensor, all_labels: Tensor) -> Tensor:
-    """[B, N] bool: True where two samples' finding labels [B, F] / [N, F] are identical.
-
-    Labels are 1 present, 0 absent, -1 unknown; a sample with no known label matches nothing, so
-    unlabelled data keeps the exact-duplicate rule only.
-    """
-    same = labels[:, None, :].eq(all_labels[None, :, :]).all(-1)
-    known = (labels >= 0).any(-1)[:, None] & (all_labels >= 0).any(-1)[None, :]
-    return same & known
-
-
-def _string_keys(ids: list[str], device: torch.device) -> Tensor:
-    return torch.tensor([zlib.crc32(str(i).encode()) for i in ids], dtype=torch.long, device=device)
 
 
 class MedUnifier(nn.Module):
@@ -310,43 +234,41 @@ class MedUnifier(nn.Module):
             query_out = self.query_states(image_embeds, modality_ids=modality_ids)  # f_q [B, Q, H]
             text_out = self.text_states(input_ids, attention_mask, modality_ids=modality_ids)  # f_t [B, T, H]
 
-        sim_i2t = sim_t2i = None
+        text = self.config.text
+        itc_logits = None
         if weights.itc > 0 or weights.itm > 0:
             image_feats = F.normalize(self.image_proj(query_out), dim=-1)  # g_q [B, Q, E]
             text_feats = F.normalize(self.text_proj(text_out[:, 0]), dim=-1)  # g_t [B, E]
             with torch.no_grad():
                 self.temperature.clamp_(0.001, 0.5)
-            rank, _ = process_group_rank_world()
-            all_image_feats = gather_with_grad(image_feats)
-            all_text_feats = gather_with_grad(text_feats)
-            bsz = pixel_values.shape[0]
-            sim_i2t, _ = itc_similarity(image_feats, all_text_feats, self.temperature)  # [B, B_all]
-            _, sim_t2i = itc_similarity(all_image_feats, text_feats, self.temperature)  # [B, B_all]
-            metrics["itc_global_batch"] = float(all_text_feats.shape[0])
+            itc_logits = contrastive_logits(image_feats, text_feats, self.temperature)  # [B, B_all] each way
+            metrics["itc_global_batch"] = float(itc_logits.global_batch)
             metrics["temperature"] = self.temperature.detach().clone()
             if weights.itc > 0:
-                targets = torch.arange(bsz, device=device) + rank * bsz
-                eps = self.config.label_smoothing
-                target: Tensor = targets  # class indices, or [B, B_all] probabilities over same-finding pairs
+                target = None  # the paired sample, or probabilities over same-finding pairs
                 if self.config.itc_targets == "findings":
-                    positive = self._semantic_positives(batch, input_ids, targets).float()
-                    target = positive / positive.sum(dim=1, keepdim=True)
-                loss_itc = 0.5 * (
-                    F.cross_entropy(sim_i2t, target, label_smoothing=eps)
-                    + F.cross_entropy(sim_t2i, target, label_smoothing=eps)
-                )
+                    target = itc_soft_targets(input_ids, batch.get("labels"), itc_logits.targets,
+                                              pad_id=self.special["pad"], max_length=text.max_length)
+                loss_itc, metrics["itc_acc"] = itc_loss(itc_logits, target, self.config.label_smoothing)
                 losses["itc"] = loss_itc
                 total = total + weights.itc * loss_itc
-                metrics["itc_acc"] = 0.5 * (
-                    (sim_i2t.argmax(1) == targets).float().mean() + (sim_t2i.argmax(1) == targets).float().mean()
-                )
 
         if weights.itm > 0:
-            loss_itm, itm_acc = self._itm_loss(
-                batch, image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i, modality_ids
+            pairs = itm_pairs(
+                image_embeds, input_ids, attention_mask, itc_logits, sample_ids=batch.get("ids"),
+                pad_id=self.special["pad"], max_length=text.max_length, modality_ids=modality_ids,
+                labels=batch.get("labels") if self.config.itm_negatives == "findings" else None,
             )
+            out = self.encoder(
+                input_ids=self._task_ids(pairs.input_ids, "enc"),
+                attention_mask=pairs.attention_mask,
+                image_embeds=pairs.image_embeds,
+                mode="bidirectional",
+                modality_ids=pairs.modality_ids,
+                queries_only=True,
+            )
+            loss_itm, metrics["itm_acc"] = itm_loss(self.itm_head(out.query_states).mean(dim=1), pairs.labels)
             losses["itm"] = loss_itm
-            metrics["itm_acc"] = itm_acc
             total = total + weights.itm * loss_itm
 
         if weights.itg > 0:
@@ -363,18 +285,10 @@ class MedUnifier(nn.Module):
             else:
                 gen_query, gen_text = query_out, text_out
             gen = self.generator(gen_query, image_embeds[:, 1:], gen_text[:, 0], target_images=pixel_values)
-            losses["tig"] = gen.loss
-            losses["tig_mse"] = gen.mse.detach()
-            losses["vq_top"] = gen.vq_top.detach()
-            losses["vq_bottom"] = gen.vq_bottom.detach()
+            tig_losses, tig_metrics = tig_terms(gen, pixel_values, self.config.image.std)
+            losses.update(tig_losses)
+            metrics.update(tig_metrics)
             total = total + weights.tig * gen.loss
-            metrics.update(
-                codebook_usage_top=gen.usage_top.detach(),
-                codebook_usage_bottom=gen.usage_bottom.detach(),
-                perplexity_top=gen.perplexity_top.detach(),
-                perplexity_bottom=gen.perplexity_bottom.detach(),
-                psnr=psnr(gen.images.detach(), pixel_values, self.config.image.std),
-            )
         if weights.i2i > 0 and any(i2i_items):
             images, mask_logits = self.i2i(
                 pixel_values,
@@ -388,89 +302,6 @@ class MedUnifier(nn.Module):
             losses.update(parts)
             total = total + weights.i2i * loss_i2i
         return MedUnifierOutput(loss=total, losses=losses, metrics=metrics)
-
-    def _pad_for_gather(self, text: Tensor, value: int) -> Tensor:
-        """Pad token ids or a mask [B, T] to `text.max_length` when several ranks gather it (each pads its
-        batch to its own longest text)."""
-        if process_group_rank_world()[1] == 1:
-            return text
-        return F.pad(text, (0, self.config.text.max_length - text.shape[1]), value=value)
-
-    @staticmethod
-    def _same_report(batch: dict[str, Any], input_ids: Tensor, all_ids: Tensor, by_findings: bool) -> Tensor:
-        """[B, B_all] bool: identical token ids, or (with `by_findings` and labels) the same finding labels."""
-        same = input_ids[:, None, :].eq(all_ids[None, :, :]).all(-1)
-        if by_findings and batch.get("labels") is not None:
-            labels = batch["labels"].to(input_ids.device)
-            same |= same_findings(labels, gather_no_grad(labels))
-        return same
-
-    def _semantic_positives(self, batch: dict[str, Any], input_ids: Tensor, targets: Tensor) -> Tensor:
-        """[B, B_all] bool ITC positives: the paired sample, identical texts and same-finding samples.
-
-        Symmetric in images and texts: sample j is a positive of sample i for both ITC directions, since
-        each index of the global batch stands for one (image, text) pair.
-        """
-        input_ids = self._pad_for_gather(input_ids, self.special["pad"])
-        positive = self._same_report(batch, input_ids, gather_no_grad(input_ids), by_findings=True)
-        positive[torch.arange(input_ids.shape[0], device=input_ids.device), targets] = True
-        return positive
-
-    def _itm_loss(
-        self,
-        batch: dict[str, Any],
-        image_embeds: Tensor,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        sim_i2t: Tensor,
-        sim_t2i: Tensor,
-        modality_ids: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """(loss, accuracy []) of ITM with one hard negative text per image and one hard negative image per text
-        (global pool).
-
-        A pair's modality is its image's (the negative image's for the (negative image, text) pairs).
-        """
-        bsz = input_ids.shape[0]
-        device = input_ids.device
-        rank, _ = process_group_rank_world()
-        input_ids = self._pad_for_gather(input_ids, self.special["pad"])
-        attention_mask = self._pad_for_gather(attention_mask, 0)
-        all_ids = gather_no_grad(input_ids)
-        all_mask = gather_no_grad(attention_mask)
-        all_embeds = gather_with_grad(image_embeds)  # a trainable vision encoder learns from negative images too
-        image_keys = _string_keys(batch.get("ids") or [str(i) for i in range(bsz)], device)
-        all_image_keys = gather_no_grad(image_keys)
-        local_index = torch.arange(bsz, device=device) + rank * bsz
-        # forbidden: the positive itself, identical texts, and the same image
-        same_text = self._same_report(batch, input_ids, all_ids, by_findings=self.config.itm_negatives == "findings")
-        same_image = image_keys[:, None].eq(all_image_keys[None, :])
-        forbidden = same_text | same_image
-        forbidden[torch.arange(bsz, device=device), local_index] = True
-        with torch.no_grad():
-            neg_text_idx = sample_hard_negatives(sim_i2t.detach(), forbidden)  # a text for each local image
-            neg_image_idx = sample_hard_negatives(sim_t2i.detach(), forbidden)  # an image for each local text
-        # positives, (image, negative text), (negative image, text)
-        itm_ids = torch.cat([input_ids, all_ids[neg_text_idx], input_ids], dim=0)
-        itm_mask = torch.cat([attention_mask, all_mask[neg_text_idx], attention_mask], dim=0)
-        itm_images = torch.cat([image_embeds, image_embeds, all_embeds[neg_image_idx]], dim=0)
-        itm_modalities = None
-        if modality_ids is not None:
-            all_modality_ids = gather_no_grad(modality_ids)
-            itm_modalities = torch.cat([modality_ids, modality_ids, all_modality_ids[neg_image_idx]], dim=0)
-        out = self.encoder(
-            input_ids=self._task_ids(itm_ids, "enc"),
-            attention_mask=itm_mask,
-            image_embeds=itm_images,
-            mode="bidirectional",
-            modality_ids=itm_modalities,
-            queries_only=True,
-        )
-        logits = self.itm_head(out.query_states).mean(dim=1)  # [3B, 2]
-        labels = torch.cat([torch.ones(bsz), torch.zeros(2 * bsz)]).long().to(device)
-        loss = F.cross_entropy(logits, labels)
-        acc = (logits.argmax(1) == labels).float().mean().detach()
-        return loss, acc
 
     def _itg_loss(
         self,
@@ -491,15 +322,8 @@ class MedUnifier(nn.Module):
             prefix_lengths=prefix_lengths if has_prefix else None,
             modality_ids=modality_ids,
         )
-        labels = ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)  # predict token t+1 from <= t
-        if has_prefix:
-            positions = torch.arange(1, ids.shape[1], device=ids.device)[None, :]
-            labels = labels.masked_fill(positions < prefix_lengths[:, None], -100)
-        # The LM head runs on the scored positions only: padding and question prefixes cost nothing
-        # (with a 30k vocabulary the head is the largest matrix product of the pass).
-        scored = labels != -100  # [B, T-1]
-        logits = self.encoder.lm_logits(out.text_states[:, :-1][scored])  # [N_scored, V]
-        return F.cross_entropy(logits.float(), labels[scored], label_smoothing=self.config.label_smoothing)
+        labels = itg_labels(ids, attention_mask, prefix_lengths if has_prefix else None)
+        return lm_loss(out.text_states, labels, self.encoder.lm_logits, self.config.label_smoothing)
 
     # ----------------------------------------------------------------------------------- public API
 
@@ -568,16 +392,21 @@ class MedUnifier(nn.Module):
         no_repeat_ngram_size: int = 0,
         length_penalty: float = 1.0,
         generator: torch.Generator | None = None,
-        prefix_texts: list[str] | None = None,
+        prefix_ids: Tensor | None = None,
+        prefix_mask: Tensor | None = None,
         *,
         modalities: list[str] | None = None,
     ) -> list[str]:
-        """Draft reports (or answers, when `prefix_texts` holds questions) for a batch of images."""
+        """Draft reports for a batch of images, or answers after question prefixes.
+
+        prefix_ids, prefix_mask: [B, P] left-padded "[DEC] question [SEP]" (`Processor.question_prefixes`);
+        decoding continues after them and the answer alone is returned.
+        """
         image_embeds = self.image_features(pixel_values)
-        prefix_ids = prefix_mask = None
         max_length = max_length or self.config.text.max_length
-        if prefix_texts is not None:
-            prefix_ids, prefix_mask = self.question_prefixes(prefix_texts)
+        if prefix_ids is not None:
+            if prefix_mask is None:
+                raise ValueError("prefix_ids needs its prefix_mask (Processor.question_prefixes gives both)")
             prefix_ids, prefix_mask = prefix_ids.to(pixel_values.device), prefix_mask.to(pixel_values.device)
             room = self.config.encoder.max_position_embeddings - prefix_ids.shape[1]
             max_length = max(1, min(max_length, room))
@@ -602,24 +431,6 @@ class MedUnifier(nn.Module):
             modality_ids=self.modality_ids_for(modalities, pixel_values.shape[0]),
         )
         return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-
-    def question_prefixes(self, questions: list[str]) -> tuple[Tensor, Tensor]:
-        """Left-padded "[DEC] question [SEP]" ids and mask [B, P]: the VQA training layout (and truncation),
-        after which the answer is decoded (`generate_report(prefix_texts=...)`)."""
-        from medunifier.data.dataset import Collator
-
-        collator = Collator(self.tokenizer, max_length=self.config.text.max_length)
-        prompts = []
-        for question in self.tokenizer(list(questions), add_special_tokens=False)["input_ids"]:
-            sequence, prefix_length = collator.encode_qa(question, [])
-            prompts.append([self.special["dec"], *sequence[1:prefix_length]])
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.special["pad"], dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            mask[row, width - len(prompt):] = 1
-        return ids, mask
 
     def _generator_inputs(
         self,
@@ -744,59 +555,10 @@ class MedUnifier(nn.Module):
         return report
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
-        """safetensors weights + JSON config + tokenizer files; never pickle."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        # safetensors refuses tensors that share storage (tied LM head): store each once
-        seen: dict[int, str] = {}
-        unique = {}
-        for key, tensor in state.items():
-            ptr = tensor.data_ptr() if tensor.numel() else id(tensor)
-            if ptr in seen and state[seen[ptr]].shape == tensor.shape:
-                continue
-            seen[ptr] = key
-            unique[key] = tensor
-        save_file(unique, str(out / WEIGHTS_NAME), metadata={"format": "pt", "medunifier": "0.1.0"})
-        data = self.config.to_dict()
-        data["text"]["tokenizer"] = TOKENIZER_DIR
-        (out / CONFIG_NAME).write_text(json.dumps(data, indent=2))
-        self.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
-        return out
+        """safetensors weights + JSON config + tokenizer files in `out_dir` (see `model.saving`); never pickle."""
+        return save_pretrained(self, out_dir)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, map_location: str | torch.device = "cpu") -> MedUnifier:
-        model_dir = Path(model_dir)
-        if (model_dir / "model" / CONFIG_NAME).exists():  # a run folder
-            model_dir = model_dir / "model"
-        if not (model_dir / CONFIG_NAME).exists():
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {model_dir}: not a saved MedUnifier model")
-        data = json.loads((model_dir / CONFIG_NAME).read_text())
-        tokenizer = load_tokenizer(str(model_dir / TOKENIZER_DIR))
-        data["text"]["tokenizer"] = str(model_dir / TOKENIZER_DIR)
-        config = config_from_dict(data, str(model_dir / CONFIG_NAME))
-        model = cls(config, tokenizer=tokenizer, load_pretrained=False)
-        state = load_file(str(model_dir / WEIGHTS_NAME), device=str(map_location))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        tied = {k for k in missing if _is_tied(model, k, state)}
-        missing = [k for k in missing if k not in tied]
-        if missing or unexpected:
-            raise RuntimeError(f"checkpoint mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        model.config.text.tokenizer = str(model_dir / TOKENIZER_DIR)
-        return model.to(map_location)
-
-
-def _is_tied(model: nn.Module, key: str, state: dict[str, Tensor]) -> bool:
-    """True when `key` shares storage with a parameter that was saved under another name."""
-    params = dict(model.state_dict())
-    target = params.get(key)
-    if target is None:
-        return False
-    return any(
-        other in state and other != key and params[other].data_ptr() == target.data_ptr() for other in params
-    )
-
-
-def psnr(images: Tensor, targets: Tensor, std: float = 0.5) -> Tensor:
-    """PSNR in dB on the [0, 1] scale, for normalised tensors ((x - mean) / std): a 0-d tensor."""
-    return psnr_db(((images.float() - targets.float()) * std).pow(2).mean())
+        """The model saved in `model_dir` (or a run folder holding it as `model/`), on `map_location`."""
+        return load_pretrained(cls, model_dir, map_location)

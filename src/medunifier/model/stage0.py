@@ -27,7 +27,7 @@ import transformers
 from torch import Tensor, nn
 
 from medunifier.config import ImageConfig, VisionConfig
-from medunifier.model.medunifier import gather_no_grad, gather_with_grad
+from medunifier.model.losses import gather_no_grad, gather_with_grad
 from medunifier.model.vision import build_backbone
 from medunifier.pretrained import resolve_local
 from medunifier.utils import process_group_rank_world
@@ -239,8 +239,8 @@ def save_backbone(tower: ImageTower, image: ImageConfig, out_dir: str | Path, ex
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
-        "image_mean": [image.mean] * channels,
-        "image_std": [image.std] * channels,
+        "image_mean": image.mean if isinstance(image.mean, list) else [image.mean] * channels,
+        "image_std": image.std if isinstance(image.std, list) else [image.std] * channels,
         "medunifier_channels": image.channels,
     }
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=1))

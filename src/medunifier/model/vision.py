@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from medunifier.config import ImageConfig, VisionConfig
 from medunifier.model.feature_cache import DiskFeatureCache, fingerprint
+from medunifier.utils import denormalise
 
 BACKBONES = ("vit", "dinov2", "siglip", "clip", "blip2", "resnet", "inception")
 INCEPTION_SIZE = 299  # Inception-v3's input side: an 8x8 map before its final pool
@@ -215,7 +216,7 @@ class VisionEncoder(nn.Module):
         self.backbone = build_backbone(vision, image)
         cfg = self.backbone.config
         self.image_size = image.size
-        self.image_mean, self.image_std = float(image.mean), float(image.std)
+        self.image_mean, self.image_std = image.mean, image.std  # one value, or one per channel
         if vision.backbone == "resnet":
             stride = 4 * 2 ** (len(cfg.hidden_sizes) - 1)
             if image.size % stride:
@@ -283,7 +284,7 @@ class VisionEncoder(nn.Module):
             feature_map = self.backbone(pixel_values=pixel_values).last_hidden_state  # [B, Dv, g, g]
             return feature_map.flatten(2).transpose(1, 2)  # [B, L, Dv]
         if self.backbone_type == "inception":
-            unit = pixel_values * self.image_std + self.image_mean  # back to [0, 1]
+            unit = denormalise(pixel_values, self.image_mean, self.image_std)  # back to [0, 1]
             x = F.interpolate(unit, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
             feature_map = self.backbone(x * (255.0 / 128.0) - 1.0)  # TF-FID range; [B, 2048, 8, 8]
             return feature_map.flatten(2).transpose(1, 2)  # [B, L, Dv]

@@ -83,7 +83,7 @@ def overfit(config: MedUnifierConfig, manifest: str | Path, n: int = 32, steps: 
     model.eval()
     with torch.no_grad():
         recon = model.reconstruct(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-    from medunifier.model.medunifier import psnr
+    from medunifier.utils import psnr_normalised as psnr
 
     return OverfitResult(
         first=mean(history[:window]),
