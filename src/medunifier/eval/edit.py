@@ -34,7 +34,7 @@ from rich.console import Console
 from medunifier.data.findings import FINDINGS
 from medunifier.data.images import ImageLoadError, load_image, resize_array
 from medunifier.data.manifest import Record, load_records
-from medunifier.eval.common import print_table, write_results
+from medunifier.eval.common import figure, finish_run, print_table
 from medunifier.eval.finding_classifier import MAX_CLASSIFIER_IMAGES, to_input, train_cnn_classifier
 from medunifier.eval.image_metrics import masked_ssim, ssim_map
 from medunifier.eval.synthesis import load_grey
@@ -270,26 +270,20 @@ def run_edit_eval(ckpt: str | Path, data: str | Path, out: str | Path | None = N
     console = console or Console()
     synth = Synthesizer.from_run(ckpt, device=device)
     results = evaluate_edit_pairs(synth, data, device=device, log=console.print, **kwargs)
-    results["ckpt"] = str(ckpt)
-    if out is not None:
-        write_results(results, out)
-    print_edit_table(results, console)
-    return results
+    return finish_run(results, ckpt, out, print_edit_table, console)
 
 
 def print_edit_table(results: dict[str, Any], console: Console | None = None) -> None:
-    def f(x: Any) -> str:
-        return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
-
     r = results
-    rows = [["edited vs target", f(r["ssim"]), f(r["psnr"])],
-            ["source vs target (no edit)", f(r["ssim_source"]), f(r["psnr_source"])],
-            ["reconstruction vs target", f(r["ssim_reconstruction"]), f(r["psnr_reconstruction"])],
-            ["edited vs target, outside region", f(r["ssim_outside"]), "-"],
-            ["edited vs target, inside region", f(r["ssim_inside"]), "-"]]
+    rows = [["edited vs target", figure(r["ssim"]), figure(r["psnr"])],
+            ["source vs target (no edit)", figure(r["ssim_source"]), figure(r["psnr_source"])],
+            ["reconstruction vs target", figure(r["ssim_reconstruction"]), figure(r["psnr_reconstruction"])],
+            ["edited vs target, outside region", figure(r["ssim_outside"]), "-"],
+            ["edited vs target, inside region", figure(r["ssim_inside"]), "-"]]
     print_table(f"counterfactual edits on {r['n']} ground-truth pairs", ["comparison", "SSIM", "PSNR (dB)"], rows,
                 console)
     fl = r["flips"]
-    rows = [[k, f(v)] for k, v in fl.items() if not isinstance(v, (dict, list))]
-    rows += [[f"flip rate: {k}", f"{f(v['flip_rate'])} (n={v['n']})"] for k, v in fl.get("flip_rate_per_finding", {}).items()]
+    rows = [[k, figure(v)] for k, v in fl.items() if not isinstance(v, (dict, list))]
+    rows += [[f"flip rate: {k}", f"{figure(v['flip_rate'])} (n={v['n']})"]
+             for k, v in fl.get("flip_rate_per_finding", {}).items()]
     print_table("added finding through the classifier", ["measure", "value"], rows, console)

@@ -44,7 +44,7 @@ from rich.console import Console
 from medunifier.data.findings import COMPETITION_FINDINGS
 from medunifier.data.images import ImageLoadError, load_image, resize_array
 from medunifier.data.manifest import Record
-from medunifier.eval.common import load_split, print_table, write_results
+from medunifier.eval.common import figure, finish_run, load_split, print_table
 from medunifier.eval.finding_classifier import (
     MAX_CLASSIFIER_IMAGES,
     FindingClassifier,
@@ -410,34 +410,27 @@ def run_synthesis(
     console = console or Console()
     synth = Synthesizer.from_run(ckpt, device=device)
     results, _ = evaluate_synthesis(synth, data, eval_data, device=device, log=console.print, **kwargs)
-    results["ckpt"] = str(ckpt)
-    if out is not None:
-        write_results(results, out)
-    print_synthesis_tables(results, console)
-    return results
+    return finish_run(results, ckpt, out, print_synthesis_tables, console)
 
 
 def print_synthesis_tables(results: dict[str, Any], console: Console | None = None) -> None:
-    def f(x: Any) -> str:
-        return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
-
     cons = results["consistency"]
     real = results["classifier"]["real_reference"]
     recon = results["classifier"]["reconstruction_reference"]
-    rows = [[c, f(cons["per_finding"].get(c)), f(real["per_finding"].get(c)), f(recon["per_finding"].get(c))]
-            for c in COMPETITION_FINDINGS]
-    rows.append(["macro", f(cons["macro"]), f(real["macro"]), f(recon["macro"])])
+    rows = [[c, figure(cons["per_finding"].get(c)), figure(real["per_finding"].get(c)),
+             figure(recon["per_finding"].get(c))] for c in COMPETITION_FINDINGS]
+    rows.append(["macro", figure(cons["macro"]), figure(real["macro"]), figure(recon["macro"])])
     print_table("finding consistency (classifier accuracy vs requested finding)", ["finding", "generated",
                 "real reference", "VQ reconstructions"], rows, console)
     fid = results["fid"]
     spaces = [s for s in ("inception", "domain") if s in fid]
-    rows = [[k] + [f(fid[s][k]) for s in spaces] for k in ("generated", "real_vs_real", "random_codes",
-                                                             "reconstruction")]
+    rows = [[k] + [figure(fid[s][k]) for s in spaces]
+            for k in ("generated", "real_vs_real", "random_codes", "reconstruction")]
     print_table(f"Fréchet distance to {fid['n_reference']} real reference images", ["set", *spaces], rows, console)
     d = results["diversity"]
     print_table("diversity (mean pairwise feature distance per prompt)", ["measure", "value"],
-                [[k, f(v)] for k, v in d.items()], console)
+                [[k, figure(v)] for k, v in d.items()], console)
     e = results["edits"]
     if e:
         print_table("counterfactual edits", ["measure", "value"],
-                    [[k, f(v)] for k, v in e.items() if not isinstance(v, dict)], console)
+                    [[k, figure(v)] for k, v in e.items() if not isinstance(v, dict)], console)

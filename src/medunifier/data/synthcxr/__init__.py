@@ -79,7 +79,6 @@ from medunifier.data.synthcxr.render import IMAGE_KINDS, MASK_FINDINGS, generate
 from medunifier.data.synthcxr.sampling import (
     DEFAULT_PREVALENCE,
     EVAL_STREAM,
-    GENERATOR_VERSION,
     I2I_STREAM,
     MAIN_STREAM,
     PAIR_FINDINGS,
@@ -91,7 +90,7 @@ from medunifier.data.synthcxr.sampling import (
     eval_finding,
     sample_case,
 )
-from medunifier.data.synthcxr.writer import synthesize, write_synthcxr
+from medunifier.data.synthcxr.writer import GENERATOR_VERSION, synthesize, write_synthcxr
 
 __all__ = [
     "DEFAULT_PREVALENCE",

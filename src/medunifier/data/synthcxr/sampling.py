@@ -13,12 +13,11 @@ from medunifier.data.findings import COMPETITION_FINDINGS, FINDINGS
 from medunifier.data.reports import SEVERITIES, FindingSpec
 
 __all__ = [
-    "DEFAULT_PREVALENCE", "EVAL_STREAM", "GENERATOR_VERSION", "I2I_STREAM", "MAIN_STREAM", "PAIR_FINDINGS",
+    "DEFAULT_PREVALENCE", "EVAL_STREAM", "I2I_STREAM", "MAIN_STREAM", "PAIR_FINDINGS",
     "PAIR_STREAM", "SIDE_SIGN", "Case", "SynthConfig", "eval_finding", "pick", "round4", "sample_case", "sample_finding",
     "split_of",
 ]
 
-GENERATOR_VERSION = 1
 MAIN_STREAM, EVAL_STREAM, PAIR_STREAM, I2I_STREAM = 0, 1, 2, 3
 PAIR_FINDINGS = (*COMPETITION_FINDINGS, "pneumothorax")  # what a counterfactual pair adds
 SIDE_SIGN = {"right": -1.0, "left": 1.0}  # patient right is the image's left (x < 0)

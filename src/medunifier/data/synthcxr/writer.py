@@ -25,7 +25,6 @@ from medunifier.data.synthcxr.pairs import generate_pair
 from medunifier.data.synthcxr.render import IMAGE_KINDS, MASK_FINDINGS, generate_sample
 from medunifier.data.synthcxr.sampling import (
     EVAL_STREAM,
-    GENERATOR_VERSION,
     I2I_STREAM,
     MAIN_STREAM,
     PAIR_FINDINGS,
@@ -35,7 +34,9 @@ from medunifier.data.synthcxr.sampling import (
     round4,
 )
 
-__all__ = ["ChunkJob", "synthesize", "write_synthcxr"]
+__all__ = ["GENERATOR_VERSION", "ChunkJob", "synthesize", "write_synthcxr"]
+
+GENERATOR_VERSION = 1  # stamped into synthcxr.json; raised whenever the same seed would draw other images
 
 _T = TypeVar("_T")
 
