@@ -255,3 +255,27 @@ def test_ablation_never_evaluates_on_its_training_data(prompt_file: Path, tmp_pa
                        train_fn=lambda *a, **k: None, load_fn=lambda run_dir: FakeModel(), console=QUIET)
     assert "lp_100%_accuracy" not in res["summary"]["itc"] and "linear probe left out" in res["notes"][0]
     assert res["summary"]["itc"]["zs_acc"]["mean"] == 1.0
+
+
+def test_figure_formats_reals_and_keeps_counts_and_missing_values() -> None:
+    import numpy as np
+
+    from medunifier.eval.common import figure
+
+    assert figure(None) == "-" and figure(3) == "3" and figure(np.int64(7)) == "7"
+    assert figure(0.12345) == "0.123" and figure(np.float32(2.5), 2) == "2.50" and figure("cnn") == "cnn"
+
+
+def test_finish_run_notes_the_checkpoint_writes_only_with_an_out_folder_and_prints(tmp_path) -> None:
+    import json
+
+    from rich.console import Console
+
+    from medunifier.eval.common import finish_run
+
+    printed: list[dict] = []
+    results = finish_run({"score": 0.5}, tmp_path / "run", None, lambda r, c: printed.append(dict(r)), Console())
+    assert results == {"score": 0.5, "ckpt": str(tmp_path / "run")} and printed == [results]
+    assert not (tmp_path / "results.json").exists()
+    finish_run({"score": 0.25}, "run", tmp_path, lambda r, c: None, Console())
+    assert json.loads((tmp_path / "results.json").read_text()) == {"score": 0.25, "ckpt": "run"}

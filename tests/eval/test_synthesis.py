@@ -6,18 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from medunifier.eval.synthesis import (
+from medunifier.eval.finding_classifier import SmallCNN, consistency, train_cnn_classifier
+from medunifier.eval.image_metrics import (
     InceptionFeatures,
-    SmallCNN,
-    consistency,
     feature_fid,
-    finding_regions,
     frechet_distance,
     masked_ssim,
     pairwise_diversity,
     ssim_map,
-    train_cnn_classifier,
 )
+from medunifier.eval.synthesis import finding_regions
 
 METHODS = ["eigh", "sqrtm"]
 

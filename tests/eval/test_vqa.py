@@ -14,16 +14,13 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from medunifier.cli import app
-from medunifier.eval.vqa import (
-    _greedy_answers,
-    answer_questions,
+from medunifier.eval.vqa_answering import _greedy_answers, answer_questions, rank_answers, score_candidates
+from medunifier.eval.vqa_scoring import (
     candidate_pool,
     closed_candidates,
     is_closed,
     normalize_answer,
     open_answer_pool,
-    rank_answers,
-    score_candidates,
     vqa_metrics,
 )
 from shrunk_config import SMALL_MODEL
@@ -398,3 +395,25 @@ def test_shuffled_images_ask_each_question_of_the_permuted_image(vqa_rad_subset:
     real, _ = run("real", records, False)
     assert questions == [r.question for r in records]  # the questions keep their order
     assert torch.equal(shuffled, by_hand_pixels) and not torch.equal(shuffled, real)
+
+
+def test_compute_vqa_writes_and_prints_nothing_and_write_vqa_writes_its_rows(
+        vqa_rad_subset: Path, model, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The computation returns figures and rows only; the files come from `write_vqa` at the edge."""
+    from medunifier.data.manifest import load_records
+    from medunifier.eval.vqa import compute_vqa, write_vqa
+
+    records = [r for r in load_records(vqa_rad_subset) if r.split == "val"][:6]
+    calls: list[tuple[int, int]] = []
+    evaluation = compute_vqa(model, records, vqa_rad_subset.parent, closed_scoring="generate", max_length=2,
+                             batch_size=4, on_progress=lambda done, total: calls.append((done, total)))
+    assert capsys.readouterr().out == "" and not any(tmp_path.iterdir())
+    assert calls == [(0, 6), (4, 6), (6, 6)]
+    assert evaluation.results["n"] == 6 and evaluation.results["metrics"]["n"] == 6
+    assert [row["id"] for row in evaluation.predictions] == [r.id for r in records]
+    assert all(row["correct"] == (normalize_answer(row["prediction"]) == normalize_answer(row["reference"]))
+               for row in evaluation.predictions)
+    write_vqa(evaluation, tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["n"] == 6
+    lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == evaluation.predictions

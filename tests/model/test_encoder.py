@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from medunifier.config import EncoderConfig
 from medunifier.model.bert_weights import load_bert_weights
-from medunifier.model.encoder import CrossAttention, ImageTextEncoder, KVCache, build_attention_mask
+from medunifier.model.encoder import CrossAttention, ImageTextEncoder
+from medunifier.model.masking import KVCache, build_attention_mask
 
 VOCAB, VISION_WIDTH, NUM_QUERIES = 50, 24, 4
 CHANGED = 1e-4  # a real dependence moves outputs far more than this; float noise stays far below

@@ -6,7 +6,7 @@ import pytest
 import torch
 from serve_helpers import encode, picture
 
-from medunifier.eval.vqa import answer_questions, score_candidates
+from medunifier.eval.vqa_answering import answer_questions, score_candidates
 
 PNG = encode(picture(7))
 

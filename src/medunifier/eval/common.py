@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +193,40 @@ def write_results(results: dict[str, Any], out: str | Path, name: str = "results
 
 
 def fmt(value: float | None, scale: float = 100.0, digits: int = 1) -> str:
+    """A share for a table, in percent by default: '-' for None."""
     return "-" if value is None else f"{value * scale:.{digits}f}"
+
+
+def figure(value: Any, digits: int = 3) -> str:
+    """A figure for a table: '-' for None, a whole number (int, bool) as it is, any other real number to
+    `digits` decimals, anything else as text."""
+    if value is None:
+        return "-"
+    if isinstance(value, (int, np.integer)):
+        return str(value)
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def finish_run(results: dict[str, Any], ckpt: str | Path, out: str | Path | None,
+               print_tables: Callable[[dict[str, Any], Console | None], None], console: Console) -> dict[str, Any]:
+    """The edge of an evaluator run on a run folder: note the checkpoint in `results`, write results.json into
+    `out` (when given) and print the tables.
+
+    Args:
+        results: what the evaluation computed; gains "ckpt".
+        ckpt: the run folder evaluated.
+        out: the output folder, or None to write nothing.
+        print_tables: the evaluator's table printer.
+        console: where the tables go.
+    Returns `results`.
+    """
+    results["ckpt"] = str(ckpt)
+    if out is not None:
+        write_results(results, out)
+    print_tables(results, console)
+    return results
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], console: Console | None = None) -> None:

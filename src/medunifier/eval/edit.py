@@ -6,18 +6,18 @@ target's report. Each source is encoded to its codes (grounded on its own report
 `source_text`), a `strength` share of the codes is re-sampled under the target report (inside the pair's
 `edit_region` mask with `region="mask"`, else anywhere) and decoded. Scores, means over pairs:
 
-- **SSIM** (mean of the Gaussian-window map of `eval.synthesis.ssim_map`) and **PSNR** (dB, uint8 range,
+- **SSIM** (mean of the Gaussian-window map of `eval.image_metrics.ssim_map`) and **PSNR** (dB, uint8 range,
   capped at 100 dB for identical images) of the edited image against the target. Two references put them
   in scale: the unedited source against the target ("do nothing") and the source's VQ reconstruction
   against the target (an edit that changes no code: the decoder's floor for this comparison).
 - **SSIM outside the region** (where target and source are identical; the region grown by the SSIM window's
   radius, 5 px, so that no window reaches an edited pixel) against the target: how much the edit disturbed
   what it should have kept; and inside the (ungrown) region, where the finding is.
-- **Flip rate**: a finding classifier trained on the manifest's real train images (`eval.synthesis`'s small
-  CNN, one sigmoid per finding) scores each edited image; a flip is the added finding's probability
-  reaching 0.5, counted among pairs whose source reconstruction it did not already call positive. Its
-  detection rate on the real targets (the most an edit can show through this classifier) and its
-  false-positive rate on the real sources are reported beside it.
+- **Flip rate**: a finding classifier trained on the manifest's real train images (the small CNN of
+  `eval.finding_classifier`, one sigmoid per finding) scores each edited image; a flip is the added
+  finding's probability reaching 0.5, counted among pairs whose source reconstruction it did not already
+  call positive. Its detection rate on the real targets (the most an edit can show through this
+  classifier) and its false-positive rate on the real sources are reported beside it.
 """
 
 from __future__ import annotations
@@ -34,15 +34,10 @@ from rich.console import Console
 from medunifier.data.findings import FINDINGS
 from medunifier.data.images import ImageLoadError, load_image, resize_array
 from medunifier.data.manifest import Record, load_records
-from medunifier.eval.common import print_table, write_results
-from medunifier.eval.synthesis import (
-    MAX_CLASSIFIER_IMAGES,
-    _to_input,
-    load_grey,
-    masked_ssim,
-    ssim_map,
-    train_cnn_classifier,
-)
+from medunifier.eval.common import figure, finish_run, print_table
+from medunifier.eval.finding_classifier import MAX_CLASSIFIER_IMAGES, to_input, train_cnn_classifier
+from medunifier.eval.image_metrics import masked_ssim, ssim_map
+from medunifier.eval.synthesis import load_grey
 from medunifier.utils import psnr_db
 
 SSIM_RADIUS = 5  # the Gaussian window of ssim_map (sigma 1.5, truncated at 3.5 sigma) reaches 5 px
@@ -125,7 +120,7 @@ def cnn_detector(records: Sequence[Record], root: Path, size: int, classes: Sequ
 
     @torch.no_grad()
     def detect(images: np.ndarray) -> np.ndarray:
-        x = _to_input(images).to(next(net.parameters()).device)
+        x = to_input(images).to(next(net.parameters()).device)
         return torch.cat([net(x[i : i + 256]).sigmoid().cpu() for i in range(0, len(x), 256)]).double().numpy()
 
     return detect, {"kind": "cnn", "train_images": len(train), **clf.info}
@@ -275,26 +270,20 @@ def run_edit_eval(ckpt: str | Path, data: str | Path, out: str | Path | None = N
     console = console or Console()
     synth = Synthesizer.from_run(ckpt, device=device)
     results = evaluate_edit_pairs(synth, data, device=device, log=console.print, **kwargs)
-    results["ckpt"] = str(ckpt)
-    if out is not None:
-        write_results(results, out)
-    print_edit_table(results, console)
-    return results
+    return finish_run(results, ckpt, out, print_edit_table, console)
 
 
 def print_edit_table(results: dict[str, Any], console: Console | None = None) -> None:
-    def f(x: Any) -> str:
-        return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
-
     r = results
-    rows = [["edited vs target", f(r["ssim"]), f(r["psnr"])],
-            ["source vs target (no edit)", f(r["ssim_source"]), f(r["psnr_source"])],
-            ["reconstruction vs target", f(r["ssim_reconstruction"]), f(r["psnr_reconstruction"])],
-            ["edited vs target, outside region", f(r["ssim_outside"]), "-"],
-            ["edited vs target, inside region", f(r["ssim_inside"]), "-"]]
+    rows = [["edited vs target", figure(r["ssim"]), figure(r["psnr"])],
+            ["source vs target (no edit)", figure(r["ssim_source"]), figure(r["psnr_source"])],
+            ["reconstruction vs target", figure(r["ssim_reconstruction"]), figure(r["psnr_reconstruction"])],
+            ["edited vs target, outside region", figure(r["ssim_outside"]), "-"],
+            ["edited vs target, inside region", figure(r["ssim_inside"]), "-"]]
     print_table(f"counterfactual edits on {r['n']} ground-truth pairs", ["comparison", "SSIM", "PSNR (dB)"], rows,
                 console)
     fl = r["flips"]
-    rows = [[k, f(v)] for k, v in fl.items() if not isinstance(v, (dict, list))]
-    rows += [[f"flip rate: {k}", f"{f(v['flip_rate'])} (n={v['n']})"] for k, v in fl.get("flip_rate_per_finding", {}).items()]
+    rows = [[k, figure(v)] for k, v in fl.items() if not isinstance(v, (dict, list))]
+    rows += [[f"flip rate: {k}", f"{figure(v['flip_rate'])} (n={v['n']})"]
+             for k, v in fl.get("flip_rate_per_finding", {}).items()]
     print_table("added finding through the classifier", ["measure", "value"], rows, console)

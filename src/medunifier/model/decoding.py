@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from medunifier.model.encoder import ImageTextEncoder, KVCache
+from medunifier.model.encoder import ImageTextEncoder
+from medunifier.model.masking import KVCache
 
 
 class _Stepper:

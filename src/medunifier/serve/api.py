@@ -399,14 +399,14 @@ class Copilot:
 
     def ask(self, image: Any, question: str, candidates: Sequence[str] | None = None, max_length: int = 16,
             num_beams: int = 1, modality: str | None = None) -> Answer:
-        """Answer a question about one image (see `medunifier.eval.vqa`).
+        """Answer a question about one image (see `medunifier.eval.vqa_answering`).
 
         With `candidates` (e.g. ["yes", "no"]) each is scored by its total log-likelihood after the question and
         the best is the answer; otherwise the answer is decoded after the question (greedy by default), at most
         `max_length` tokens (capped by the model's text length). `modality` ("cxr", "ct", ...) reaches models
         trained with modality embeddings.
         """
-        from medunifier.eval.vqa import answer_questions, score_candidates
+        from medunifier.eval.vqa_answering import answer_questions, score_candidates
 
         question = str(question).strip()
         if not question:
