@@ -336,12 +336,20 @@ class I2IConfig(_Strict):
     added at its 1/4-resolution bottleneck and FiLM from the instruction's text [CLS] and the mean of the
     source's query outputs (both from the encoder's generation-role passes). Images come out as a residual
     over the source (`translate`, `upscale`: the source is the unchanged / bicubic baseline the head starts
-    from), masks as logits (`segment`). Loss: MSE on normalised pixels for images, BCE + soft Dice for masks.
+    from), masks as logits (`segment`). Loss: per-item MSE on normalised pixels for images (or its log, see
+    `image_loss`), positive-weighted BCE + soft Dice for masks.
     """
 
     enabled: bool = Field(False, description="build the head (a model saved without it loads without it)")
     channels: int = Field(32, ge=4, description="U-Net width at full resolution (x2 at 1/2, x4 at 1/4)")
     blocks: int = Field(1, ge=0, description="residual blocks per U-Net level")
+    image_loss: Literal["mse", "log_mse"] = Field(
+        "log_mse", description="per image item: 'mse', or 'log_mse' = log(MSE + 1e-5), which weighs each item by "
+        "its relative error, so a translation whose error is 100x smaller (bone-suppressed against dual-energy "
+        "bone) is not drowned by the larger one")
+    mask_pos_weight: float = Field(
+        4.0, gt=0, description="BCE weight of mask pixels (1 = unweighted); small findings cover a few dozen "
+        "pixels, so unweighted BCE learns to miss them")
 
 
 class StageConfig(_Strict):

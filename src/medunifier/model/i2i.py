@@ -115,25 +115,37 @@ def soft_dice(probs: Tensor, masks: Tensor, eps: float = 1.0) -> Tensor:
     return (2 * inter + eps) / (probs.flatten(1).sum(1) + masks.flatten(1).sum(1) + eps)
 
 
-def i2i_loss(images: Tensor, mask_logits: Tensor, targets: Tensor, masks: Tensor, is_mask: Tensor
-             ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Mean over items of MSE (image items, normalised pixels) or BCE + (1 - soft Dice) (segment items).
+LOG_MSE_EPS = 1e-5  # floor of the log-MSE image loss, in normalised pixel units (about 55 dB at std 0.25)
+
+
+def i2i_loss(images: Tensor, mask_logits: Tensor, targets: Tensor, masks: Tensor, is_mask: Tensor, *,
+             image_loss: str = "log_mse", mask_pos_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """Mean over items of the image loss (image items) or BCE + (1 - soft Dice) (segment items).
 
     Args:
         images, targets: [B, C, S, S]; mask_logits, masks: [B, 1, S, S]; is_mask: bool [B] (segment items).
-    Returns (loss, parts) with parts "i2i_mse" and "i2i_dice" (means over their items; absent without any).
+        image_loss: "mse" (per-item MSE of normalised pixels) or "log_mse" (its log plus a small floor): the
+            log's gradient is the MSE's divided by the item's own error, so every item counts by its relative
+            error and tasks whose errors differ by orders of magnitude train together.
+        mask_pos_weight: BCE weight of the mask's positive pixels.
+    Returns (loss, parts) with parts "i2i_mse" (plain MSE, whatever the loss) and "i2i_dice" (means over their
+    items; absent without any).
     """
+    if image_loss not in ("mse", "log_mse"):
+        raise ValueError(f"image_loss must be 'mse' or 'log_mse', got {image_loss!r}")
     per_item = images.new_zeros(images.shape[0], dtype=torch.float32)
     parts: dict[str, Tensor] = {}
     image_items = ~is_mask
     if image_items.any():
         mse = (images.float() - targets.float()).pow(2).flatten(1).mean(1)  # [B]
-        per_item = torch.where(image_items, mse, per_item)
+        item_loss = mse.clamp_min(0).add(LOG_MSE_EPS).log() if image_loss == "log_mse" else mse
+        per_item = torch.where(image_items, item_loss, per_item)
         parts["i2i_mse"] = mse[image_items].mean().detach()
     if is_mask.any():
         logits = mask_logits.float()
-        bce = F.binary_cross_entropy_with_logits(logits, masks.float(), reduction="none").flatten(1).mean(1)
+        pos_weight = logits.new_tensor(mask_pos_weight)
+        bce = F.binary_cross_entropy_with_logits(logits, masks.float(), reduction="none", pos_weight=pos_weight)
         dice = soft_dice(logits.sigmoid(), masks.float())
-        per_item = torch.where(is_mask, bce + 1 - dice, per_item)
+        per_item = torch.where(is_mask, bce.flatten(1).mean(1) + 1 - dice, per_item)
         parts["i2i_dice"] = dice[is_mask].mean().detach()
     return per_item.mean(), parts

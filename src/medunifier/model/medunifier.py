@@ -297,7 +297,9 @@ class MedUnifier(nn.Module):
                 self.text_states(input_ids, attention_mask, role="generate", modality_ids=modality_ids)[:, 0],
             )
             is_mask = torch.tensor([t == "segment" for t in batch["tasks"]], device=device)
-            loss_i2i, parts = i2i_loss(images, mask_logits, batch["i2i_targets"], batch["i2i_masks"], is_mask)
+            loss_i2i, parts = i2i_loss(images, mask_logits, batch["i2i_targets"], batch["i2i_masks"], is_mask,
+                                       image_loss=self.config.i2i.image_loss,
+                                       mask_pos_weight=self.config.i2i.mask_pos_weight)
             losses["i2i"] = loss_i2i
             losses.update(parts)
             total = total + weights.i2i * loss_i2i
