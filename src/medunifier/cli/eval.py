@@ -32,13 +32,16 @@ def eval_retrieval(
     split: str | None = typer.Option(None, help="keep this split of a multi-split manifest"),
     batch_size: int = typer.Option(64, help="images per forward pass"),
     device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+    rerank: int = typer.Option(0, min=0, help="re-rank each query's top K ITC candidates by ITM, as BLIP-2 "
+                               "retrieves (0 = ITC only; the ITC-only figures are kept in results.json)"),
 ) -> None:
     """Image-to-text and text-to-image retrieval: mAP@K (PRIOR/CXR-CLIP), Recall@K, mean rank."""
     from medunifier.eval.retrieval import run_retrieval
 
     try:
         run_retrieval(ckpt, data, _eval_out(out, ckpt, "retrieval"), classes=csv_list(classes),
-                      ks=[int(x) for x in csv_list(k)], split=split, batch_size=batch_size, device=device, console=console)
+                      ks=[int(x) for x in csv_list(k)], split=split, batch_size=batch_size, device=device, console=console,
+                      rerank=rerank)
     except _EVAL_ERRORS as err:
         fail(str(err))
 

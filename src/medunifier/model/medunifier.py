@@ -364,19 +364,30 @@ class MedUnifier(nn.Module):
     @torch.no_grad()
     def itm_score(
         self,
-        pixel_values: Tensor,
+        pixel_values: Tensor | None,
         input_ids: Tensor,
         attention_mask: Tensor,
         *,
+        image_embeds: Tensor | None = None,
         modalities: list[str] | None = None,
     ) -> Tensor:
-        """Probability that each (image, text) pair matches: [B]."""
+        """Probability that each (image, text) pair matches: [B].
+
+        Args:
+            pixel_values: [B, C, S, S], or None with `image_embeds`.
+            image_embeds: the vision tokens [B, N, D] (`image_features`) in place of the pixels, so that one image
+                can be scored against many texts without running the vision tower again.
+        """
+        if (pixel_values is None) == (image_embeds is None):
+            raise ValueError("itm_score takes pixel_values or image_embeds, exactly one")
+        if image_embeds is None:
+            image_embeds = self.image_features(pixel_values)
         out = self.encoder(
             input_ids=self._task_ids(input_ids, "enc"),
             attention_mask=attention_mask,
-            image_embeds=self.image_features(pixel_values),
+            image_embeds=image_embeds,
             mode="bidirectional",
-            modality_ids=self.modality_ids_for(modalities, pixel_values.shape[0]),
+            modality_ids=self.modality_ids_for(modalities, image_embeds.shape[0]),
             queries_only=True,
         )
         return self.itm_head(out.query_states).mean(dim=1).softmax(-1)[:, 1]
