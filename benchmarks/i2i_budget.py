@@ -1,11 +1,13 @@
 """The image-to-image budget run behind docs/results.md: train under a CPU-time cap, then `eval i2i`.
 
-    python benchmarks/i2i_budget.py --data DATA/manifest.jsonl --backbone BACKBONE --out RUN [--cpu-minutes 15]
+    python benchmarks/i2i_budget.py --data DATA/manifest.jsonl --backbone BACKBONE --out RUN [--cpu-minutes 15] \
+        [--steps 1200] [KEY=VALUE ...]
 
 Trains `tiny_frozen` with the image-to-image head on the manifest's translate / upscale / segment records
 (one stage, "i2i:" keys, equal weights) for `--steps` steps or until the training process has used
 `--cpu-minutes` of CPU time (user + system, read from /proc; SIGTERM then makes the trainer checkpoint and
 stop, and `--resume --max-steps` at the reached step writes the model). Then runs `medunifier eval i2i`.
+KEY=VALUE arguments are config overrides for the training run (e.g. `i2i.image_loss=mse` for an ablation).
 Prints every command with its wall time and CPU time and writes RUN/budget.json. The CPU cap, not the wall
 clock, is the budget: on a shared machine the wall time is much longer and is recorded beside it.
 """
@@ -62,9 +64,10 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--backbone", required=True, help="the frozen vision backbone folder")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--cpu-minutes", type=float, default=15.0)
     parser.add_argument("--max-per-task", type=int, default=300)
+    parser.add_argument("overrides", nargs="*", help="config overrides for training, KEY=VALUE")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,7 +76,7 @@ def main() -> None:
              '"i2i:segment": 1}, losses: {itc: 0, itm: 0, itg: 0, tig: 0, i2i: 1}}]')
     common = ["--config", "tiny_frozen", "--data", args.data, "--out", str(out / "run"),
               f"vision.pretrained={args.backbone}", "i2i.enabled=true", stage, "train.val_every=100000",
-              "train.save_every=50", "train.log_every=10"]
+              "train.save_every=50", "train.log_every=10", *args.overrides]
     steps = [run([*cli, "pretrain", *common], out / "train.log", cap_s=60 * args.cpu_minutes)]
     if not (out / "run" / "model" / "config.json").exists():  # stopped by the cap: write the model as it is
         reached = max(int(p.name.split("-")[1]) for p in (out / "run" / "checkpoints").glob("step-*")
