@@ -40,13 +40,3 @@ def test_cli_refuses_both_budgets_before_doing_any_work(tmp_path: Path) -> None:
     assert "not both" in result.output
     assert not out.exists()
 
-
-def test_headline_names_the_reranking_and_keeps_the_itc_figure() -> None:
-    from medunifier.demo import headline
-
-    itc = {"image_to_text": {"precision_at_k": {1: 0.70}}}
-    rows = headline({"retrieval": {"rerank": 16, "image_to_text": {"precision_at_k": {1: 0.76}}, "itc_only": itc}})
-    (row,) = [r for r in rows if r[0].startswith("image-to-text")]
-    assert row[1] == 0.76 and "top 16" in row[0] and "ITC alone 0.700" in row[2]
-    (row,) = [r for r in headline({"retrieval": itc}) if r[0].startswith("image-to-text")]
-    assert row[1] == 0.70 and "re-ranks" not in row[0] and "ITC alone" not in row[2]
