@@ -8,7 +8,6 @@ question, answer, answer_type, modality, location, q_lang, qid, content_type, ..
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from medunifier.data.converters.common import (
@@ -33,7 +32,6 @@ def _modality(name: str, location: str) -> str:
 def convert_slake(root: Path, out: Path, *, lang: str = "en", image_size: int | None = None, square: bool = False,
                   min_size: int = 32, seed: int = 0) -> ConversionSummary:
     """Convert SLAKE: official splits; `lang` "en", "zh" or "all" selects the question language."""
-    start = time.perf_counter()
     root, out = Path(root), Path(out)
     summary = ConversionSummary("slake", str(out))
     if lang not in ("en", "zh", "all"):
@@ -69,5 +67,4 @@ def convert_slake(root: Path, out: Path, *, lang: str = "en", image_size: int | 
                 answer_type=str(item.get("answer_type", "")).strip().upper() or None,
                 content_type=item.get("content_type"), qid=item["qid"], img_id=item.get("img_id"),
             ))
-    summary.seconds = time.perf_counter() - start
     return finish(records, out, summary)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -68,7 +67,6 @@ def infer_modality(items: list[dict[str, Any]], organ: str) -> str:
 def convert_vqa_rad(root: Path, out: Path, *, val_fraction: float = 0.0, image_size: int | None = None,
                     square: bool = False, min_size: int = 32, seed: int = 0) -> ConversionSummary:
     """Convert VQA-RAD: every QA pair of trainset.json (and testset.json) becomes a record."""
-    start = time.perf_counter()
     root, out = Path(root), Path(out)
     summary = ConversionSummary("vqa-rad", str(out))
     sets = [(name, split) for name, split in (("trainset.json", "train"), ("testset.json", "test"))
@@ -117,5 +115,4 @@ def convert_vqa_rad(root: Path, out: Path, *, val_fraction: float = 0.0, image_s
                 question_type=str(item.get("question_type", "")).strip() or None,
                 phrase_type=item.get("phrase_type"), qid=item["qid"],
             ))
-    summary.seconds = time.perf_counter() - start
     return finish(records, out, summary)
