@@ -28,6 +28,7 @@ from medunifier.data.converters.common import (
     iter_csv,
     iter_with_seed,
     parse_label,
+    split_tables,
 )
 from medunifier.data.findings import COMPETITION_FINDINGS
 from medunifier.data.manifest import Record
@@ -70,9 +71,7 @@ def convert_chexpert(root: Path, out: Path, *, uncertain: str = "keep", five_by_
     root, out = Path(root), Path(out)
     summary = ConversionSummary("chexpert-5x200" if five_by_200 else "chexpert", str(out))
     check_uncertain(uncertain)
-    tables = [(root / name, split) for name, split in CSV_SPLITS if (root / name).is_file()]
-    if not tables:
-        raise ConversionError(f"{root}: no train.csv / valid.csv found (is this the CheXpert folder?)")
+    tables = split_tables(root, CSV_SPLITS, "no train.csv / valid.csv found (is this the CheXpert folder?)")
     writer = ImageWriter(out, summary, image_size, square, min_size)
     if five_by_200:
         records = _five_by_200(root, tables, writer, summary, per_class, seed)

@@ -297,6 +297,34 @@ def require_file(root: Path, names: Iterable[str], missing: str) -> Path:
     return found
 
 
+def split_tables(root: Path, split_files: Iterable[tuple[str, str]], missing: str) -> list[tuple[Path, str]]:
+    """The (file, split) pairs of a dataset's official split tables that exist under root.
+
+    Args:
+        root: the dataset folder.
+        split_files: (file name, split) pairs, e.g. (("train.txt", "train"), ("test.txt", "test")).
+        missing: what the ConversionError says after the folder when none exists.
+    """
+    tables = [(root / name, split) for name, split in split_files if (root / name).is_file()]
+    if not tables:
+        raise ConversionError(f"{root}: {missing}")
+    return tables
+
+
+def question_answer(item: Mapping[str, Any], summary: ConversionSummary) -> tuple[str, str] | None:
+    """The stripped question and answer of a VQA item; None, counted as filtered "empty_qa", when either is empty.
+
+    Args:
+        item: one question of the dataset's JSON, with "question" and "answer".
+        summary: the conversion's summary.
+    """
+    question, answer = str(item.get("question", "")).strip(), str(item.get("answer", "")).strip()
+    if not question or not answer:
+        summary.filtered["empty_qa"] += 1
+        return None
+    return question, answer
+
+
 def compose_text(findings: str | None, impression: str | None) -> str:
     """The manifest `text` of a report: 'FINDINGS: ... IMPRESSION: ...' with the parts present."""
     parts = []

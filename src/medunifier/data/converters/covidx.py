@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from medunifier.data.converters.common import (
-    ConversionError,
     ConversionSummary,
     Deduplicator,
     ImageWriter,
     caption_record,
     finish,
+    split_tables,
 )
 
 CLASS_LABELS = {
@@ -34,9 +34,7 @@ def convert_covidx(root: Path, out: Path, *, image_size: int | None = None, squa
     """Convert COVIDx: official splits; duplicate file names (COVIDx has a few) are dropped."""
     root, out = Path(root), Path(out)
     summary = ConversionSummary("covidx", str(out))
-    tables = [(root / name, split) for name, split in SPLIT_FILES if (root / name).is_file()]
-    if not tables:
-        raise ConversionError(f"{root}: no train.txt / test.txt found (is this the COVIDx folder?)")
+    tables = split_tables(root, SPLIT_FILES, "no train.txt / test.txt found (is this the COVIDx folder?)")
     writer = ImageWriter(out, summary, image_size, square, min_size)
     dedup = Deduplicator(summary)
     records = []

@@ -16,6 +16,8 @@ from medunifier.data.converters.common import (
     Deduplicator,
     ImageWriter,
     finish,
+    question_answer,
+    split_tables,
 )
 from medunifier.data.manifest import Record
 
@@ -36,9 +38,7 @@ def convert_slake(root: Path, out: Path, *, lang: str = "en", image_size: int | 
     summary = ConversionSummary("slake", str(out))
     if lang not in ("en", "zh", "all"):
         raise ConversionError(f"lang must be en, zh or all, got {lang!r}")
-    tables = [(root / name, split) for name, split in SPLIT_FILES if (root / name).is_file()]
-    if not tables:
-        raise ConversionError(f"{root}: no train.json / validate.json / test.json found (is this Slake1.0?)")
+    tables = split_tables(root, SPLIT_FILES, "no train.json / validate.json / test.json found (is this Slake1.0?)")
     writer = ImageWriter(out, summary, image_size, square, min_size)
     dedup = Deduplicator(summary)
     records = []
@@ -48,13 +48,11 @@ def convert_slake(root: Path, out: Path, *, lang: str = "en", image_size: int | 
             if lang != "all" and language != lang:
                 summary.filtered["other_language"] += 1
                 continue
-            question, answer = str(item.get("question", "")).strip(), str(item.get("answer", "")).strip()
-            if not question or not answer:
-                summary.filtered["empty_qa"] += 1
-                continue
+            qa = question_answer(item, summary)
             record_id = f"slake-{split}-{item['qid']}"
-            if not dedup.first(record_id):
+            if qa is None or not dedup.first(record_id):
                 continue
+            question, answer = qa
             image_name = str(item["img_name"])
             image = writer.write(root / "imgs" / image_name, Path(image_name).with_suffix("").as_posix())
             if image is None:

@@ -27,6 +27,7 @@ from medunifier.data.converters.common import (
     ImageWriter,
     assign_splits,
     finish,
+    question_answer,
 )
 from medunifier.data.manifest import Record
 
@@ -94,13 +95,11 @@ def convert_vqa_rad(root: Path, out: Path, *, val_fraction: float = 0.0, image_s
         if split == "train" and val_fraction > 0:
             image_split = assign_splits((i["image_name"] for i in items), val_fraction, 0.0, seed)
         for item in items:
-            question, answer = str(item.get("question", "")).strip(), str(item.get("answer", "")).strip()
-            if not question or not answer:
-                summary.filtered["empty_qa"] += 1
-                continue
+            qa = question_answer(item, summary)
             record_id = f"vqa-rad-{split}-{item['qid']}"
-            if not dedup.first(record_id):
+            if qa is None or not dedup.first(record_id):
                 continue
+            question, answer = qa
             image_name = item["image_name"]
             image = writer.write(image_dir / image_name, Path(image_name).stem)
             if image is None:
