@@ -183,6 +183,14 @@ class Conditioning:
     def repeats(self) -> int:
         return 2 if self.mode == "guided" else 1
 
+    def rows(self, x: Tensor | None) -> Tensor | None:
+        """A per-sample tensor [B, ...] for the network's rows: [2B, ...] (twice over) when guided; None stays None.
+
+        Args:
+            x: e.g. the context-code embeddings [B, L, W].
+        """
+        return torch.cat([x, x], dim=0) if x is not None and self.repeats == 2 else x
+
     def merge(self, logits: Tensor) -> Tensor:
         """[repeats*B, ..., V] -> [B, ..., V] with logits = uncond + g * (cond - uncond) when guided."""
         if self.mode != "guided":
