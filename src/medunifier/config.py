@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.resources
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -725,11 +726,22 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
         if not path.exists():
             raise ConfigError(f"config file not found: {path}")
         return path
-    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    return shipped_yaml(CONFIG_DIR, name_or_path, lambda presets: ConfigError(
+        f"no config file or preset named '{name_or_path}' (presets: {presets})"))
+
+
+def shipped_yaml(folder: Path, name: str | Path, missing: Callable[[str], Exception]) -> Path:
+    """`folder/<name>.yaml`, a file shipped with the package; raises `missing(names)` when there is none.
+
+    Args:
+        folder: the shipped folder, e.g. CONFIG_DIR.
+        name: the file's name without ".yaml".
+        missing: the error to raise, given the shipped names comma-separated.
+    """
+    candidate = folder / f"{name}.yaml"
     if candidate.exists():
         return candidate
-    presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    raise ConfigError(f"no config file or preset named '{name_or_path}' (presets: {', '.join(presets)})")
+    raise missing(", ".join(sorted(p.stem for p in folder.glob("*.yaml"))))
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> MedUnifierConfig:

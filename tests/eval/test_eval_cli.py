@@ -21,7 +21,7 @@ SMALL = [*SMALL_MODEL, "encoder.num_queries=8", "generator.adapter_blocks=1"]
 def test_eval_retrieval_cli_writes_results_and_prints_a_table(
     fake_model: FakeModel, band_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("medunifier.eval.retrieval.load_model", lambda ckpt, device=None: fake_model)
+    monkeypatch.setattr("medunifier.eval.common.load_model", lambda ckpt, device=None: fake_model)
     ckpt = tmp_path / "run"
     result = runner.invoke(app, ["eval", "retrieval", "--ckpt", str(ckpt), "--data", str(band_manifest),
                                  "--classes", "atelectasis,cardiomegaly,edema", "--k", "1,5"])

@@ -180,7 +180,7 @@ def test_kv_cache_logits_match_full_forward():
     with torch.no_grad():
         text_kv = prior.net.text_kv(states)
         full = prior.net(inputs, text_kv, mask, None, causal=True)
-        cache = KVCache(len(prior.net.blocks))
+        cache = KVCache(len(prior.net.blocks), prior.seq_len)
         stepwise = torch.cat(
             [prior.net(inputs[:, i : i + 1], text_kv, mask, None, causal=True, start=i, cache=cache)
              for i in range(TOP * TOP)], dim=1,

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from typing import NoReturn
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
 
-__all__ = ["console", "csv_list", "fail"]
+__all__ = ["DeviceOption", "ModelOption", "console", "csv_list", "fail", "fail_on"]
 
 console = Console()
+
+# The options many commands take, with one help text: `device: DeviceOption = None`, `ckpt: ModelOption`.
+DeviceOption = Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when available)")]
+ModelOption = Annotated[Path, typer.Option(help="a run folder or a saved model folder")]
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -21,6 +28,19 @@ def fail(message: str, code: int = 2) -> NoReturn:
     """
     console.print(f"[red]error:[/red] {message}")
     raise typer.Exit(code)
+
+
+@contextmanager
+def fail_on(*errors: type[Exception]) -> Iterator[None]:
+    """Turn the expected `errors` of the block into an error message and exit status 2 (no traceback).
+
+    Args:
+        *errors: the exception types that mean bad input (a missing file, a bad value).
+    """
+    try:
+        yield
+    except errors as err:
+        fail(str(err))
 
 
 def csv_list(text: str | None) -> list[str] | None:

@@ -7,7 +7,7 @@ import json
 import typer
 from rich.table import Table
 
-from medunifier.cli.common import console, fail
+from medunifier.cli.common import console, fail_on
 
 __all__ = ["config_app"]
 
@@ -24,13 +24,11 @@ def config_show_cmd(
     """Every field of a validated config: its value and what it means."""
     from medunifier.config import ConfigError, describe_fields, load_config, load_stage0_config
 
-    try:
+    with fail_on(ConfigError):
         if stage0:
             cfg = load_stage0_config(None if preset == "default" else preset, overrides or [])
         else:
             cfg = load_config(preset, overrides or [])
-    except ConfigError as err:
-        fail(str(err))
     table = Table(title=f"{cfg.name}", show_lines=False)
     for column in ("field", "value", "description"):
         table.add_column(column, overflow="fold")

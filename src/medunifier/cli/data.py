@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from medunifier.cli.common import console, fail
+from medunifier.cli.common import console, fail, fail_on
 
 __all__ = ["data_app"]
 
@@ -25,10 +25,8 @@ def data_info(
     """Counts by split, source, task and modality, and label prevalence, of a manifest."""
     from medunifier.data.manifest import read_manifest, summarize
 
-    try:
+    with fail_on(FileNotFoundError):
         records, report = read_manifest(manifest)
-    except FileNotFoundError as err:
-        fail(str(err))
     for err in report.errors:
         console.print(f"[yellow]skipped[/yellow] {err}")
     summary = summarize(records)
@@ -96,10 +94,8 @@ def data_convert(
         "lang": lang, "pairs": contrast_pairs,
     }
     options = {k: v for k, v in given.items() if v is not None}
-    try:
+    with fail_on(ConversionError, FileNotFoundError):
         summary = convert(fmt, root, out, seed=seed, **options)
-    except (ConversionError, FileNotFoundError) as err:
-        fail(str(err))
     for line in summary.lines():
         console.print(line, highlight=False, markup=False, soft_wrap=True)
     if summary.records == 0:
@@ -113,10 +109,8 @@ def data_convert(
 def _run_qc(manifest: Path, out: Path, **kwargs) -> None:
     from medunifier.data.qc import run_qc
 
-    try:
+    with fail_on(FileNotFoundError, ValueError):
         result = run_qc(manifest, out, **kwargs)
-    except (FileNotFoundError, ValueError) as err:
-        fail(str(err))
     counts = ", ".join(f"{reason} {n}" for reason, n in result.by_reason().items()) or "nothing found"
     console.print(f"qc: {result.records} records, kept {result.kept}, dropped {result.dropped} ({counts})",
                   highlight=False)
@@ -150,10 +144,8 @@ def data_merge(
     """Merge manifests of several sources into one (for multi-source, multi-modality training)."""
     from medunifier.data.manifest import ManifestError, merge_manifests
 
-    try:
+    with fail_on(FileNotFoundError, ManifestError):
         counts = merge_manifests(manifests, out)
-    except (FileNotFoundError, ManifestError) as err:
-        fail(str(err))
     for path, n in counts.items():
         console.print(f"{n:>8} records from {path}")
     console.print(f"wrote {sum(counts.values())} records to {out}")
@@ -178,17 +170,13 @@ def data_tokenizer(
 
     texts: list[str] = []
     for manifest in manifests:
-        try:
+        with fail_on(FileNotFoundError):
             records = load_records(manifest)
-        except FileNotFoundError as err:
-            fail(str(err))
         texts += [t for r in records for t in (r.text, r.question, r.answer) if t and t.strip()]
     if not texts:
         fail("the manifests hold no text to train on")
-    try:
+    with fail_on(ValueError):
         tok = train_tokenizer(texts, out, vocab_size=vocab_size, min_frequency=min_frequency)
-    except ValueError as err:
-        fail(str(err))
     console.print(f"trained on {len(texts)} texts: vocabulary {len(tok)} ({vocab_size} asked), "
                   f"special ids {special_ids(tok)}; saved to {out}")
 
@@ -205,10 +193,8 @@ def data_shards(
 
     if shard_size < 1:
         fail("--shard-size must be at least 1")
-    try:
+    with fail_on(FileNotFoundError):
         paths = write_shards(manifest, out, shard_size=shard_size, splits=split or None)
-    except FileNotFoundError as err:
-        fail(str(err))
     index = read_index(out)
     for reason in index["skipped"]:
         console.print(f"[yellow]skipped[/yellow] {reason}")
@@ -282,11 +268,9 @@ def data_features(
         fail(f"--dtype must be float16, bfloat16 or float32, not {dtype!r}")
     if shard_size < 1:
         fail("--shard-size must be at least 1")
-    try:
+    with fail_on(ConfigError, FileNotFoundError, ValueError):
         cfg = load_config(config, [*(overrides or []), f"vision.pretrained={vision}", "vision.frozen=true",
                                    "vision.feature_cache=null"])
         summary = write_feature_cache(cfg, data, out, shard_size=shard_size, dtype=dtype, splits=split or None)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        fail(str(err))
     console.print(f"wrote {summary['entries']} feature entries in {summary['shards']} shards to {out} "
                   f"({summary['seconds']:.0f} s); use vision.feature_cache={out}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from medunifier.cli.common import fail
+from medunifier.cli.common import fail_on
 
 __all__ = ["demo"]
 
@@ -29,8 +29,6 @@ def demo(
 
     budgets = dict(steps=steps, stage0_steps=stage0_steps, prior_steps=prior_steps, minutes=minutes,
                    stage0_minutes=stage0_minutes, prior_minutes=prior_minutes)
-    try:
+    with fail_on(ValueError):
         demo_budgets(**budgets)
-    except ValueError as err:
-        fail(str(err))
     run_demo(out, n_images=n_images, **budgets)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from medunifier.cli.common import console, csv_list, fail
+from medunifier.cli.common import DeviceOption, ModelOption, console, csv_list, fail, fail_on
 
 __all__ = ["eval_app"]
 
@@ -24,31 +24,29 @@ _EVAL_ERRORS = (FileNotFoundError, ValueError, ImportError)
 
 @eval_app.command("retrieval")
 def eval_retrieval(
-    ckpt: Path = typer.Option(..., help="a run folder or a saved model folder"),
+    ckpt: ModelOption,
     data: Path = typer.Option(..., help="a 5x200-style manifest (one positive finding per image)"),
     out: Path | None = typer.Option(None, help="output folder (default <ckpt>/eval/retrieval)"),
     classes: str | None = typer.Option(None, help="comma-separated classes (default: the five competition findings)"),
     k: str = typer.Option("1,5,10", help="comma-separated K values"),
     split: str | None = typer.Option(None, help="keep this split of a multi-split manifest"),
     batch_size: int = typer.Option(64, help="images per forward pass"),
-    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+    device: DeviceOption = None,
     rerank: int = typer.Option(0, min=0, help="re-rank each query's top K ITC candidates by ITM, as BLIP-2 "
                                "retrieves (0 = ITC only; the ITC-only figures are kept in results.json)"),
 ) -> None:
     """Image-to-text and text-to-image retrieval: mAP@K (PRIOR/CXR-CLIP), Recall@K, mean rank."""
     from medunifier.eval.retrieval import run_retrieval
 
-    try:
+    with fail_on(*_EVAL_ERRORS):
         run_retrieval(ckpt, data, _eval_out(out, ckpt, "retrieval"), classes=csv_list(classes),
                       ks=[int(x) for x in csv_list(k)], split=split, batch_size=batch_size, device=device, console=console,
                       rerank=rerank)
-    except _EVAL_ERRORS as err:
-        fail(str(err))
 
 
 @eval_app.command("zeroshot")
 def eval_zeroshot(
-    ckpt: Path = typer.Option(..., help="a run folder or a saved model folder"),
+    ckpt: ModelOption,
     data: Path = typer.Option(..., help="a labelled manifest"),
     prompts: str = typer.Option("chexpert5", help="prompt YAML file, or a shipped set: chexpert5, pneumonia"),
     ensemble: str = typer.Option("mean", help="prompt ensembling: mean, max or embedding"),
@@ -57,23 +55,21 @@ def eval_zeroshot(
     out: Path | None = typer.Option(None, help="output folder (default <ckpt>/eval/zeroshot)"),
     split: str | None = typer.Option(None, help="keep this split of a multi-split manifest"),
     batch_size: int = typer.Option(64, help="images per forward pass"),
-    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+    device: DeviceOption = None,
 ) -> None:
     """Zero-shot classification with GLoRIA-style prompt ensembles: accuracy, macro-F1, AUROC."""
     from medunifier.eval.zeroshot import run_zeroshot
 
     if ensemble not in ("mean", "max", "embedding"):
         fail(f"--ensemble must be mean, max or embedding, got {ensemble}")
-    try:
+    with fail_on(*_EVAL_ERRORS):
         run_zeroshot(ckpt, data, prompts, _eval_out(out, ckpt, "zeroshot"), ensemble=ensemble, seed=seed,
                      max_prompts=max_prompts, split=split, batch_size=batch_size, device=device, console=console)
-    except _EVAL_ERRORS as err:
-        fail(str(err))
 
 
 @eval_app.command("finetune")
 def eval_finetune(
-    ckpt: Path = typer.Option(..., help="a run folder or a saved model folder"),
+    ckpt: ModelOption,
     train: Path = typer.Option(..., help="training manifest (its 'train' split when it has several)"),
     val: Path | None = typer.Option(None, help="validation manifest (its 'val' split when it has several); "
                                     "without it, --holdout of the training records selects the model"),
@@ -88,7 +84,7 @@ def eval_finetune(
     lr: float = typer.Option(1e-4, help="AdamW learning rate of full fine-tuning"),
     batch_size: int = typer.Option(32, help="batch size"),
     out: Path | None = typer.Option(None, help="output folder (default <ckpt>/eval/finetune_<mode>[_scratch])"),
-    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+    device: DeviceOption = None,
 ) -> None:
     """Linear-probe or full fine-tuning at label fractions; AUROC (binary) or accuracy; mean/std over seeds."""
     from medunifier.eval.finetune import run_finetune
@@ -96,17 +92,15 @@ def eval_finetune(
     if mode not in ("linear", "full"):
         fail(f"--mode must be linear or full, got {mode}")
     name = f"finetune_{mode}" + ("_scratch" if from_scratch else "")
-    try:
+    with fail_on(*_EVAL_ERRORS):
         run_finetune(ckpt, train, val, test, _eval_out(out, ckpt, name), fractions=[float(f) for f in csv_list(fractions)],
                      seeds=seeds, mode=mode, from_scratch=from_scratch, classes=csv_list(classes), epochs=epochs, lr=lr,
                      batch_size=batch_size, device=device, console=console, holdout=holdout)
-    except _EVAL_ERRORS as err:
-        fail(str(err))
 
 
 @eval_app.command("report")
 def eval_report(
-    ckpt: Path = typer.Option(..., help="a run folder or a saved model folder"),
+    ckpt: ModelOption,
     data: Path = typer.Option(..., help="a manifest of images with reports"),
     out: Path | None = typer.Option(None, help="output folder (default <ckpt>/eval/report)"),
     split: str | None = typer.Option(None, help="keep this split of a multi-split manifest"),
@@ -119,25 +113,23 @@ def eval_report(
     meteor: bool = typer.Option(True, help="compute METEOR (runs Java)"),
     round_trip_refs: bool = typer.Option(True, help="score references decoded from their tokens, as R2Gen does"),
     batch_size: int = typer.Option(16, help="images per generation batch"),
-    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+    device: DeviceOption = None,
 ) -> None:
     """Report generation: BLEU-1..4, METEOR, ROUGE-L (R2Gen) and clinical efficacy (labeler P/R/F1)."""
     from medunifier.eval.report import run_report
 
     if target not in ("text", "findings", "impression"):
         fail(f"--target must be text, findings or impression, got {target}")
-    try:
+    with fail_on(*_EVAL_ERRORS):
         run_report(ckpt, data, _eval_out(out, ckpt, "report"), split=split, target=target, num_beams=num_beams,
                    max_length=max_length, repetition_penalty=repetition_penalty,
                    no_repeat_ngram_size=no_repeat_ngram_size, limit=limit, meteor=None if meteor else False,
                    round_trip_refs=round_trip_refs, batch_size=batch_size, device=device, console=console)
-    except _EVAL_ERRORS as err:
-        fail(str(err))
 
 
 @eval_app.command("vqa")
 def eval_vqa(
-    ckpt: Path = typer.Option(..., help="a run folder or a saved model folder"),
+    ckpt: ModelOption,
     data: Path = typer.Option(..., help="a VQA manifest (e.g. from `data convert vqa-rad` or slake)"),
     split: str = typer.Option("val", help="the split to answer (a single-split manifest is used whole); the "
                               "train split gives the closed-answer candidates"),
@@ -154,7 +146,7 @@ def eval_vqa(
     max_length: int = typer.Option(16, help="maximum generated answer tokens"),
     num_beams: int = typer.Option(1, help="beam width of open answers (1: greedy, the training layout exactly)"),
     batch_size: int = typer.Option(32, help="questions per forward pass"),
-    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+    device: DeviceOption = None,
 ) -> None:
     """Visual question answering: closed, open and overall accuracy (+ open token recall), by modality and organ."""
     from medunifier.eval.vqa import run_vqa
@@ -167,12 +159,10 @@ def eval_vqa(
         fail("--top-k must be 0 (the whole answer list) or more")
     if min(max_length, num_beams, batch_size) < 1 or (limit is not None and limit < 1):
         fail("--max-length, --num-beams, --batch-size and --limit must be at least 1")
-    try:
+    with fail_on(*_EVAL_ERRORS):
         run_vqa(ckpt, data, _eval_out(out, ckpt, "vqa"), split=split, device=device, closed_scoring=closed_scoring,
                 open_scoring=open_scoring, top_k=top_k or None, shuffle_images=shuffle_images,
                 limit=limit, max_length=max_length, num_beams=num_beams, batch_size=batch_size, console=console)
-    except _EVAL_ERRORS as err:
-        fail(str(err))
 
 
 @eval_app.command("ablation")
@@ -194,12 +184,10 @@ def eval_ablation(
     """Objective ablation (Table 6): train each objective set per seed, evaluate, print mean ± std."""
     from medunifier.eval.ablation import run_ablation
 
-    try:
+    with fail_on(*_EVAL_ERRORS):
         run_ablation(config, data, out, objectives=csv_list(objectives), seeds=seeds, steps=steps, eval_data=eval_data,
                      prompts=prompts, fractions=[float(f) for f in csv_list(fractions)], overrides=overrides or None,
                      resume=resume, batch_size=batch_size, device=device, console=console)
-    except _EVAL_ERRORS as err:
-        fail(str(err))
 
 
 @eval_app.command("experts")
@@ -230,15 +218,13 @@ def eval_experts(
     """Shared vs task experts: the same budget and seeds per variant; understanding, VQA and generation."""
     from medunifier.eval.experts import run_experts_ablation
 
-    try:
+    with fail_on(*_EVAL_ERRORS):
         run_experts_ablation(config, data, out=out, variants=csv_list(variants) or [], seeds=seeds, steps=steps,
                              eval_data=eval_data, prompts=prompts, vqa_data=vqa_data, vqa_split=vqa_split,
                              vqa_objectives=vqa_objectives.split("+"), synthesis=synthesis,
                              prior_steps=prior_steps, n_generated=n_generated, fid=fid,
                              overrides=overrides or None, resume=resume, batch_size=batch_size, device=device,
                              console=console)
-    except _EVAL_ERRORS as err:
-        fail(str(err))
 
 
 @eval_app.command("synthesis")
@@ -259,7 +245,7 @@ def eval_synthesis(
     edits_per_finding: int = typer.Option(10, help="counterfactual edits per finding (0: none)"),
     strength: float = typer.Option(1.0, help="share of the codes re-sampled inside the edit region"),
     fid: bool = typer.Option(True, help="compute Inception FID (the slowest part)"),
-    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+    device: DeviceOption = None,
 ) -> None:
     """Synthesis: FID (Inception + domain) with references, finding consistency, diversity, edit metrics."""
     from medunifier.eval.synthesis import run_synthesis
@@ -268,14 +254,12 @@ def eval_synthesis(
         fail(f"--classifier must be cnn or probe, got {classifier}")
     if prompts_per_finding < 1 or samples_per_prompt < 1:
         fail("--prompts-per-finding and --samples-per-prompt must be >= 1")
-    try:
+    with fail_on(*_EVAL_ERRORS):
         run_synthesis(ckpt, data, _eval_out(out, ckpt, "synthesis"), eval_data=eval_data,
                       prompts_per_finding=prompts_per_finding, samples_per_prompt=samples_per_prompt,
                       guidance=guidance, steps=steps, seed=seed, classifier=classifier,
                       edits_per_finding=edits_per_finding, edit_strength=strength, fid=fid, device=device,
                       console=console)
-    except _EVAL_ERRORS as err:
-        fail(str(err))
 
 
 @eval_app.command("edit")
@@ -291,7 +275,7 @@ def eval_edit(
     steps: int | None = typer.Option(None, help="masked prior: decoding steps per level (default: the prior's)"),
     seed: int = typer.Option(0, help="seed of the edits and of classifier training"),
     max_pairs: int = typer.Option(200, help="evaluate at most this many pairs"),
-    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+    device: DeviceOption = None,
 ) -> None:
     """Edits against ground truth: SSIM / PSNR of edited sources to their targets, finding flip rate."""
     from medunifier.eval.edit import run_edit_eval
@@ -300,12 +284,10 @@ def eval_edit(
         fail(f"--region must be mask or none, got {region}")
     if not 0.0 <= strength <= 1.0 or max_pairs < 1:
         fail("--strength must be in [0, 1] and --max-pairs >= 1")
-    try:
+    with fail_on(*_EVAL_ERRORS):
         run_edit_eval(ckpt, data, _eval_out(out, ckpt, "edit"), split=split, strength=strength, region=region,
                       guidance=guidance, steps=steps, seed=seed, max_pairs=max_pairs, device=device,
                       console=console)
-    except _EVAL_ERRORS as err:
-        fail(str(err))
 
 
 @eval_app.command("i2i")
@@ -319,7 +301,7 @@ def eval_i2i(
     survival: bool = typer.Option(True, "--survival/--no-survival", help="train the finding classifier and report "
                                   "finding survival through bone suppression"),
     seed: int = typer.Option(0, help="seed of the classifier"),
-    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+    device: DeviceOption = None,
 ) -> None:
     """Image-to-image against the truth: PSNR/SSIM beside bicubic (upscale) and the unchanged source
     (translate), Dice/IoU beside an intensity threshold (segment), finding survival through translation."""
@@ -327,9 +309,7 @@ def eval_i2i(
 
     if max_per_task < 1:
         fail("--max-per-task must be >= 1")
-    try:
+    with fail_on(*_EVAL_ERRORS):
         run_i2i_eval(ckpt, data, _eval_out(out, ckpt, "i2i"), split=split, max_per_task=max_per_task,
                      survival=survival, seed=seed, device=device, console=console)
-    except _EVAL_ERRORS as err:
-        fail(str(err))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from medunifier.cli.common import console, fail
+from medunifier.cli.common import DeviceOption, console, fail, fail_on
 
 __all__ = ["generate_app"]
 
@@ -19,10 +19,8 @@ generate_app = typer.Typer(help="Generate images from text, reconstruct and edit
 def _synthesizer(ckpt: Path, device: str | None):
     from medunifier.generate.sampling import Synthesizer
 
-    try:
+    with fail_on(FileNotFoundError, ValueError):
         return Synthesizer.from_run(ckpt, device=device)
-    except (FileNotFoundError, ValueError) as err:
-        fail(str(err))
 
 
 @generate_app.command("train-prior")
@@ -33,7 +31,7 @@ def generate_train_prior(
                                          "spans prior.max_steps; continue with --resume)"),
     resume: bool = typer.Option(False, help="continue from the last prior checkpoint"),
     minutes: float | None = typer.Option(None, help="stop (with a checkpoint) after this many minutes"),
-    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+    device: DeviceOption = None,
     overrides: list[str] | None = typer.Argument(None, help="prior settings such as width=128 steps=8 kind=masked "
                                                  "max_steps=3000 (also prior.width=128)"),
 ) -> None:
@@ -42,12 +40,10 @@ def generate_train_prior(
     from medunifier.generate.train_prior import train_prior
     from medunifier.train.data import DataError
 
-    try:
+    with fail_on(ConfigError, DataError, FileNotFoundError, ValueError):
         result = train_prior(ckpt, data, overrides=overrides or [], max_steps=max_steps, resume=resume,
                              time_limit_s=None if minutes is None else minutes * 60, device=device,
                              log=console.print)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
-        fail(str(err))
     console.print(f"prior step {result.step}/{result.total_steps} ({result.samples_per_s:.0f} samples/s) in "
                   f"{result.prior_dir}" + (" (stopped early: continue with --resume)" if result.interrupted else ""))
 
@@ -63,7 +59,7 @@ def generate_image(
     temperature: float = typer.Option(1.0, help="sampling temperature (0: greedy)"),
     out: Path = typer.Option(Path("generated"), help="output folder"),
     dicom: bool = typer.Option(False, "--dicom", help="also write DICOM Secondary Capture files marked synthetic"),
-    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+    device: DeviceOption = None,
 ) -> None:
     """Text-to-image: sample n images for a report and write them as PNG (and DICOM with --dicom)."""
     from medunifier.data.images import save_png
@@ -102,7 +98,7 @@ def generate_edit(
     steps: int | None = typer.Option(None, help="masked prior: decoding steps per level"),
     seed: int = typer.Option(0, help="the same seed gives the same edit"),
     out: Path = typer.Option(Path("edited.png"), help="output PNG; the difference map goes to <out>_diff.png"),
-    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+    device: DeviceOption = None,
 ) -> None:
     """Counterfactual edit: encode, re-mask a share of the codes (inside --mask), re-sample under TEXT."""
     from medunifier.data.images import ImageLoadError, save_png
@@ -110,11 +106,9 @@ def generate_edit(
     if not 0.0 <= strength <= 1.0:
         fail(f"--strength must be in [0, 1], got {strength}")
     synth = _synthesizer(ckpt, device)
-    try:
+    with fail_on(ImageLoadError, FileNotFoundError):
         edited, diff = synth.edit_image(image, text, strength=strength, mask=mask, seed=seed, guidance=guidance,
                                         steps=steps, source_text=source_text)
-    except (ImageLoadError, FileNotFoundError) as err:
-        fail(str(err))
     save_png(edited, out)
     diff_path = out.with_name(f"{out.stem}_diff.png")
     save_png(diff, diff_path)
@@ -128,7 +122,7 @@ def generate_reconstruct(
     ckpt: Path = typer.Option(..., help="a run folder or a saved model folder"),
     text: str | None = typer.Option(None, help="its report (grounds the bottom codes; default: empty)"),
     out: Path = typer.Option(Path("reconstruction.png"), help="output PNG"),
-    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+    device: DeviceOption = None,
 ) -> None:
     """Image -> VQ codes -> image (no prior needed); prints the PSNR to the input."""
 
@@ -138,11 +132,9 @@ def generate_reconstruct(
     from medunifier.model import load_model
     from medunifier.utils import psnr_db
 
-    try:
+    with fail_on(FileNotFoundError, ValueError, ImageLoadError):
         model = load_model(model_dir_of(ckpt), device)
         arr = as_array(image)
-    except (FileNotFoundError, ValueError, ImageLoadError) as err:
-        fail(str(err))
     c = model.config.image
     pixels = to_tensor(arr, c.size, c.channels, c.mean, c.std)[None].to(next(model.parameters()).device)
     tokens = model.tokenize([text]) if text else {"input_ids": None, "attention_mask": None}
@@ -156,19 +148,15 @@ def generate_reconstruct(
 def _image_to_image(ckpt: Path, device: str | None):
     from medunifier.generate.i2i import ImageToImage
 
-    try:
+    with fail_on(FileNotFoundError, ValueError):
         return ImageToImage.from_run(ckpt, device=device)
-    except (FileNotFoundError, ValueError) as err:
-        fail(str(err))
 
 
 def _i2i_input(image: Path):
     from medunifier.data.images import ImageLoadError, load_image
 
-    try:
+    with fail_on(ImageLoadError, FileNotFoundError):
         return load_image(image)
-    except (ImageLoadError, FileNotFoundError) as err:
-        fail(str(err))
 
 
 @generate_app.command("translate")
@@ -178,16 +166,14 @@ def generate_translate(
                            "image), or an MRI contrast t1, t2, pd"),
     ckpt: Path = typer.Option(..., help="a run with an image-to-image head"),
     out: Path = typer.Option(Path("translated.png"), help="output PNG"),
-    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+    device: DeviceOption = None,
 ) -> None:
     """Modality translation: the source image as another image type of the same patient."""
     from medunifier.data.images import save_png
     from medunifier.generate.i2i import instruction_for
 
-    try:
+    with fail_on(ValueError):
         instruction_for("translate", to=to)
-    except ValueError as err:
-        fail(str(err))
     runner = _image_to_image(ckpt, device)
     result = runner.translate(_i2i_input(image), to)
     save_png(result, out)
@@ -200,21 +186,17 @@ def generate_upscale(
     scale: int = typer.Option(4, help="upscaling factor: 2 or 4"),
     ckpt: Path = typer.Option(..., help="a run with an image-to-image head"),
     out: Path = typer.Option(Path("upscaled.png"), help="output PNG"),
-    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+    device: DeviceOption = None,
 ) -> None:
     """Super-resolution: an (S/scale)-pixel image to S x S."""
     from medunifier.data.images import save_png
     from medunifier.generate.i2i import instruction_for
 
-    try:
+    with fail_on(ValueError):
         instruction_for("upscale", scale=scale)
-    except ValueError as err:
-        fail(str(err))
     runner = _image_to_image(ckpt, device)
-    try:
+    with fail_on(ValueError):
         result = runner.upscale(_i2i_input(image), scale)
-    except ValueError as err:
-        fail(str(err))
     save_png(result, out)
     console.print(f"wrote {out} ({runner.size}x{runner.size}, synthetic: upscaled x{scale})")
 
@@ -226,7 +208,7 @@ def generate_segment(
                                 "nodule"),
     ckpt: Path = typer.Option(..., help="a run with an image-to-image head"),
     out: Path = typer.Option(Path("mask.png"), help="output PNG (255 inside the mask)"),
-    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+    device: DeviceOption = None,
 ) -> None:
     """Finding mask: the region of FINDING in the image (probability >= 0.5)."""
     import numpy as np
@@ -234,10 +216,8 @@ def generate_segment(
     from medunifier.data.images import save_png
     from medunifier.generate.i2i import instruction_for
 
-    try:
+    with fail_on(ValueError):
         instruction_for("segment", finding=finding)
-    except ValueError as err:
-        fail(str(err))
     runner = _image_to_image(ckpt, device)
     mask, _ = runner.segment(_i2i_input(image), finding)
     save_png(mask.astype(np.uint8) * 255, out)

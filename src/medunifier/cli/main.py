@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from medunifier.cli.common import fail
+from medunifier.cli.common import fail_on
 from medunifier.cli.config import config_app
 from medunifier.cli.data import data_app
 from medunifier.cli.demo import demo
@@ -49,10 +49,8 @@ def _options(
     """Options of every command."""
     from medunifier.data.manifest import set_image_root
 
-    try:
+    with fail_on(FileNotFoundError):
         set_image_root(image_root)
-    except FileNotFoundError as err:
-        fail(str(err))
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from medunifier.cli.common import console, fail
+from medunifier.cli.common import console, fail, fail_on
 
 __all__ = ["pretrain", "pretrain_vision_cmd"]
 
@@ -72,11 +72,9 @@ def pretrain_vision_cmd(
     from medunifier.train.stage0 import pretrain_vision
     from medunifier.utils import launch_rank_world
 
-    try:
+    with fail_on(ConfigError, FileNotFoundError, ValueError):
         cfg = load_stage0_config(config, overrides or [])
         result = pretrain_vision(cfg, data, out, resume=resume)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        fail(str(err))
     console.print(f"stage 0: {result.step} steps in {result.seconds / 60:.1f} min; backbone in {result.out_dir} "
                   f"(use vision.pretrained={result.out_dir})")
     five = data.parent / "manifest_5x200.jsonl"

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from medunifier.cli.common import console, csv_list, fail
+from medunifier.cli.common import DeviceOption, ModelOption, console, csv_list, fail, fail_on
 
 __all__ = ["ask_cmd", "classify_cmd", "index_app", "report_cmd", "serve"]
 
@@ -20,10 +20,8 @@ index_app = typer.Typer(help="Similar-case index: embed a manifest's cases (safe
 def _load_copilot(ckpt: Path, device: str | None, index: Path | None = None, generator: str | None = "auto"):
     from medunifier.serve.api import Copilot
 
-    try:
+    with fail_on(FileNotFoundError, ValueError, RuntimeError):
         return Copilot.from_pretrained(ckpt, index=index, device=device, generator=generator)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        fail(str(err))
 
 
 def _read_inputs(copilot, images: list[Path]) -> list:
@@ -31,10 +29,8 @@ def _read_inputs(copilot, images: list[Path]) -> list:
 
     arrays = []
     for path in images:
-        try:
+        with fail_on(ImageLoadError, ValueError):
             arrays.append(copilot.to_array(path))
-        except (ImageLoadError, ValueError) as err:
-            fail(str(err))
     return arrays
 
 
@@ -45,7 +41,7 @@ def report_cmd(
     num_beams: int = typer.Option(3, help="beam width"),
     max_length: int | None = typer.Option(None, help="maximum generated tokens (default: the model's)"),
     batch_size: int = typer.Option(8, help="images per forward pass"),
-    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+    device: DeviceOption = None,
 ) -> None:
     """Draft a report for each image (a machine draft for a radiologist to review)."""
     if num_beams < 1 or batch_size < 1:
@@ -70,7 +66,7 @@ def classify_cmd(
     prompts: str = typer.Option("chexpert5", help="prompt YAML file or shipped set for known finding names"),
     ensemble: str = typer.Option("mean", help="prompt ensembling: mean, max or embedding"),
     as_json: bool = typer.Option(False, "--json", help="print JSON: [{image, probabilities, top}]"),
-    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+    device: DeviceOption = None,
 ) -> None:
     """Zero-shot classification: probability of each label for each image."""
     from medunifier.serve.api import Copilot
@@ -80,12 +76,10 @@ def classify_cmd(
     names = csv_list(labels)
     if names is not None and not names:
         fail("--labels is empty")
-    try:
+    with fail_on(FileNotFoundError, ValueError, RuntimeError):
         copilot = Copilot.from_pretrained(ckpt, device=device, prompts=prompts, generator=None)
         arrays = _read_inputs(copilot, images)
         results = copilot.classify(arrays, names, ensemble=ensemble)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        fail(str(err))
     if as_json:
         print(json.dumps([{"image": str(p), "probabilities": r.as_dict(), "top": r.top()[0]}
                           for p, r in zip(images, results)], indent=2))
@@ -108,7 +102,7 @@ def ask_cmd(
     max_length: int = typer.Option(16, help="maximum generated answer tokens"),
     num_beams: int = typer.Option(1, help="beam width of a generated answer"),
     as_json: bool = typer.Option(False, "--json", help="print JSON: {image, question, answer, candidates}"),
-    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+    device: DeviceOption = None,
 ) -> None:
     """Answer a question about an image (and print each candidate's score with --candidates)."""
     options = csv_list(candidates)
@@ -118,10 +112,8 @@ def ask_cmd(
         fail("--max-length and --num-beams must be at least 1")
     copilot = _load_copilot(ckpt, device, generator=None)
     array = _read_inputs(copilot, [image])[0]
-    try:
+    with fail_on(ValueError):
         result = copilot.ask(array, question, candidates=options, max_length=max_length, num_beams=num_beams)
-    except ValueError as err:
-        fail(str(err))
     if as_json:
         print(json.dumps({"image": str(image), **result.to_dict()}, indent=2))
         return
@@ -137,12 +129,12 @@ def ask_cmd(
 
 @index_app.command("build")
 def index_build(
-    ckpt: Path = typer.Option(..., help="a run folder or a saved model folder"),
+    ckpt: ModelOption,
     data: Path = typer.Option(..., help="a manifest.jsonl (records with an image are indexed)"),
     out: Path = typer.Option(..., help="index folder: embeddings.safetensors + index.json"),
     split: str | None = typer.Option(None, help="index only this split of a multi-split manifest"),
     batch_size: int = typer.Option(64, help="images per forward pass"),
-    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+    device: DeviceOption = None,
 ) -> None:
     """Embed a manifest's cases (images and reports) for similar-case retrieval."""
     import time
@@ -153,11 +145,9 @@ def index_build(
     copilot = _load_copilot(ckpt, device, generator=None)
     model_dir = resolve_model_dir(ckpt).resolve()
     start = time.perf_counter()
-    try:
+    with fail_on(FileNotFoundError, ValueError):
         index = build_index(copilot.model, data, out, split=split, batch_size=batch_size,
                             model_meta={"dir": str(model_dir), "checksum": model_checksum(model_dir)})
-    except (FileNotFoundError, ValueError) as err:
-        fail(str(err))
     seconds = time.perf_counter() - start
     console.print(f"indexed {len(index)} cases of {data} in {seconds:.1f} s "
                   f"({len(index) / max(seconds, 1e-9):.0f} cases/s) into {out}")
@@ -173,7 +163,7 @@ def index_query(
                              "an image query against reports, a text query against images"),
     ckpt: Path | None = typer.Option(None, help="the model (default: the one that built the index)"),
     as_json: bool = typer.Option(False, "--json", help="print the hits as JSON"),
-    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+    device: DeviceOption = None,
 ) -> None:
     """The k indexed cases most similar to an image or a text (cosine similarity)."""
     from medunifier.serve.index import EmbeddingIndex
@@ -184,20 +174,16 @@ def index_query(
         fail("-k must be at least 1")
     if mode not in ("auto", "text", "image"):
         fail(f"--mode must be auto, text or image, got {mode}")
-    try:
+    with fail_on(FileNotFoundError, ValueError):
         idx = EmbeddingIndex.load(index)
-    except (FileNotFoundError, ValueError) as err:
-        fail(str(err))
     model_dir = ckpt or (idx.meta.get("model") or {}).get("dir")
     if model_dir is None:
         fail(f"{index} does not record its model: pass --ckpt")
     copilot = _load_copilot(Path(model_dir), device, generator=None)
-    try:
+    with fail_on(ValueError, RuntimeError):
         copilot.set_index(idx)
         query = text if text is not None else copilot.to_array(image)
         hits = copilot.retrieve(query, k=k, mode=mode)
-    except (ValueError, RuntimeError) as err:
-        fail(str(err))
     if as_json:
         print(json.dumps([h.to_dict() for h in hits], indent=2))
         return
@@ -210,13 +196,13 @@ def index_query(
 
 
 def serve(
-    ckpt: Path = typer.Option(..., help="a run folder or a saved model folder"),
+    ckpt: ModelOption,
     host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)"),
     port: int = typer.Option(8000, help="TCP port"),
     token_file: Path | None = typer.Option(None, help="file whose first line is the bearer token clients must send"),
     index: Path | None = typer.Option(None, help="an index folder for similar-case retrieval"),
     settings: Path | None = typer.Option(None, help="YAML/JSON file of limits (see medunifier.serve.settings)"),
-    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+    device: DeviceOption = None,
     threads: int | None = typer.Option(None, help="torch intra-op threads (default: torch's choice)"),
     overrides: list[str] | None = typer.Argument(None, help="limit overrides such as max_upload_bytes=5000000"),
 ) -> None:
@@ -229,10 +215,8 @@ def serve(
     from medunifier.serve.app import create_app
     from medunifier.serve.settings import SettingsError, is_loopback, load_settings
 
-    try:
+    with fail_on(SettingsError):
         limits = load_settings(settings, overrides or [], token_file)
-    except SettingsError as err:
-        fail(str(err))
     loopback = is_loopback(host)
     if not loopback and limits.token is None:
         console.print(f"[yellow]warning:[/yellow] binding to {host} without --token-file: anyone who can reach "

@@ -105,6 +105,18 @@ def evaluate_understanding(
     return _scalars(retrieval, zeroshot, probe)
 
 
+def run_model_loader(device: str | None) -> Callable[[Path], Any]:
+    """A loader of the model a run folder saved, onto `device`.
+
+    Args:
+        device: cuda or cpu (None: cuda when available).
+    """
+    def load(run_dir: Path) -> Any:
+        return load_model(run_dir, device)
+
+    return load
+
+
 def summarize_runs(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """{row: [{"metrics": {...}}, ...]} -> {row: {metric: mean_std over the runs}} (keys in first-seen order)."""
     summary: dict[str, dict[str, Any]] = {}
@@ -141,9 +153,7 @@ def run_ablation(
     """
     if train_fn is None:
         from medunifier.generate.prior_stage import pretrain as train_fn
-    if load_fn is None:
-        def load_fn(run_dir: Path) -> Any:
-            return load_model(run_dir, device)
+    load_fn = load_fn or run_model_loader(device)
     base = config if isinstance(config, MedUnifierConfig) else load_config(config, overrides)
     seeds_used = seed_list(seeds)
     sets = {name: parse_objectives(name) for name in objectives}

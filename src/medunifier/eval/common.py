@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from medunifier.data.images import load_image, to_tensor
 from medunifier.data.manifest import Record, get_image_root, load_records
+from medunifier.model import load_model
 from medunifier.model.protocols import ImageTextModel
 from medunifier.utils import jsonable
 
@@ -33,6 +34,21 @@ def model_device(model: ImageTextModel) -> torch.device:
         for p in model.parameters():
             return p.device
     return torch.device(getattr(model, "device", "cpu"))
+
+
+def eval_model(model: ImageTextModel | str | Path, device: str | None = None) -> tuple[str | None, ImageTextModel]:
+    """(the folder it was loaded from or None, the model in eval mode) of an evaluator's `model` argument.
+
+    Args:
+        model: a model object, or a run / saved model folder to load.
+        device: where a loaded model goes (default: cuda when available).
+    """
+    ckpt = None
+    if isinstance(model, (str, Path)):
+        ckpt, model = str(model), load_model(model, device)
+    if hasattr(model, "eval"):
+        model.eval()
+    return ckpt, model
 
 
 # ------------------------------------------------------------------------------------------ records

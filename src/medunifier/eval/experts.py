@@ -49,13 +49,13 @@ from medunifier.eval.ablation import (
     ablation_config,
     evaluate_understanding,
     parse_objectives,
+    run_model_loader,
     seed_list,
     summarize_runs,
 )
 from medunifier.eval.common import load_split, print_table, write_results
 from medunifier.eval.metrics import mean_std
 from medunifier.eval.zeroshot import load_prompts
-from medunifier.model import load_model
 
 if TYPE_CHECKING:
     from medunifier.model.medunifier import MedUnifier
@@ -248,9 +248,7 @@ def run_experts_ablation(
     """
     if train_fn is None:
         from medunifier.train.loop import train as train_fn
-    if load_fn is None:
-        def load_fn(run_dir: Path) -> Any:
-            return load_model(run_dir, device)
+    load_fn = load_fn or run_model_loader(device)
     if generation_fn is None:
         generation_fn = evaluate_generation
     if steps < 1 or (synthesis and (prior_steps < 1 or n_generated < 1)):

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from medunifier.eval.common import (
     ImageRecords,
     classify_records,
+    eval_model,
     image_batches,
     infer_classes,
     load_split,
@@ -39,7 +40,6 @@ from medunifier.eval.common import (
     write_results,
 )
 from medunifier.eval.metrics import classification_metrics, format_mean_std, mean_std
-from medunifier.model import load_model
 from medunifier.model.protocols import ImageTextModel
 from medunifier.train.optim import parameter_groups
 
@@ -236,11 +236,7 @@ def run_finetune(
     """
     if mode not in ("linear", "full"):
         raise ValueError(f"mode must be 'linear' or 'full', got {mode!r}")
-    ckpt = None
-    if isinstance(model, (str, Path)):
-        ckpt, model = str(model), load_model(model, device)
-    if hasattr(model, "eval"):
-        model.eval()
+    ckpt, model = eval_model(model, device)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if val is None and not 0 < holdout < 1:
         raise ValueError(f"holdout must lie in (0, 1) when no validation manifest is given, got {holdout}")

@@ -14,24 +14,17 @@ from typing import Any, Literal
 
 from rich.console import Console
 
-from medunifier.eval.common import (
-    fmt,
-    image_batches,
-    load_split,
-    print_table,
-    record_text,
-    write_results,
-)
+from medunifier.eval import common
+from medunifier.eval.common import fmt
 from medunifier.eval.metrics import clinical_efficacy, nlg_metrics
-from medunifier.model import load_model
 from medunifier.model.protocols import ImageTextModel
 
 
 def reference_text(record, target: Literal["text", "findings", "impression"]) -> str:
     if target == "text":
-        return record_text(record)
+        return common.record_text(record)
     value = getattr(record, target)
-    return value if value else record_text(record)
+    return value if value else common.record_text(record)
 
 
 def tokenizer_round_trip(model: ImageTextModel, texts: list[str]) -> list[str]:
@@ -72,19 +65,15 @@ def run_report(
     tokenizer (`round_trip_refs`, as R2Gen does with its own); clinical efficacy labels the original references.
     Writes `results.json` and `predictions.jsonl` (id, reference, generated) into `out` when given.
     """
-    ckpt = None
-    if isinstance(model, (str, Path)):
-        ckpt, model = str(model), load_model(model, device)
-    if hasattr(model, "eval"):
-        model.eval()
-    records, root = load_split(data, split)
+    ckpt, model = common.eval_model(model, device)
+    records, root = common.load_split(data, split)
     records = [r for r in records if r.image is not None and reference_text(r, target).strip()]
     if limit is not None:
         records = records[:limit]
     if not records:
         raise ValueError(f"{data}: no record with an image and a report")
     hyps: list[str] = []
-    for px in image_batches(records, root, model, batch_size, num_workers):
+    for px in common.image_batches(records, root, model, batch_size, num_workers):
         hyps.extend(model.generate_report(
             px, num_beams=num_beams, max_length=max_length, min_length=min_length,
             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
@@ -109,7 +98,7 @@ def run_report(
         "clinical_efficacy": clinical_efficacy(refs, hyps),
     }
     if out is not None:
-        write_results(results, out)
+        common.write_results(results, out)
         with (Path(out) / "predictions.jsonl").open("w", encoding="utf-8") as fh:
             for rec, ref, hyp in zip(records, refs, hyps):
                 fh.write(json.dumps({"id": rec.id, "reference": ref, "generated": hyp}, ensure_ascii=False) + "\n")
@@ -120,7 +109,7 @@ def run_report(
 def print_report_table(results: dict[str, Any], console: Console | None = None) -> None:
     nlg = results["nlg"]
     names = ["BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L"]
-    print_table(f"report generation on {results['n']} images, %", names, [[fmt(nlg.get(n)) for n in names]],
+    common.print_table(f"report generation on {results['n']} images, %", names, [[fmt(nlg.get(n)) for n in names]],
                 console)
     ce = results["clinical_efficacy"]
     rows = []
@@ -130,5 +119,5 @@ def print_report_table(results: dict[str, Any], console: Console | None = None) 
         rows.append([name, str(v["support"]), str(v["predicted"]), *cells])
     for avg in ("micro", "macro"):
         rows.append([avg, "", "", fmt(ce[avg]["precision"]), fmt(ce[avg]["recall"]), fmt(ce[avg]["f1"])])
-    print_table("clinical efficacy (labeler on reference and generated reports), %",
+    common.print_table("clinical efficacy (labeler on reference and generated reports), %",
                 ["finding", "ref +", "gen +", "precision", "recall", "F1"], rows, console)

@@ -24,6 +24,7 @@ from medunifier.eval.common import (
     classify_records,
     encode_images,
     encode_texts,
+    eval_model,
     fmt,
     image_batches,
     load_split,
@@ -32,7 +33,6 @@ from medunifier.eval.common import (
     write_results,
 )
 from medunifier.eval.metrics import mean_rank, median_rank, precision_at_k, recall_at_k
-from medunifier.model import load_model
 from medunifier.model.protocols import ImageTextModel
 
 RERANK_OFFSET = 4.0  # above any ITC cosine + ITM probability: the re-ranked K stay ahead of the rest
@@ -113,11 +113,7 @@ def run_retrieval(
         raise ValueError(f"rerank must be >= 0 (0 = ITC only), got {rerank}")
     from medunifier.data.findings import COMPETITION_FINDINGS
 
-    ckpt = None
-    if isinstance(model, (str, Path)):
-        ckpt, model = str(model), load_model(model, device)
-    if hasattr(model, "eval"):
-        model.eval()
+    ckpt, model = eval_model(model, device)
     classes = list(classes or COMPETITION_FINDINGS)
     records, root = load_split(data, split)
     records, y, dropped = classify_records(records, classes)

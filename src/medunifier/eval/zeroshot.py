@@ -19,18 +19,18 @@ import numpy as np
 import yaml
 from rich.console import Console
 
-from medunifier.config import CONFIG_DIR
+from medunifier.config import CONFIG_DIR, shipped_yaml
 from medunifier.eval.common import (
     classify_records,
     encode_images,
     encode_texts,
+    eval_model,
     fmt,
     load_split,
     print_table,
     write_results,
 )
 from medunifier.eval.metrics import classification_metrics, zero_shot_scores
-from medunifier.model import load_model
 from medunifier.model.protocols import ImageTextModel
 
 PROMPT_DIR = CONFIG_DIR / "prompts"
@@ -41,11 +41,8 @@ def resolve_prompts_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.exists():
         return path
-    candidate = PROMPT_DIR / f"{name_or_path}.yaml"
-    if candidate.exists():
-        return candidate
-    shipped = sorted(p.stem for p in PROMPT_DIR.glob("*.yaml"))
-    raise FileNotFoundError(f"no prompt file '{name_or_path}' (shipped: {', '.join(shipped)})")
+    return shipped_yaml(PROMPT_DIR, name_or_path, lambda shipped: FileNotFoundError(
+        f"no prompt file '{name_or_path}' (shipped: {shipped})"))
 
 
 def expand_prompts(spec: dict[str, Any], template: str, max_prompts: int | None, seed: int) -> list[str]:
@@ -108,11 +105,7 @@ def run_zeroshot(
 
     Records whose labels do not single out exactly one class are left out (and counted).
     """
-    ckpt = None
-    if isinstance(model, (str, Path)):
-        ckpt, model = str(model), load_model(model, device)
-    if hasattr(model, "eval"):
-        model.eval()
+    ckpt, model = eval_model(model, device)
     prompt_sets = prompts if isinstance(prompts, dict) else load_prompts(prompts, seed, max_prompts)
     classes = list(prompt_sets)
     records, root = load_split(data, split)

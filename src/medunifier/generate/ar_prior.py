@@ -106,10 +106,8 @@ class AutoregressiveCodePrior(nn.Module):
             keep = ~resample.bool()  # [B, L]
 
         cond = make_conditioning(self.conditioner, text_states, text_mask, guidance, batch)
-        context = self.net.context(context_codes)  # [B, L, W] or None
-        if context is not None and cond.repeats == 2:
-            context = torch.cat([context, context], dim=0)
-        cache = KVCache(len(self.net.blocks)) if use_cache else None
+        context = cond.rows(self.net.context(context_codes))  # [repeats*B, L, W] or None
+        cache = KVCache(len(self.net.blocks), self.seq_len) if use_cache else None
         text_kv = self.net.text_kv(cond.states) if use_cache else None
 
         codes = torch.full((batch, self.seq_len), self.bos_id, dtype=torch.long, device=device)

@@ -123,9 +123,7 @@ class MaskedCodePrior(nn.Module):
 
         cond = make_conditioning(self.conditioner, text_states, text_mask, guidance, batch)
         text_kv = self.net.text_kv(cond.states)
-        context = self.net.context(context_codes)
-        if context is not None and cond.repeats == 2:
-            context = torch.cat([context, context], dim=0)
+        context = cond.rows(self.net.context(context_codes))
 
         for s in range(steps):
             logits = self.net(tokens.repeat(cond.repeats, 1), text_kv, cond.mask, context, causal=False)

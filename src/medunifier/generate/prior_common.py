@@ -183,6 +183,14 @@ class Conditioning:
     def repeats(self) -> int:
         return 2 if self.mode == "guided" else 1
 
+    def rows(self, x: Tensor | None) -> Tensor | None:
+        """A per-sample tensor [B, ...] for the network's rows: [2B, ...] (twice over) when guided; None stays None.
+
+        Args:
+            x: e.g. the context-code embeddings [B, L, W].
+        """
+        return torch.cat([x, x], dim=0) if x is not None and self.repeats == 2 else x
+
     def merge(self, logits: Tensor) -> Tensor:
         """[repeats*B, ..., V] -> [B, ..., V] with logits = uncond + g * (cond - uncond) when guided."""
         if self.mode != "guided":
@@ -221,18 +229,20 @@ def make_conditioning(
 
 
 class KVCache:
-    """Per-layer self-attention keys/values [B, heads, L, head_dim], preallocated and filled position by position."""
+    """Per-layer self-attention keys/values [B, heads, max_len, head_dim], preallocated and filled position by
+    position; max_len is the sequence length of the prior."""
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, max_len: int) -> None:
+        self.max_len = max_len
         self.keys: list[Tensor | None] = [None] * num_layers
         self.values: list[Tensor | None] = [None] * num_layers
 
-    def write(self, layer: int, k: Tensor, v: Tensor, start: int, max_len: int) -> tuple[Tensor, Tensor]:
+    def write(self, layer: int, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
         """Store k, v [B, nh, N, hd] at positions start..start+N-1; return all keys/values up to there."""
         if self.keys[layer] is None:
             batch, heads, _, head_dim = k.shape
-            self.keys[layer] = k.new_empty(batch, heads, max_len, head_dim)
-            self.values[layer] = v.new_empty(batch, heads, max_len, head_dim)
+            self.keys[layer] = k.new_empty(batch, heads, self.max_len, head_dim)
+            self.values[layer] = v.new_empty(batch, heads, self.max_len, head_dim)
         end = start + k.shape[2]
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
@@ -253,14 +263,13 @@ class SelfAttention(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
         start: int = 0,
-        max_len: int = 0,
     ) -> Tensor:
         # x: [B, N, W]
         batch, n, width = x.shape
         q, k, v = self.qkv(x).view(batch, n, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
         is_causal = causal
         if cache is not None:
-            k, v = cache.write(layer, k, v, start, max_len)  # [B, nh, start+N, hd]
+            k, v = cache.write(layer, k, v, start)  # [B, nh, start+N, hd]
             if start > 0:
                 if n != 1:
                     raise ValueError("the KV cache only extends one position at a time after the prefill")
@@ -325,9 +334,8 @@ class PriorBlock(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
         start: int = 0,
-        max_len: int = 0,
     ) -> Tensor:
-        x = x + self.drop(self.self_attn(self.norm1(x), causal, cache, layer, start, max_len))
+        x = x + self.drop(self.self_attn(self.norm1(x), causal, cache, layer, start))
         x = x + self.drop(self.cross_attn(self.norm2(x), text_kv, text_mask))
         return x + self.mlp(self.norm3(x))
 
@@ -387,7 +395,7 @@ class PriorTransformer(nn.Module):
             x = x + context[:, start : start + n]
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, text_kv[layer], text_mask, causal, cache, layer, start, self.seq_len)
+            x = block(x, text_kv[layer], text_mask, causal, cache, layer, start)
         return self.head(self.norm(x))
 
 

@@ -31,21 +31,33 @@ from medunifier.model.masking import KVCache
 
 
 class _Stepper:
-    """Next-token logits for a batch of running sequences, with the KV cache or by full recomputation."""
+    """Next-token logits for a batch of running sequences, with the KV cache or by full recomputation.
+
+    `batch` and `device` come from the image embeddings or else the prefix; a prefix without a mask is
+    masked where it is not padding. `banned` are the ids never generated (bos and pad, unless one is eos).
+    """
 
     def __init__(
         self,
         encoder: ImageTextEncoder,
         image_embeds: Tensor | None,
         bos_id: int,
+        eos_id: int,
+        pad_id: int,
         prefix_ids: Tensor | None,
         prefix_mask: Tensor | None,
         use_cache: bool,
-        batch: int,
-        device: torch.device,
         modality_ids: Tensor | None = None,
         continue_prefix: bool = False,
     ):
+        if image_embeds is None and prefix_ids is None:
+            raise ValueError("generate needs image_embeds and/or prefix_ids")
+        ref = image_embeds if image_embeds is not None else prefix_ids
+        batch, device = ref.shape[0], ref.device
+        self.batch, self.device = batch, device
+        if prefix_ids is not None and prefix_mask is None:
+            prefix_mask = prefix_ids != pad_id
+        self.banned = tuple({bos_id, pad_id} - {eos_id})
         self.encoder = encoder
         self.image_embeds = image_embeds
         self.modality_ids = modality_ids  # [B]: added to every newly embedded token (and the queries)
@@ -186,15 +198,6 @@ def _pad_rows(rows: list[Tensor], pad_id: int, device: torch.device) -> Tensor:
     return out
 
 
-def _prepare(image_embeds: Tensor | None, prefix_ids: Tensor | None, prefix_mask: Tensor | None, pad_id: int):
-    if image_embeds is None and prefix_ids is None:
-        raise ValueError("generate needs image_embeds and/or prefix_ids")
-    ref = image_embeds if image_embeds is not None else prefix_ids
-    if prefix_ids is not None and prefix_mask is None:
-        prefix_mask = prefix_ids != pad_id
-    return ref.shape[0], ref.device, prefix_mask
-
-
 @torch.no_grad()
 def greedy_decode(
     encoder: ImageTextEncoder,
@@ -219,12 +222,9 @@ def greedy_decode(
     continue_prefix: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Greedy (or, with do_sample, top-k/nucleus sampling) decoding -> (tokens [B, T], scores [B])."""
-    batch, device, prefix_mask = _prepare(image_embeds, prefix_ids, prefix_mask, pad_id)
-    stepper = _Stepper(
-        encoder, image_embeds, bos_id, prefix_ids, prefix_mask, use_cache, batch, device, modality_ids,
-        continue_prefix,
-    )
-    banned = tuple({bos_id, pad_id} - {eos_id})
+    stepper = _Stepper(encoder, image_embeds, bos_id, eos_id, pad_id, prefix_ids, prefix_mask, use_cache,
+                       modality_ids, continue_prefix)
+    batch, device = stepper.batch, stepper.device
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     sum_logp = torch.zeros(batch, device=device)
     lengths = torch.zeros(batch, device=device)
@@ -234,7 +234,7 @@ def greedy_decode(
             logits / temperature if do_sample else logits,
             stepper.generated,
             step,
-            banned_ids=banned,
+            banned_ids=stepper.banned,
             eos_id=eos_id,
             min_length=min_length,
             repetition_penalty=repetition_penalty,
@@ -284,13 +284,9 @@ def beam_search(
     running beam can still beat the worst of them (an exact bound, whatever length_penalty is);
     beams still running at max_length are finished there.
     """
-    batch, device, prefix_mask = _prepare(image_embeds, prefix_ids, prefix_mask, pad_id)
-    k = num_beams
-    stepper = _Stepper(
-        encoder, image_embeds, bos_id, prefix_ids, prefix_mask, use_cache, batch, device, modality_ids,
-        continue_prefix,
-    )
-    banned = tuple({bos_id, pad_id} - {eos_id})
+    stepper = _Stepper(encoder, image_embeds, bos_id, eos_id, pad_id, prefix_ids, prefix_mask, use_cache,
+                       modality_ids, continue_prefix)
+    batch, device, k = stepper.batch, stepper.device, num_beams
     logits = stepper.start().repeat_interleave(k, 0)  # [B*K, V]: the prompt is encoded once per sample
     stepper.expand(k)
     beam_scores = torch.full((batch, k), -math.inf, device=device)
@@ -309,7 +305,7 @@ def beam_search(
             logits,
             stepper.generated,
             step,
-            banned_ids=banned,
+            banned_ids=stepper.banned,
             eos_id=eos_id,
             min_length=min_length,
             repetition_penalty=repetition_penalty,

@@ -14,22 +14,21 @@ next sampled candidate.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path, PurePosixPath
 
-from medunifier.data.converters.captions import caption_from_labels
 from medunifier.data.converters.common import (
     ConversionError,
     ConversionSummary,
     Deduplicator,
     ImageWriter,
+    caption_record,
     check_uncertain,
     chexpert_labels,
     finish,
     iter_csv,
     iter_with_seed,
     parse_label,
-    record_rng,
+    split_tables,
 )
 from medunifier.data.findings import COMPETITION_FINDINGS
 from medunifier.data.manifest import Record
@@ -69,13 +68,10 @@ def convert_chexpert(root: Path, out: Path, *, uncertain: str = "keep", five_by_
     With `five_by_200`, write only the 5x200 evaluation set (`per_class` images per competition
     finding, split "test", one-hot labels over the five and a `class_name` field).
     """
-    start = time.perf_counter()
     root, out = Path(root), Path(out)
     summary = ConversionSummary("chexpert-5x200" if five_by_200 else "chexpert", str(out))
     check_uncertain(uncertain)
-    tables = [(root / name, split) for name, split in CSV_SPLITS if (root / name).is_file()]
-    if not tables:
-        raise ConversionError(f"{root}: no train.csv / valid.csv found (is this the CheXpert folder?)")
+    tables = split_tables(root, CSV_SPLITS, "no train.csv / valid.csv found (is this the CheXpert folder?)")
     writer = ImageWriter(out, summary, image_size, square, min_size)
     if five_by_200:
         records = _five_by_200(root, tables, writer, summary, per_class, seed)
@@ -95,19 +91,14 @@ def convert_chexpert(root: Path, out: Path, *, uncertain: str = "keep", five_by_
                     continue
                 labels = chexpert_labels(row, uncertain)
                 records.append(_record(record_id, image, labels, split, row, seed))
-    summary.seconds = time.perf_counter() - start
     return finish(records, out, summary)
 
 
 def _record(record_id: str, image: str, labels: dict[str, int], split: str, row: dict[str, str],
             seed: int, **extra: object) -> Record:
-    caption = caption_from_labels(labels, record_rng(seed, record_id))
     age = row.get("Age", "")
-    return Record(
-        id=record_id, image=image, text=caption, labels=labels, split=split, modality="cxr", task="caption",
-        source="chexpert", sex=row.get("Sex") or None, age=int(float(age)) if age else None,
-        view=row.get("AP/PA") or None, **extra,
-    )
+    return caption_record(record_id, image, labels, split, "chexpert", seed, sex=row.get("Sex") or None,
+                          age=int(float(age)) if age else None, view=row.get("AP/PA") or None, **extra)
 
 
 def _five_by_200(root: Path, tables: list[tuple[Path, str]], writer: ImageWriter, summary: ConversionSummary,

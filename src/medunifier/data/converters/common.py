@@ -15,6 +15,7 @@ import json
 import random
 import re
 import shutil
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from medunifier.data.converters.captions import caption_from_labels
 from medunifier.data.images import ImageLoadError, load_image, save_png
 from medunifier.data.manifest import Record, write_manifest
 
@@ -58,6 +60,7 @@ class ConversionSummary:
     filtered: Counter[str] = field(default_factory=Counter)  # reason -> records dropped
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    started: float = field(default_factory=time.perf_counter, repr=False, compare=False)  # perf_counter at creation
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -199,7 +202,8 @@ class Deduplicator:
 
 
 def finish(records: list[Record], out: Path, summary: ConversionSummary) -> ConversionSummary:
-    """Write the manifest and `conversion.json`; fill in the counts."""
+    """Write the manifest and `conversion.json`; fill in the counts and the seconds since the summary was made."""
+    summary.seconds = time.perf_counter() - summary.started
     out = Path(out)
     summary.records = write_manifest(records, out / "manifest.jsonl")
     summary.splits = dict(sorted(Counter(r.split for r in records).items()))
@@ -279,6 +283,48 @@ def find_file(root: Path, names: Iterable[str]) -> Path | None:
     return None
 
 
+def require_file(root: Path, names: Iterable[str], missing: str) -> Path:
+    """The first of `names` under root (plain or .gz), or a ConversionError saying `missing`.
+
+    Args:
+        root: the dataset folder.
+        names: the file names to try, in order.
+        missing: what the error says after the folder, e.g. "train-rle.csv not found (is this the SIIM-ACR folder?)".
+    """
+    found = find_file(root, names)
+    if found is None:
+        raise ConversionError(f"{root}: {missing}")
+    return found
+
+
+def split_tables(root: Path, split_files: Iterable[tuple[str, str]], missing: str) -> list[tuple[Path, str]]:
+    """The (file, split) pairs of a dataset's official split tables that exist under root.
+
+    Args:
+        root: the dataset folder.
+        split_files: (file name, split) pairs, e.g. (("train.txt", "train"), ("test.txt", "test")).
+        missing: what the ConversionError says after the folder when none exists.
+    """
+    tables = [(root / name, split) for name, split in split_files if (root / name).is_file()]
+    if not tables:
+        raise ConversionError(f"{root}: {missing}")
+    return tables
+
+
+def question_answer(item: Mapping[str, Any], summary: ConversionSummary) -> tuple[str, str] | None:
+    """The stripped question and answer of a VQA item; None, counted as filtered "empty_qa", when either is empty.
+
+    Args:
+        item: one question of the dataset's JSON, with "question" and "answer".
+        summary: the conversion's summary.
+    """
+    question, answer = str(item.get("question", "")).strip(), str(item.get("answer", "")).strip()
+    if not question or not answer:
+        summary.filtered["empty_qa"] += 1
+        return None
+    return question, answer
+
+
 def compose_text(findings: str | None, impression: str | None) -> str:
     """The manifest `text` of a report: 'FINDINGS: ... IMPRESSION: ...' with the parts present."""
     parts = []
@@ -315,6 +361,23 @@ def report_labeler() -> Callable[[str], dict[str, int]] | None:
 def record_rng(seed: int, record_id: str) -> random.Random:
     """A generator for one record's random choices (captions): independent of the other records."""
     return random.Random(f"{seed}:{record_id}")
+
+
+def caption_record(record_id: str, image: str, labels: dict[str, int], split: str, source: str, seed: int,
+                   **fields: Any) -> Record:
+    """A chest X-ray caption record of a label-only dataset: its labels and a seeded caption drawn from them.
+
+    Args:
+        record_id: the record's id (also seeds its caption, with `seed`).
+        image: the manifest-relative image path.
+        labels: finding -> 1 (present), 0 (absent) or -1 (uncertain).
+        split: train, val or test.
+        source: the dataset's name.
+        seed: the conversion seed.
+        **fields: the dataset's own extra fields.
+    """
+    return Record(id=record_id, image=image, text=caption_from_labels(labels, record_rng(seed, record_id)),
+                  labels=labels, split=split, modality="cxr", task="caption", source=source, **fields)
 
 
 def iter_with_seed(items: list[Any], seed: int) -> Iterator[Any]:

@@ -7,19 +7,16 @@ positive / negative (COVIDx CXR-2 and later) or COVID-19 / pneumonia / normal (C
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-from medunifier.data.converters.captions import caption_from_labels
 from medunifier.data.converters.common import (
-    ConversionError,
     ConversionSummary,
     Deduplicator,
     ImageWriter,
+    caption_record,
     finish,
-    record_rng,
+    split_tables,
 )
-from medunifier.data.manifest import Record
 
 CLASS_LABELS = {
     "positive": {"covid19": 1},
@@ -35,12 +32,9 @@ SPLIT_FILES = (("train.txt", "train"), ("val.txt", "val"), ("test.txt", "test"))
 def convert_covidx(root: Path, out: Path, *, image_size: int | None = None, square: bool = False,
                    min_size: int = 32, seed: int = 0) -> ConversionSummary:
     """Convert COVIDx: official splits; duplicate file names (COVIDx has a few) are dropped."""
-    start = time.perf_counter()
     root, out = Path(root), Path(out)
     summary = ConversionSummary("covidx", str(out))
-    tables = [(root / name, split) for name, split in SPLIT_FILES if (root / name).is_file()]
-    if not tables:
-        raise ConversionError(f"{root}: no train.txt / test.txt found (is this the COVIDx folder?)")
+    tables = split_tables(root, SPLIT_FILES, "no train.txt / test.txt found (is this the COVIDx folder?)")
     writer = ImageWriter(out, summary, image_size, square, min_size)
     dedup = Deduplicator(summary)
     records = []
@@ -65,12 +59,8 @@ def convert_covidx(root: Path, out: Path, *, image_size: int | None = None, squa
             image = writer.write(root / table.stem / filename, record_id)
             if image is None:
                 continue
-            records.append(Record(
-                id=record_id, image=image, text=caption_from_labels(labels, record_rng(seed, record_id)),
-                labels=dict(labels), split=split, modality="cxr", task="caption", source="covidx",
-                patient_id=patient_id, class_name=class_name, data_source=data_source,
-            ))
+            records.append(caption_record(record_id, image, dict(labels), split, "covidx", seed,
+                                          patient_id=patient_id, class_name=class_name, data_source=data_source))
     if unknown:
         summary.notes.append(f"unknown classes skipped: {sorted(unknown)}")
-    summary.seconds = time.perf_counter() - start
     return finish(records, out, summary)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import re
 import tarfile
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,7 +95,6 @@ def convert_iu_xray(root: Path, out: Path, *, images: Path | None = None, keep_t
     without FINDINGS (the R2Gen convention). `val_fraction` / `test_fraction` / `seed` make the
     split of the OpenI layout.
     """
-    start = time.perf_counter()
     root, out = Path(root), Path(out)
     if not root.exists():
         raise ConversionError(f"{root}: not found")
@@ -150,7 +148,6 @@ def convert_iu_xray(root: Path, out: Path, *, images: Path | None = None, keep_t
             labels=labeler(text) if labeler is not None else {}, split=report["split"], modality="cxr",
             task="report", source="iu-xray", image_ids=report.get("image_ids"), mesh=report.get("mesh"),
         ))
-    summary.seconds = time.perf_counter() - start
     return finish(records, out, summary)
 
 

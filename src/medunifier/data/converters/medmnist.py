@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,7 +140,6 @@ def infer_flag(path: Path) -> str | None:
 def convert_medmnist(root: Path, out: Path, *, flag: str | None = None, image_size: int | None = None,
                      square: bool = False, min_size: int = 0, seed: int = 0) -> ConversionSummary:
     """Convert a MedMNIST npz (`root` is the file, or a folder holding one) to PNGs and captions."""
-    start = time.perf_counter()
     root, out = Path(root), Path(out)
     if root.is_dir():
         files = sorted(root.glob("*.npz"))
@@ -181,5 +179,4 @@ def convert_medmnist(root: Path, out: Path, *, flag: str | None = None, image_si
                     source=f"medmnist/{flag}", class_index=classes if info.multi_label else classes[0],
                     class_name=", ".join(info.keys[c] for c in classes) or "no_finding",
                 ))
-    summary.seconds = time.perf_counter() - start
     return finish(records, out, summary)

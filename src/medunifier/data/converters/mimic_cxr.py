@@ -11,13 +11,11 @@ REPORTS is `reports_root` or ROOT itself.
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from pathlib import Path
 
 from medunifier.data.converters.common import (
     FRONTAL_VIEWS,
-    ConversionError,
     ConversionSummary,
     Deduplicator,
     ImageWriter,
@@ -28,6 +26,7 @@ from medunifier.data.converters.common import (
     find_file,
     finish,
     iter_csv,
+    require_file,
 )
 from medunifier.data.converters.reports import findings_and_impression
 from medunifier.data.manifest import Record
@@ -55,14 +54,12 @@ def convert_mimic_cxr(root: Path, out: Path, *, reports_root: Path | None = None
     `one_per_study` keeps one frontal image per study (PA first). `uncertain` is the policy for
     -1 labels (keep, zeros, ones, ignore). `seed` is unused (the splits are official).
     """
-    start = time.perf_counter()
     root, out = Path(root), Path(out)
     reports_root = Path(reports_root) if reports_root is not None else root
     summary = ConversionSummary("mimic-cxr", str(out))
     check_uncertain(uncertain)
-    split_file = find_file(root, ["mimic-cxr-2.0.0-split.csv"])
-    if split_file is None:
-        raise ConversionError(f"{root}: mimic-cxr-2.0.0-split.csv(.gz) not found (is this MIMIC-CXR-JPG 2.0.0?)")
+    split_file = require_file(root, ["mimic-cxr-2.0.0-split.csv"],
+                              "mimic-cxr-2.0.0-split.csv(.gz) not found (is this MIMIC-CXR-JPG 2.0.0?)")
     meta_file = find_file(root, ["mimic-cxr-2.0.0-metadata.csv"])
     label_file = find_file(root, ["mimic-cxr-2.0.0-chexpert.csv"])
     views: dict[str, str] = {}
@@ -135,5 +132,4 @@ def convert_mimic_cxr(root: Path, out: Path, *, reports_root: Path | None = None
     if missing_reports:
         summary.notes.append(f"{missing_reports} images without a report file under {reports_root}/files "
                              "(pass --reports-root if the reports are elsewhere)")
-    summary.seconds = time.perf_counter() - start
     return finish(records, out, summary)

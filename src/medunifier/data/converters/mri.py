@@ -19,7 +19,6 @@ was acquired apart and does not: a pair on different grids is dropped with the r
 from __future__ import annotations
 
 import re
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -67,7 +66,6 @@ def convert_ixi(root: Path, out: Path, *, pairs: str = "t2:pd,pd:t2", keep: floa
         keep: the central fraction of axial slices used (the rest is mostly outside the brain).
         step: every step-th slice of that range (neighbouring slices are near duplicates).
     """
-    start = time.perf_counter()
     root, out = Path(root), Path(out)
     summary = ConversionSummary(format="ixi", out=str(out))
     wanted = []
@@ -118,5 +116,4 @@ def convert_ixi(root: Path, out: Path, *, pairs: str = "t2:pd,pd:t2", keep: floa
                     text="", target_kind=tgt, source_kind=src, subject=subject, slice=k))
     if not records:
         summary.notes.append("no pair of registered volumes: nothing written")
-    summary.seconds = time.perf_counter() - start
     return finish(records, out, summary)

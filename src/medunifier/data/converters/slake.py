@@ -8,7 +8,6 @@ question, answer, answer_type, modality, location, q_lang, qid, content_type, ..
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from medunifier.data.converters.common import (
@@ -17,6 +16,8 @@ from medunifier.data.converters.common import (
     Deduplicator,
     ImageWriter,
     finish,
+    question_answer,
+    split_tables,
 )
 from medunifier.data.manifest import Record
 
@@ -33,14 +34,11 @@ def _modality(name: str, location: str) -> str:
 def convert_slake(root: Path, out: Path, *, lang: str = "en", image_size: int | None = None, square: bool = False,
                   min_size: int = 32, seed: int = 0) -> ConversionSummary:
     """Convert SLAKE: official splits; `lang` "en", "zh" or "all" selects the question language."""
-    start = time.perf_counter()
     root, out = Path(root), Path(out)
     summary = ConversionSummary("slake", str(out))
     if lang not in ("en", "zh", "all"):
         raise ConversionError(f"lang must be en, zh or all, got {lang!r}")
-    tables = [(root / name, split) for name, split in SPLIT_FILES if (root / name).is_file()]
-    if not tables:
-        raise ConversionError(f"{root}: no train.json / validate.json / test.json found (is this Slake1.0?)")
+    tables = split_tables(root, SPLIT_FILES, "no train.json / validate.json / test.json found (is this Slake1.0?)")
     writer = ImageWriter(out, summary, image_size, square, min_size)
     dedup = Deduplicator(summary)
     records = []
@@ -50,13 +48,11 @@ def convert_slake(root: Path, out: Path, *, lang: str = "en", image_size: int | 
             if lang != "all" and language != lang:
                 summary.filtered["other_language"] += 1
                 continue
-            question, answer = str(item.get("question", "")).strip(), str(item.get("answer", "")).strip()
-            if not question or not answer:
-                summary.filtered["empty_qa"] += 1
-                continue
+            qa = question_answer(item, summary)
             record_id = f"slake-{split}-{item['qid']}"
-            if not dedup.first(record_id):
+            if qa is None or not dedup.first(record_id):
                 continue
+            question, answer = qa
             image_name = str(item["img_name"])
             image = writer.write(root / "imgs" / image_name, Path(image_name).with_suffix("").as_posix())
             if image is None:
@@ -69,5 +65,4 @@ def convert_slake(root: Path, out: Path, *, lang: str = "en", image_size: int | 
                 answer_type=str(item.get("answer_type", "")).strip().upper() or None,
                 content_type=item.get("content_type"), qid=item["qid"], img_id=item.get("img_id"),
             ))
-    summary.seconds = time.perf_counter() - start
     return finish(records, out, summary)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from medunifier.data.converters.common import (
     ImageWriter,
     assign_splits,
     finish,
+    question_answer,
 )
 from medunifier.data.manifest import Record
 
@@ -68,7 +68,6 @@ def infer_modality(items: list[dict[str, Any]], organ: str) -> str:
 def convert_vqa_rad(root: Path, out: Path, *, val_fraction: float = 0.0, image_size: int | None = None,
                     square: bool = False, min_size: int = 32, seed: int = 0) -> ConversionSummary:
     """Convert VQA-RAD: every QA pair of trainset.json (and testset.json) becomes a record."""
-    start = time.perf_counter()
     root, out = Path(root), Path(out)
     summary = ConversionSummary("vqa-rad", str(out))
     sets = [(name, split) for name, split in (("trainset.json", "train"), ("testset.json", "test"))
@@ -96,13 +95,11 @@ def convert_vqa_rad(root: Path, out: Path, *, val_fraction: float = 0.0, image_s
         if split == "train" and val_fraction > 0:
             image_split = assign_splits((i["image_name"] for i in items), val_fraction, 0.0, seed)
         for item in items:
-            question, answer = str(item.get("question", "")).strip(), str(item.get("answer", "")).strip()
-            if not question or not answer:
-                summary.filtered["empty_qa"] += 1
-                continue
+            qa = question_answer(item, summary)
             record_id = f"vqa-rad-{split}-{item['qid']}"
-            if not dedup.first(record_id):
+            if qa is None or not dedup.first(record_id):
                 continue
+            question, answer = qa
             image_name = item["image_name"]
             image = writer.write(image_dir / image_name, Path(image_name).stem)
             if image is None:
@@ -117,5 +114,4 @@ def convert_vqa_rad(root: Path, out: Path, *, val_fraction: float = 0.0, image_s
                 question_type=str(item.get("question_type", "")).strip() or None,
                 phrase_type=item.get("phrase_type"), qid=item["qid"],
             ))
-    summary.seconds = time.perf_counter() - start
     return finish(records, out, summary)
