@@ -2,6 +2,7 @@
 
     python benchmarks/retrieval_rerank.py --run runs/demo/run --data runs/demo/data/manifest_5x200.jsonl
 
+A sweep around `medunifier eval retrieval --rerank K` (which scores ITM log-odds + ITC cosine, both directions).
 For each image the `--k` reports nearest by ITC are scored by the ITM head (its match logit minus its
 mismatch logit, optionally plus `weight` x the ITC logit); the rest keep their ITC order below them. Prints
 image-to-text precision@1 (same-class top report, `eval retrieval`'s "mAP@1") for ITC alone and for each
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 from medunifier.data.findings import COMPETITION_FINDINGS
 from medunifier.eval.common import (
@@ -40,9 +40,7 @@ def main() -> None:
     records, y, _ = classify_records(records, list(COMPETITION_FINDINGS))
     with torch.no_grad():
         feats = torch.cat([model.image_features(px) for px in image_batches(records, root, model, 64, 0)])  # [N, T, D]
-        image_emb = torch.cat([
-            F.normalize(model.image_proj(model.query_states(f, modality_ids=model.modality_ids_for(None, len(f)))), dim=-1)
-            for f in feats.split(64)])  # [N, Q, E]
+        image_emb = torch.cat([model.encode_image(None, image_embeds=f) for f in feats.split(64)])  # [N, Q, E]
     texts = [record_text(r) for r in records]
     sim = chunked_similarity(model, image_emb, encode_texts(model, texts))  # [N, N]
 
@@ -58,11 +56,8 @@ def main() -> None:
     with torch.no_grad():
         for i in range(len(records)):
             idx = top[i]
-            out = model.encoder(input_ids=model._task_ids(tok["input_ids"][idx], "enc"),
-                                attention_mask=tok["attention_mask"][idx],
-                                image_embeds=feats[i : i + 1].expand(k_max, *feats.shape[1:]), mode="bidirectional",
-                                modality_ids=model.modality_ids_for(None, k_max), queries_only=True)
-            logits = model.itm_head(out.query_states).mean(dim=1)  # [k_max, 2]
+            logits = model.itm_logits(None, tok["input_ids"][idx], tok["attention_mask"][idx],
+                                      image_embeds=feats[i : i + 1].expand(k_max, *feats.shape[1:]))  # [k_max, 2]
             itm[i] = (logits[:, 1] - logits[:, 0]).float()
     scale = 1.0 / float(model.temperature.detach())  # ITC's logit is the cosine over the temperature
     for k in args.k:

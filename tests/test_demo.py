@@ -39,4 +39,3 @@ def test_cli_refuses_both_budgets_before_doing_any_work(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "not both" in result.output
     assert not out.exists()
-

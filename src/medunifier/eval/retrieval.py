@@ -3,8 +3,8 @@
 Every record gives one image and its report; the class of both is the record's one positive
 competition finding. Image-to-text ranks all reports for each image (and text-to-image all images for
 each report) by the model's ITC similarity (max over queries of the cosine). With `rerank=K`, the top K
-candidates of each query are re-ordered by ITM, as BLIP and BLIP-2 retrieve: score = ITM match probability +
-ITC similarity, and the K stay ahead of the rest, which keep their ITC order. Scores: "mAP@K" as PRIOR /
+candidates of each query are re-ordered by ITM, as BLIP and BLIP-2 retrieve: score = the ITM head's match
+log-odds + the ITC similarity, and the K stay ahead of the rest, which keep their ITC order. Scores: "mAP@K" as PRIOR /
 CXR-CLIP define it (precision@K with same-class hits, averaged over queries), Recall@K of the exact pair, and
 the mean / median rank of the exact pair.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
@@ -35,7 +35,10 @@ from medunifier.eval.common import (
 from medunifier.eval.metrics import mean_rank, median_rank, precision_at_k, recall_at_k
 from medunifier.model.protocols import ImageTextModel
 
-RERANK_OFFSET = 4.0  # above any ITC cosine + ITM probability: the re-ranked K stay ahead of the rest
+if TYPE_CHECKING:
+    from medunifier.model.medunifier import MedUnifier
+
+RERANK_OFFSET = 1e4  # subtracted from the pairs outside the re-ranked K, so the K stay ahead of them
 
 
 def retrieval_scores(sim, classes, ks: Sequence[int] = (1, 5, 10), sim_t2i=None) -> dict[str, Any]:
@@ -54,27 +57,29 @@ def retrieval_scores(sim, classes, ks: Sequence[int] = (1, 5, 10), sim_t2i=None)
 
 
 @torch.no_grad()
-def itm_rerank(model: Any, vision_tokens: Tensor, tokens: dict[str, Tensor], sim: Tensor, k: int,
+def itm_rerank(model: MedUnifier, vision_tokens: Tensor, tokens: dict[str, Tensor], sim: Tensor, k: int,
                batch_size: int = 128) -> tuple[Tensor, Tensor]:
     """Re-rank the top `k` ITC candidates of every query by ITM, in both directions.
 
     Args:
-        model: a model with `itm_score(None, input_ids, attention_mask, image_embeds=...)` (MedUnifier).
+        model: a model with `itm_logits(None, input_ids, attention_mask, image_embeds=...)` (MedUnifier).
         vision_tokens: every image's vision tokens [Ni, N, D] (`image_features`), on the CPU.
         tokens: the tokenised texts, {"input_ids", "attention_mask"} [Nt, L], on the CPU.
         sim: ITC similarity [Ni, Nt].
         k: candidates per query (at most the other side's count).
-    Returns (image-to-text scores [Ni, Nt], text-to-image scores [Nt, Ni]): a candidate scores RERANK_OFFSET +
-    ITM probability + ITC similarity, every other pair its ITC similarity.
+    Returns (image-to-text scores [Ni, Nt], text-to-image scores [Nt, Ni]): a candidate scores its ITM match
+    log-odds + ITC similarity, every other pair its ITC similarity - RERANK_OFFSET. (Log-odds, not the match
+    probability: the probability saturates near 1 for every plausible candidate and leaves ITC to decide.)
     """
     device = next(model.parameters()).device
 
-    def scores(image_idx: Tensor, text_idx: Tensor) -> Tensor:  # [P] ITM match probabilities of the pairs
+    def scores(image_idx: Tensor, text_idx: Tensor) -> Tensor:  # [P] ITM match log-odds of the pairs
         out = []
         for start in range(0, image_idx.numel(), batch_size):
             i, t = image_idx[start:start + batch_size], text_idx[start:start + batch_size]
-            out.append(model.itm_score(None, tokens["input_ids"][t].to(device), tokens["attention_mask"][t].to(device),
-                                       image_embeds=vision_tokens[i].to(device)).float().cpu())
+            logits = model.itm_logits(None, tokens["input_ids"][t].to(device), tokens["attention_mask"][t].to(device),
+                                      image_embeds=vision_tokens[i].to(device)).float().cpu()  # [P, 2]
+            out.append(logits[:, 1] - logits[:, 0])
         return torch.cat(out)
 
     ranked = []
@@ -84,8 +89,8 @@ def itm_rerank(model: Any, vision_tokens: Tensor, tokens: dict[str, Tensor], sim
         rows = torch.arange(matrix.shape[0]).repeat_interleave(kk)
         cols = cand.flatten()
         itm = scores(rows, cols) if images_are_queries else scores(cols, rows)
-        out = matrix.clone()
-        out[rows, cols] = RERANK_OFFSET + itm + matrix[rows, cols]
+        out = matrix - RERANK_OFFSET
+        out[rows, cols] = itm + matrix[rows, cols]
         ranked.append(out)
     return ranked[0], ranked[1]
 
@@ -120,17 +125,21 @@ def run_retrieval(
     if len(records) < 2:
         raise ValueError(f"{data}: {len(records)} usable records (an image and exactly one of {classes})")
     texts = [record_text(r) for r in records]
-    image_emb = encode_images(model, records, root, batch_size, num_workers)  # [N, Q, E]
+    if rerank:
+        if not hasattr(model, "itm_logits"):
+            raise ValueError(f"--rerank needs a model with an ITM head; {type(model).__name__} has none")
+        with torch.no_grad():  # one pass through the vision tower serves ITC and ITM
+            vision_tokens = [model.image_features(px) for px in image_batches(records, root, model, batch_size,
+                                                                              num_workers)]
+            image_emb = torch.cat([model.encode_image(None, image_embeds=v).float().cpu() for v in vision_tokens])
+            vision_tokens = torch.cat([v.float().cpu() for v in vision_tokens])  # [N, T, D]
+    else:
+        image_emb = encode_images(model, records, root, batch_size, num_workers)  # [N, Q, E]
     text_emb = encode_texts(model, texts)  # [N, E]
     sim = chunked_similarity(model, image_emb, text_emb)  # [N, N]
     itc_only = retrieval_scores(sim.numpy(), y, ks)
     scores = itc_only
     if rerank:
-        if not hasattr(model, "itm_score"):
-            raise ValueError(f"--rerank needs a model with an ITM head; {type(model).__name__} has none")
-        with torch.no_grad():
-            vision_tokens = torch.cat([model.image_features(px).float().cpu()
-                                       for px in image_batches(records, root, model, batch_size, num_workers)])
         tokens = {name: t.cpu() for name, t in model.tokenize(texts).items()}
         i2t, t2i = itm_rerank(model, vision_tokens, tokens, sim, rerank)
         scores = retrieval_scores(i2t.numpy(), y, ks, sim_t2i=t2i.numpy())

@@ -119,7 +119,7 @@ LOG_MSE_EPS = 1e-5  # floor of the log-MSE image loss, in normalised pixel units
 
 
 def i2i_loss(images: Tensor, mask_logits: Tensor, targets: Tensor, masks: Tensor, is_mask: Tensor, *,
-             image_loss: str = "log_mse", mask_pos_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+             image_loss: str = "mse", mask_pos_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
     """Mean over items of the image loss (image items) or BCE + (1 - soft Dice) (segment items).
 
     Args:
@@ -128,6 +128,7 @@ def i2i_loss(images: Tensor, mask_logits: Tensor, targets: Tensor, masks: Tensor
             log's gradient is the MSE's divided by the item's own error, so every item counts by its relative
             error and tasks whose errors differ by orders of magnitude train together.
         mask_pos_weight: BCE weight of the mask's positive pixels.
+        (The defaults are the plain loss; `I2IConfig` chooses the training defaults.)
     Returns (loss, parts) with parts "i2i_mse" (plain MSE, whatever the loss) and "i2i_dice" (means over their
     items; absent without any).
     """
@@ -138,7 +139,7 @@ def i2i_loss(images: Tensor, mask_logits: Tensor, targets: Tensor, masks: Tensor
     image_items = ~is_mask
     if image_items.any():
         mse = (images.float() - targets.float()).pow(2).flatten(1).mean(1)  # [B]
-        item_loss = mse.clamp_min(0).add(LOG_MSE_EPS).log() if image_loss == "log_mse" else mse
+        item_loss = (mse + LOG_MSE_EPS).log() if image_loss == "log_mse" else mse
         per_item = torch.where(image_items, item_loss, per_item)
         parts["i2i_mse"] = mse[image_items].mean().detach()
     if is_mask.any():

@@ -341,10 +341,21 @@ class MedUnifier(nn.Module):
         return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
 
     @torch.no_grad()
-    def encode_image(self, pixel_values: Tensor, *, modalities: list[str] | None = None) -> Tensor:
-        """Normalised ITC image embeddings, one per query: [B, Q, E]. modalities: one per image (None: unknown)."""
-        modality_ids = self.modality_ids_for(modalities, pixel_values.shape[0])
-        f_q = self.query_states(self.image_features(pixel_values), modality_ids=modality_ids)
+    def encode_image(self, pixel_values: Tensor | None, *, image_embeds: Tensor | None = None,
+                     modalities: list[str] | None = None) -> Tensor:
+        """Normalised ITC image embeddings, one per query: [B, Q, E].
+
+        Args:
+            pixel_values: [B, C, S, S], or None with `image_embeds`.
+            image_embeds: the vision tokens [B, N, D] (`image_features`) in place of the pixels.
+            modalities: one per image (None: unknown).
+        """
+        if (pixel_values is None) == (image_embeds is None):
+            raise ValueError("encode_image takes pixel_values or image_embeds, exactly one")
+        if image_embeds is None:
+            image_embeds = self.image_features(pixel_values)
+        modality_ids = self.modality_ids_for(modalities, image_embeds.shape[0])
+        f_q = self.query_states(image_embeds, modality_ids=modality_ids)
         return F.normalize(self.image_proj(f_q), dim=-1)
 
     @torch.no_grad()
@@ -362,7 +373,7 @@ class MedUnifier(nn.Module):
         return itc_similarity(image_embeds, text_embeds, 1.0)[0]
 
     @torch.no_grad()
-    def itm_score(
+    def itm_logits(
         self,
         pixel_values: Tensor | None,
         input_ids: Tensor,
@@ -371,15 +382,17 @@ class MedUnifier(nn.Module):
         image_embeds: Tensor | None = None,
         modalities: list[str] | None = None,
     ) -> Tensor:
-        """Probability that each (image, text) pair matches: [B].
+        """ITM head logits of each (image, text) pair, [B, 2] = (no match, match).
 
         Args:
             pixel_values: [B, C, S, S], or None with `image_embeds`.
+            input_ids, attention_mask: the texts [B, L].
             image_embeds: the vision tokens [B, N, D] (`image_features`) in place of the pixels, so that one image
                 can be scored against many texts without running the vision tower again.
+            modalities: one per pair (None: unknown).
         """
         if (pixel_values is None) == (image_embeds is None):
-            raise ValueError("itm_score takes pixel_values or image_embeds, exactly one")
+            raise ValueError("the ITM scores take pixel_values or image_embeds, exactly one")
         if image_embeds is None:
             image_embeds = self.image_features(pixel_values)
         out = self.encoder(
@@ -390,7 +403,15 @@ class MedUnifier(nn.Module):
             modality_ids=self.modality_ids_for(modalities, image_embeds.shape[0]),
             queries_only=True,
         )
-        return self.itm_head(out.query_states).mean(dim=1).softmax(-1)[:, 1]
+        return self.itm_head(out.query_states).mean(dim=1)
+
+    @torch.no_grad()
+    def itm_score(self, pixel_values: Tensor | None, input_ids: Tensor, attention_mask: Tensor, *,
+                  image_embeds: Tensor | None = None, modalities: list[str] | None = None) -> Tensor:
+        """Probability that each (image, text) pair matches: [B]; arguments as `itm_logits`."""
+        logits = self.itm_logits(pixel_values, input_ids, attention_mask, image_embeds=image_embeds,
+                                 modalities=modalities)
+        return logits.softmax(-1)[:, 1]
 
     @torch.no_grad()
     def generate_report(
