@@ -49,6 +49,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+STAGE0_RUN = "stage0"  # the folder inside a `pretrain-vision` output that holds the stage-0 run (heads, logs)
 IMAGE_DEFAULTS = {"size": 64, "mean": 0.5, "std": 0.5}  # what an unset (null) image field becomes without a folder
 
 
@@ -509,6 +510,17 @@ class MedUnifierConfig(_Strict):
         "target spreads evenly over every text in the global batch with the same finding labels or the same "
         "token ids (MedCLIP-style semantic positives; unlabelled samples keep the exact target)",
     )
+    itc_distill: float = Field(
+        0.0, ge=0, lt=1,
+        description="the share of a stage-0 teacher in the ITC targets: (1 - a) * itc_targets + a * the softmax of "
+        "the teacher's image-text logits over the same batch (ALBEF-style distillation from the frozen "
+        "image-text stage 0, whose locked pretrained text encoder the Q-Former's text side lacks); 0 = off",
+    )
+    itc_teacher: str | None = Field(
+        None,
+        description="the teacher's stage-0 run folder (heads.safetensors, config.json, text_embeddings); "
+        "default: the stage0/ folder inside vision.pretrained (what `medunifier pretrain-vision` writes)",
+    )
     train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation, schedule, checkpoints")
     prior: PriorConfigModel = Field(default_factory=PriorConfigModel, description="text-conditioned code priors")
 
@@ -548,7 +560,24 @@ class MedUnifierConfig(_Strict):
         if (self.vision.cache_features or self.vision.feature_cache) and self.train.augment.enabled:
             raise ValueError("a vision feature cache keys features by record (and image file), which no longer "
                              "identifies the pixels under train.augment: turn one of them off")
+        if self.itc_distill > 0:
+            if not self.vision.frozen:
+                raise ValueError("itc_distill reads the stage-0 teacher off the backbone's features, which must be "
+                                 "the ones it was trained on: set vision.frozen=true, or itc_distill=0")
+            if self.vision.backbone not in ("resnet", "vit", "dinov2"):
+                raise ValueError(f"itc_distill needs a backbone stage 0 trains (resnet, vit, dinov2), got "
+                                 f"vision.backbone={self.vision.backbone}: set itc_distill=0")
+            if self.itc_teacher is None and self.vision.pretrained is None:
+                raise ValueError("itc_distill needs its teacher: set vision.pretrained to a `medunifier "
+                                 "pretrain-vision` output folder, or itc_teacher=DIR, or itc_distill=0")
         return self
+
+    @property
+    def itc_teacher_folder(self) -> Path | None:
+        """The stage-0 run that teaches ITC (None when `itc_distill` is off)."""
+        if self.itc_distill == 0:
+            return None
+        return Path(self.itc_teacher) if self.itc_teacher else Path(str(self.vision.pretrained)) / STAGE0_RUN
 
     @property
     def num_patches(self) -> int:

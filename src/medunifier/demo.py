@@ -143,7 +143,7 @@ def run_stage0(data_dir: Path, out: Path, seed: int, steps: int | None = None,
             dataset = ManifestDataset(manifest, image_size=config.image.size, channels=config.image.channels,
                                       splits=["train"])
             tower = TextTower(config.text_encoder, max_length=config.text_max_length)
-            TextBank.build(dataset, tower, out / RUN / "text_embeddings.safetensors", config.text_encoder,
+            TextBank.build(dataset.records, tower, out / RUN / "text_embeddings.safetensors", config.text_encoder,
                            console.print)  # cached: pretrain_vision reads it back
             if minutes is not None:
                 per_step = STAGE0_MARGIN * seconds_per_step(config, tower.width)

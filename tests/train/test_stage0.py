@@ -54,7 +54,7 @@ def test_stage0_lowers_its_loss_on_a_real_batch(synth: Path, text_tower: TextTow
     config = load_stage0_config(None, [*STAGE0_SMALL, f"objective={objective}", "soft_targets=true"])
     torch.manual_seed(0)
     dataset = ManifestDataset(synth, image_size=32, channels=1, splits=["train"])
-    bank = TextBank.build(dataset, text_tower, tmp_path / "emb.safetensors", "minilm") if objective == "text" else None
+    bank = TextBank.build(dataset.records, text_tower, tmp_path / "emb.safetensors", "minilm") if objective == "text" else None
     model = Stage0Model(config, text_tower if objective == "text" else None)
     batch = _batch(synth, bank)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
@@ -72,7 +72,7 @@ def test_stage0_lowers_its_loss_on_a_real_batch(synth: Path, text_tower: TextTow
 def test_text_bank_is_cached_and_locked(synth: Path, text_tower: TextTower, tmp_path: Path) -> None:
     dataset = ManifestDataset(synth, image_size=32, channels=1, splits=["train"])
     cache = tmp_path / "emb.safetensors"
-    first = TextBank.build(dataset, text_tower, cache, "minilm")
+    first = TextBank.build(dataset.records, text_tower, cache, "minilm")
     assert first.embeddings.shape == (len(first.texts), text_tower.width)
     assert len(set(first.texts)) == len(first.texts)
     # the cached embeddings are the tower's own, and a second build reads them back
@@ -80,7 +80,7 @@ def test_text_bank_is_cached_and_locked(synth: Path, text_tower: TextTower, tmp_
     cosine = (first.embeddings[:3] * text_tower(first.texts[:3])).sum(-1)
     assert bool((cosine > 0.995).all()), cosine
     stamp = cache.stat().st_mtime_ns
-    again = TextBank.build(dataset, text_tower, cache, "minilm")
+    again = TextBank.build(dataset.records, text_tower, cache, "minilm")
     assert cache.stat().st_mtime_ns == stamp and torch.equal(again.embeddings, first.embeddings)
     assert not any(p.requires_grad for p in text_tower.parameters())
 

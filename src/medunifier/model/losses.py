@@ -1,7 +1,9 @@
 """MedUnifier's training objectives as functions of tensors, in the manner of open_clip's `loss.py`.
 
     ITC  contrastive_logits -> itc_loss       symmetric InfoNCE over the global batch (the all-gather is inside),
-                                              hard targets or same-finding soft targets (`itc_soft_targets`)
+                                              hard targets or same-finding soft targets (`itc_soft_targets`),
+                                              optionally mixed with a teacher's (`itc_teacher_targets`,
+                                              `mix_itc_targets`)
     ITM  itm_pairs -> (encoder, ITM head) -> itm_loss
                                               one hard negative text per image and one hard negative image per
                                               text (`hard_negative_mask`, `sample_hard_negatives`)
@@ -33,9 +35,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ContrastiveLogits", "ItmPairs", "contrastive_logits", "gather_no_grad", "gather_with_grad",
-    "hard_negative_mask", "itc_loss", "itc_similarity", "itc_soft_targets", "itg_labels", "itm_loss",
-    "itm_pairs", "lm_loss", "pad_for_gather", "same_findings", "same_report", "sample_hard_negatives",
-    "string_keys", "tig_loss", "tig_terms",
+    "hard_negative_mask", "itc_loss", "itc_similarity", "itc_soft_targets", "itc_teacher_targets", "itg_labels",
+    "itm_loss", "itm_pairs", "lm_loss", "mix_itc_targets", "pad_for_gather", "same_findings", "same_report",
+    "sample_hard_negatives", "string_keys", "tig_loss", "tig_terms",
 ]
 
 IGNORE_INDEX = -100  # label of a position the LM loss does not score (F.cross_entropy's ignore_index)
@@ -201,21 +203,55 @@ def itc_soft_targets(input_ids: Tensor, labels: Tensor | None, targets: Tensor, 
     return positive / positive.sum(dim=1, keepdim=True)
 
 
-def itc_loss(logits: ContrastiveLogits, target: Tensor | None = None,
+def itc_teacher_targets(teacher_image: Tensor, teacher_text: Tensor) -> tuple[Tensor, Tensor]:
+    """A teacher's probabilities over the global batch, one per direction: ([B, B_all] image-to-text,
+    [B, B_all] text-to-image), rows in the order of `contrastive_logits`.
+
+    Args:
+        teacher_image: [B, E] the local images' teacher embeddings, already multiplied by its logit scale.
+        teacher_text: [B, E] the local texts' teacher embeddings (normalised).
+    """
+    all_images, all_texts = gather_no_grad(teacher_image), gather_no_grad(teacher_text)  # [B_all, E]
+    with torch.autocast(device_type=teacher_image.device.type, enabled=False):
+        i2t = (teacher_image.float() @ all_texts.float().t()).softmax(dim=-1)  # [B, B_all]
+        t2i = (teacher_text.float() @ all_images.float().t()).softmax(dim=-1)  # [B, B_all]
+    return i2t, t2i
+
+
+def mix_itc_targets(target: Tensor | None, logits: ContrastiveLogits, teacher: tuple[Tensor, Tensor],
+                    alpha: float) -> tuple[Tensor, Tensor]:
+    """(1 - alpha) * the ITC targets + alpha * the teacher's, per direction (ALBEF's distillation).
+
+    Args:
+        target: [B, B_all] probabilities, or None for the paired sample alone.
+        logits: from `contrastive_logits` (the paired sample's index and the global batch).
+        teacher: from `itc_teacher_targets`.
+        alpha: the teacher's share, in [0, 1].
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"the teacher's share must lie in [0, 1], got {alpha}")
+    if target is None:
+        target = F.one_hot(logits.targets, logits.global_batch).float()  # [B, B_all]
+    return tuple((1.0 - alpha) * target + alpha * t for t in teacher)  # type: ignore[return-value]
+
+
+def itc_loss(logits: ContrastiveLogits, target: Tensor | tuple[Tensor, Tensor] | None = None,
              label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
     """(loss [], accuracy []) of the symmetric InfoNCE: the mean of the image-to-text and text-to-image
     cross-entropies.
 
     Args:
         logits: from `contrastive_logits`.
-        target: [B, B_all] probabilities (`itc_soft_targets`), or None for the paired sample alone.
+        target: [B, B_all] probabilities for both directions (`itc_soft_targets`), a pair of them
+            (image-to-text, text-to-image; `mix_itc_targets`), or None for the paired sample alone.
         label_smoothing: of both cross-entropies.
     The accuracy counts the paired sample as the answer in both directions.
     """
     target = logits.targets if target is None else target
+    target_i2t, target_t2i = target if isinstance(target, tuple) else (target, target)
     loss = 0.5 * (
-        F.cross_entropy(logits.i2t, target, label_smoothing=label_smoothing)
-        + F.cross_entropy(logits.t2i, target, label_smoothing=label_smoothing)
+        F.cross_entropy(logits.i2t, target_i2t, label_smoothing=label_smoothing)
+        + F.cross_entropy(logits.t2i, target_t2i, label_smoothing=label_smoothing)
     )
     acc = 0.5 * ((logits.i2t.argmax(1) == logits.targets).float().mean()
                  + (logits.t2i.argmax(1) == logits.targets).float().mean())

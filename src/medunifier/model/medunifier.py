@@ -52,10 +52,12 @@ from medunifier.model.losses import (
     itc_loss,
     itc_similarity,
     itc_soft_targets,
+    itc_teacher_targets,
     itg_labels,
     itm_loss,
     itm_pairs,
     lm_loss,
+    mix_itc_targets,
     tig_terms,
 )
 from medunifier.model.saving import load_pretrained, save_pretrained
@@ -150,9 +152,14 @@ class MedUnifier(nn.Module):
 
     def image_features(self, pixel_values: Tensor, cache_keys: list[str] | None = None) -> Tensor:
         """f_v = [f_cls, f_local]: [B, 1 + L, Dv]; `cache_keys` reach a configured feature cache."""
-        if cache_keys is not None and (self.config.vision.cache_features or self.config.vision.feature_cache):
+        if cache_keys is not None and self.uses_feature_cache:
             return self.vision(pixel_values, cache_keys=cache_keys)
         return self.vision(pixel_values)
+
+    @property
+    def uses_feature_cache(self) -> bool:
+        """Whether the config keeps the frozen backbone's features (in memory or on disk)."""
+        return bool(self.config.vision.cache_features or self.config.vision.feature_cache)
 
     @staticmethod
     def cache_keys(batch: dict[str, Any]) -> list[str] | None:
@@ -249,6 +256,10 @@ class MedUnifier(nn.Module):
                 if self.config.itc_targets == "findings":
                     target = itc_soft_targets(input_ids, batch.get("labels"), itc_logits.targets,
                                               pad_id=self.special["pad"], max_length=text.max_length)
+                if self.config.itc_distill > 0 and "itc_teacher" in batch:  # set by the trainer (train.teacher)
+                    teacher = itc_teacher_targets(*batch["itc_teacher"])  # ([B, B_all], [B, B_all])
+                    target = mix_itc_targets(target, itc_logits, teacher, self.config.itc_distill)
+                    metrics["itc_distilled"] = 1.0
                 loss_itc, metrics["itc_acc"] = itc_loss(itc_logits, target, self.config.label_smoothing)
                 losses["itc"] = loss_itc
                 total = total + weights.itc * loss_itc

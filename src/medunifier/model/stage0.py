@@ -12,6 +12,8 @@ MedUnifier and BLIP-2 freeze an image encoder that was pretrained first. Where n
     ImageTextContrastiveLoss  symmetric InfoNCE (ConVIRT/CLIP) with a learnable temperature, optional
                       same-finding soft targets (MedCLIP) and a queue of earlier texts as extra negatives
     NTXentLoss        SimCLR's loss over two augmented views: for sources without reports
+    ItcTeacher        the trained projections of an image-text stage 0, frozen: stage 1's ITC teacher
+                      (`itc_distill`)
 
 Only the backbone leaves stage 0 (`ImageTower.backbone.save_pretrained`); the heads stay in its run.
 """
@@ -32,7 +34,9 @@ from medunifier.model.vision import build_backbone
 from medunifier.pretrained import resolve_local
 from medunifier.utils import process_group_rank_world
 
-__all__ = ["ImageTextContrastiveLoss", "ImageTower", "NTXentLoss", "TextTower", "same_labels"]
+__all__ = ["ImageTextContrastiveLoss", "ImageTower", "ItcTeacher", "NTXentLoss", "TextTower", "same_labels"]
+
+HEADS_FILE = "heads.safetensors"  # the stage-0 run's projections and temperature, beside its config.json
 
 
 class ImageTower(nn.Module):
@@ -247,3 +251,63 @@ def save_backbone(tower: ImageTower, image: ImageConfig, out_dir: str | Path, ex
     (out / "medunifier_stage0.json").write_text(json.dumps({"backbone": tower.backbone_type, **(extra or {})},
                                                            indent=1, default=str))
     return out
+
+
+class ItcTeacher(nn.Module):
+    """An image-text stage 0's projections and temperature, frozen: the teacher of stage 1's ITC.
+
+    Stage 0 aligns the pooled backbone features to a locked pretrained text encoder; the Q-Former's text
+    side starts from scratch. With `itc_distill` = a, stage 1's ITC targets become (1 - a) * its own targets
+    + a * the teacher's softmax over the same global batch (ALBEF's distillation, with stage 0 as a fixed
+    teacher instead of a momentum copy). Nothing here trains; the state dict is stage 0's `heads.safetensors`.
+
+    Args:
+        heads: stage 0's saved heads: `tower.image_proj.{weight,bias}` [E, Dv] / [E],
+            `tower.text_proj.{weight,bias}` [E, Dt] / [E] and `itc.logit_scale` [].
+    """
+
+    def __init__(self, heads: dict[str, Tensor]):
+        super().__init__()
+        missing = [k for k in ("tower.image_proj.weight", "tower.image_proj.bias", "tower.text_proj.weight",
+                               "tower.text_proj.bias", "itc.logit_scale") if k not in heads]
+        if missing:
+            raise ValueError(f"the stage-0 heads lack {missing}: an ITC teacher needs an image-text stage 0 "
+                             "(objective 'text' or 'both')")
+        embed, width = heads["tower.image_proj.weight"].shape
+        self.image_proj = nn.Linear(width, embed)
+        self.text_proj = nn.Linear(heads["tower.text_proj.weight"].shape[1], embed)
+        self.image_proj.load_state_dict({"weight": heads["tower.image_proj.weight"],
+                                         "bias": heads["tower.image_proj.bias"]})
+        self.text_proj.load_state_dict({"weight": heads["tower.text_proj.weight"],
+                                        "bias": heads["tower.text_proj.bias"]})
+        # stage 0's logit scale, clamped as its loss clamps it
+        self.register_buffer("scale", heads["itc.logit_scale"].float().clamp(max=math.log(100.0)).exp())
+        self.requires_grad_(False)
+
+    @classmethod
+    def from_run(cls, folder: str | Path) -> ItcTeacher:
+        """Load from a stage-0 run folder (`OUT/stage0` of `medunifier pretrain-vision --out OUT`)."""
+        from safetensors.torch import load_file
+
+        path = Path(folder) / HEADS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: an ITC teacher is the stage0/ folder of a finished "
+                                    "`medunifier pretrain-vision` run (set itc_teacher=DIR, or itc_distill=0)")
+        return cls(load_file(str(path)))
+
+    @property
+    def text_width(self) -> int:
+        return self.text_proj.in_features
+
+    @torch.no_grad()
+    def image(self, backbone_output: Tensor) -> Tensor:
+        """Backbone outputs [B, L, Dv] (`VisionEncoder.backbone_features`) -> [B, E], normalised and
+        multiplied by the teacher's logit scale, so that `image @ text.T` are its logits. The pooling is
+        stage 0's: the mean over every position (`ImageTower.pooled`)."""
+        pooled = backbone_output.float().mean(dim=1)  # [B, Dv]
+        return self.scale * F.normalize(self.image_proj(pooled), dim=-1)
+
+    @torch.no_grad()
+    def text(self, text_embeddings: Tensor) -> Tensor:
+        """The locked text encoder's embeddings [N, Dt] -> [N, E], normalised."""
+        return F.normalize(self.text_proj(text_embeddings.float()), dim=-1)

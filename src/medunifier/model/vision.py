@@ -334,13 +334,18 @@ class VisionEncoder(nn.Module):
         return self.feature_cache if isinstance(self.feature_cache, DiskFeatureCache) else None
 
     def forward(self, pixel_values: Tensor, cache_keys: list[str] | None = None) -> Tensor:
-        """[B, C, S, S] -> [B, 1 + L, Dv]; with `cache_keys` (one per sample) cached keys skip the backbone.
+        """[B, C, S, S] -> [B, 1 + L, Dv]; with `cache_keys` (one per sample) cached keys skip the backbone."""
+        return self._head(self.backbone_features(pixel_values, cache_keys))
+
+    def backbone_features(self, pixel_values: Tensor, cache_keys: list[str] | None = None) -> Tensor:
+        """The backbone's part alone (what the cache keeps, before the head): [B, L, Dv] map cells for a
+        convolutional backbone, else [B, 1 + L, Dv]; with `cache_keys` cached keys skip the backbone.
 
         With a disk cache, features computed on a miss are rounded to the cache's dtype, so that a sample
         gives the same features whether or not it is cached.
         """
         if cache_keys is None or (self.feature_cache is None and self.feature_cache_dir is None):
-            return self.encode(pixel_values)
+            return self._frozen_output(pixel_values)
         disk = self.open_feature_cache()
         if len(cache_keys) != pixel_values.shape[0]:
             raise ValueError(f"got {len(cache_keys)} cache keys for a batch of {pixel_values.shape[0]}")
@@ -354,7 +359,7 @@ class VisionEncoder(nn.Module):
                 self.feature_cache.put(cache_keys[i], fresh[row])
                 cached[i] = fresh[row]
         dtype = next(self.backbone.parameters()).dtype
-        return self._head(torch.stack([c.to(pixel_values.device, dtype) for c in cached]))
+        return torch.stack([c.to(pixel_values.device, dtype) for c in cached])
 
     def clear_cache(self) -> None:
         if isinstance(self.feature_cache, FeatureCache):

@@ -48,6 +48,7 @@ from medunifier.train.optim import WarmupCosineSchedule, build_optimizer
 from medunifier.train.precision import resolve_mixed_precision
 from medunifier.train.resume import check_resumable, choose_checkpoint, restore_run
 from medunifier.train.signals import StopFlag
+from medunifier.train.teacher import ItcTeacherTargets
 from medunifier.utils import launch_rank_world
 
 __all__ = [
@@ -134,6 +135,10 @@ class Trainer:
                                     self.tc.lr_scale)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.tokenizer = self.unwrapped.tokenizer
+        self.teacher: ItcTeacherTargets | None = None  # stage 0 as ITC's teacher (itc_distill)
+        if config.itc_distill > 0:
+            with acc.main_process_first():  # the main process writes the text-embedding cache first
+                self.teacher = ItcTeacherTargets.build(config, source.train_records, run_dir, self._say)
 
         self.step = 0
         self.skipped_steps = 0
@@ -208,7 +213,12 @@ class Trainer:
                 batch = equalize(batch, int(n)) if n < n_local else batch
                 if len(self.first_ids) < 64:  # which samples this process saw first (ranks/rank-N.json)
                     self.first_ids.extend(batch["ids"][: 64 - len(self.first_ids)])
-                return self._to_device(batch)
+                batch = self._to_device(batch)
+                if self.teacher is not None:
+                    model = self.unwrapped
+                    batch = self.teacher.annotate(batch, model.vision, model.cache_keys(batch) if
+                                                  model.uses_feature_cache else None)
+                return batch
             empty += 1
             if empty >= 100:
                 raise DataError("100 batches in a row had no readable image: check the image paths")

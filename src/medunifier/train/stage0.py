@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from medunifier.config import Stage0Config
+from medunifier.config import STAGE0_RUN, Stage0Config
 from medunifier.data.augment import apply_parameters, draw_parameters
 from medunifier.data.dataset import ManifestDataset
 from medunifier.data.findings import FINDINGS
@@ -41,7 +42,7 @@ from medunifier.train.precision import native_bf16, resolve_mixed_precision
 
 __all__ = ["Stage0Model", "Stage0Result", "TextBank", "pretrain_vision"]
 
-RUN = "stage0"
+RUN = STAGE0_RUN
 
 
 class TextBank:
@@ -58,11 +59,14 @@ class TextBank:
         self.embeddings = embeddings  # [N, Dt] or None (fine-tuned tower)
 
     @classmethod
-    def build(cls, dataset: ManifestDataset, tower: TextTower | None, cache: Path, encoder_spec: str,
+    def build(cls, records: Sequence[Record], tower: TextTower | None, cache: Path, encoder_spec: str,
               say: Any = print) -> TextBank:
+        """The distinct texts of `records` (in order) with their label vectors and, for a locked tower, their
+        embeddings: read from `cache` when it was written for the same texts and weights, else computed and
+        written there."""
         texts, labels = [], []
         seen: set[str] = set()
-        for record in dataset.records:
+        for record in records:
             if record.text and record.text not in seen:
                 seen.add(record.text)
                 texts.append(record.text)
@@ -239,10 +243,10 @@ def pretrain_vision(config: Stage0Config, data: str | Path, out_dir: str | Path,
     bank = None
     if uses_text:
         if is_main:
-            bank = TextBank.build(dataset, text_tower, run_dir / "text_embeddings.safetensors", c.text_encoder, say)
+            bank = TextBank.build(dataset.records, text_tower, run_dir / "text_embeddings.safetensors", c.text_encoder, say)
         accelerator.wait_for_everyone()
         if not is_main:
-            bank = TextBank.build(dataset, text_tower, run_dir / "text_embeddings.safetensors", c.text_encoder, say)
+            bank = TextBank.build(dataset.records, text_tower, run_dir / "text_embeddings.safetensors", c.text_encoder, say)
     model = Stage0Model(c, text_tower)
     optimizer = torch.optim.AdamW(parameter_groups(model, c.weight_decay), lr=c.lr, betas=tuple(c.betas))
     model, optimizer = accelerator.prepare(model, optimizer)
