@@ -8,7 +8,17 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from medunifier.cli.common import DeviceOption, ModelOption, console, csv_list, fail, fail_on
+from medunifier.cli.common import (
+    DeviceOption,
+    GuidanceOption,
+    ModelOption,
+    PriorRunOption,
+    PriorStepsOption,
+    console,
+    csv_list,
+    fail,
+    fail_on,
+)
 
 if TYPE_CHECKING:
     from medunifier.eval.ablation import StudySettings
@@ -251,7 +261,7 @@ def eval_experts(
 
 @eval_app.command("synthesis")
 def eval_synthesis(
-    ckpt: Path = typer.Option(..., help="a run folder with a trained prior (medunifier generate train-prior)"),
+    ckpt: PriorRunOption = ...,
     data: Path = typer.Option(..., help="manifest with train/val/test splits: trains the consistency classifier; "
                               "its normal test images are the edit sources"),
     eval_data: Path | None = typer.Option(None, help="reference images and prompts (default: manifest_5x200.jsonl "
@@ -259,8 +269,8 @@ def eval_synthesis(
     out: Path | None = typer.Option(None, help="output folder (default <ckpt>/eval/synthesis)"),
     prompts_per_finding: int = typer.Option(20, help="prompts (reports) per competition finding"),
     samples_per_prompt: int = typer.Option(2, help="images generated per prompt (>= 2 for diversity)"),
-    guidance: float | None = typer.Option(None, help="classifier-free guidance (default: the prior's)"),
-    steps: int | None = typer.Option(None, help="masked prior: decoding steps per level (default: the prior's)"),
+    guidance: GuidanceOption = None,
+    steps: PriorStepsOption = None,
     seed: int = typer.Option(0, help="seed of prompt choice, sampling, classifier training"),
     classifier: str = typer.Option("cnn", help="consistency classifier: cnn (pixels, independent of the model) or "
                                    "probe (linear probe on the model's query features)"),
@@ -286,15 +296,15 @@ def eval_synthesis(
 
 @eval_app.command("edit")
 def eval_edit(
-    ckpt: Path = typer.Option(..., help="a run folder with a trained prior (medunifier generate train-prior)"),
+    ckpt: PriorRunOption = ...,
     data: Path = typer.Option(..., help="manifest with edit records (medunifier data synth --pairs N); its train "
                               "images train the finding classifier"),
     out: Path | None = typer.Option(None, help="output folder (default <ckpt>/eval/edit)"),
     split: str = typer.Option("test", help="split of the edit records to evaluate"),
     strength: float = typer.Option(0.6, help="share of the codes re-sampled (inside the region)"),
     region: str = typer.Option("mask", help="mask: edit inside each pair's edit_region; none: anywhere"),
-    guidance: float | None = typer.Option(None, help="classifier-free guidance (default: the prior's)"),
-    steps: int | None = typer.Option(None, help="masked prior: decoding steps per level (default: the prior's)"),
+    guidance: GuidanceOption = None,
+    steps: PriorStepsOption = None,
     seed: int = typer.Option(0, help="seed of the edits and of classifier training"),
     max_pairs: int = typer.Option(200, help="evaluate at most this many pairs"),
     device: DeviceOption = None,
