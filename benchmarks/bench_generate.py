@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from medunifier.generate.priors import HierarchicalPrior, PriorConfig
+from medunifier.generate.priors import HierarchicalPrior, PriorConfig, SampleOptions
 
 
 def sync(device: torch.device) -> None:
@@ -34,13 +34,12 @@ def time_per_image(model: HierarchicalPrior, batch: int, args: argparse.Namespac
     text = torch.randn(batch, args.text_len, args.text_width, device=device)
     mask = torch.ones(batch, args.text_len, dtype=torch.bool, device=device)
     generator = torch.Generator(device=device).manual_seed(0)
+    options = SampleOptions(guidance=args.guidance, steps=args.steps, use_cache=use_cache)
     times = []
     for _ in range(args.repeats):
         sync(device)
         start = time.perf_counter()
-        top, bottom = model.sample_codes(
-            text, mask, guidance=args.guidance, steps=args.steps, generator=generator, use_cache=use_cache
-        )
+        top, bottom = model.sample_codes(text, mask, options=options, generator=generator)
         sync(device)
         times.append(time.perf_counter() - start)
         assert top.shape == (batch, args.top, args.top) and bottom.shape == (batch, args.bottom, args.bottom)

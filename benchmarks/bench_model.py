@@ -33,7 +33,7 @@ import transformers
 from torch import nn
 
 from medunifier.config import EncoderConfig, load_config
-from medunifier.model.decoding import generate
+from medunifier.model.decoding import DecodeOptions, generate
 from medunifier.model.encoder import ImageTextEncoder
 from medunifier.model.medunifier import MedUnifier
 
@@ -195,13 +195,13 @@ def bench_decode(size: str, args: argparse.Namespace) -> dict:
     enc = ImageTextEncoder(enc_cfg, vocab_size=VOCAB, vision_width=vision_width).to(device).eval()
     image = torch.randn(args.decode_batch, vision_tokens, vision_width, device=device)
     n = args.decode_tokens
-    kw = dict(bos_id=VOCAB - 2, eos_id=102, pad_id=0, max_length=n, min_length=n)
+    kw = dict(bos_id=VOCAB - 2, eos_id=102, pad_id=0)
     result = {"size": size, "batch": args.decode_batch, "tokens": n}
     outputs = {}
     for use_cache in (True, False):
         sync(device)
         start = time.perf_counter()
-        tokens, _ = generate(enc, image, use_cache=use_cache, **kw)
+        tokens, _ = generate(enc, image, options=DecodeOptions(max_length=n, min_length=n, use_cache=use_cache), **kw)
         sync(device)
         result["cached_s" if use_cache else "full_s"] = time.perf_counter() - start
         outputs[use_cache] = tokens

@@ -1,4 +1,4 @@
-"""Small helpers every layer may use: PSNR, process rank and world size, JSON encoding, HTML tables.
+"""Small helpers every layer may use: PSNR, process rank and world size, JSON encoding, HTML tables, option checks.
 
 This module sits at the bottom of the package with `config`: it imports nothing from medunifier.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import html
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, overload
 
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["PSNR_CAP_DB", "ChannelStat", "denormalise", "html_table", "jsonable", "launch_rank_world", "normalise",
-           "process_group_rank_world", "psnr_db", "psnr_normalised"]
+__all__ = ["PSNR_CAP_DB", "ChannelStat", "check_fields", "denormalise", "html_table", "jsonable", "launch_rank_world",
+           "normalise", "process_group_rank_world", "psnr_db", "psnr_normalised"]
 
 ChannelStat = float | Sequence[float]  # an image normalisation value: one for every channel, or one per channel
 
@@ -124,3 +124,16 @@ def html_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]],
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(cell(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<h3>{html.escape(title)}</h3><table><tr>{head}</tr>{body}</table>"
+
+
+def check_fields(owner: object, rules: Iterable[tuple[str, bool, str]]) -> None:
+    """Raise one ValueError naming every rule an options object breaks ("Owner.field must be ..., got ...").
+
+    Args:
+        owner: the options object: its class names the message, its attributes give the values.
+        rules: (field name, whether its rule holds, what the field must be).
+    """
+    broken = [f"{type(owner).__name__}.{name} must be {rule}, got {getattr(owner, name)!r}"
+              for name, ok, rule in rules if not ok]
+    if broken:
+        raise ValueError("; ".join(broken))

@@ -11,7 +11,7 @@ from eval_fakes import CLASSES, REPORTS, FakeModel, make_band_manifest
 from rich.console import Console
 
 from medunifier.config import load_config
-from medunifier.eval.ablation import ablation_config, parse_objectives, run_ablation
+from medunifier.eval.ablation import StudySettings, ablation_config, parse_objectives, run_ablation
 from medunifier.eval.common import assign_class, infer_classes, load_split
 from medunifier.eval.finetune import run_finetune, stratified_subset
 from medunifier.eval.report import run_report
@@ -213,9 +213,10 @@ def test_ablation_trains_each_set_and_seed(split_manifest: Path, prompt_file: Pa
         Path(out).mkdir(parents=True, exist_ok=True)
 
     console = Console(record=True, width=200)
-    res = run_ablation("tiny", split_manifest, tmp_path / "abl", objectives=["itc", "itc+itm+tig"], seeds=2,
-                       steps=5, prompts=prompt_file, fractions=(1.0,), train_fn=fake_train,
-                       load_fn=lambda run_dir: FakeModel().eval(), console=console)
+    study = StudySettings(seeds=2, steps=5, prompts=prompt_file, train_fn=fake_train,
+                          load_fn=lambda run_dir: FakeModel().eval())
+    res = run_ablation("tiny", split_manifest, tmp_path / "abl", objectives=["itc", "itc+itm+tig"], fractions=(1.0,),
+                       study=study, console=console)
     assert [(c[0], c[1], c[2]) for c in calls] == [
         (["itc"], 0, 5), (["itc"], 1, 5), (["itc", "itm", "tig"], 0, 5), (["itc", "itm", "tig"], 1, 5)]
     assert calls[0][3] == tmp_path / "abl" / "itc" / "seed0"
@@ -246,13 +247,13 @@ def test_reference_round_trip_gives_references_the_decoders_spacing() -> None:
 
 def test_ablation_never_evaluates_on_its_training_data(prompt_file: Path, tmp_path: Path) -> None:
     train_only = make_band_manifest(tmp_path / "t", per_class=0, splits={"train": 2})
+    study = StudySettings(seeds=1, steps=1, prompts=prompt_file, train_fn=lambda *a, **k: None,
+                          load_fn=lambda run_dir: FakeModel())
     with pytest.raises(ValueError, match="no test split"):
-        run_ablation("tiny", train_only, tmp_path / "a", objectives=["itc"], seeds=1, steps=1, prompts=prompt_file,
-                     train_fn=lambda *a, **k: None, load_fn=lambda run_dir: FakeModel(), console=QUIET)
+        run_ablation("tiny", train_only, tmp_path / "a", objectives=["itc"], study=study, console=QUIET)
     # train + test but no val: retrieval and zero-shot run, the linear probe is left out with a note
     no_val = make_band_manifest(tmp_path / "n", per_class=0, splits={"train": 2, "test": 2})
-    res = run_ablation("tiny", no_val, tmp_path / "b", objectives=["itc"], seeds=1, steps=1, prompts=prompt_file,
-                       train_fn=lambda *a, **k: None, load_fn=lambda run_dir: FakeModel(), console=QUIET)
+    res = run_ablation("tiny", no_val, tmp_path / "b", objectives=["itc"], study=study, console=QUIET)
     assert "lp_100%_accuracy" not in res["summary"]["itc"] and "linear probe left out" in res["notes"][0]
     assert res["summary"]["itc"]["zs_acc"]["mean"] == 1.0
 

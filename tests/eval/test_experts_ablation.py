@@ -22,6 +22,7 @@ from medunifier.cli import app
 from medunifier.config import LossWeights, load_config
 from medunifier.data.images import save_png
 from medunifier.data.manifest import write_manifest
+from medunifier.eval.ablation import StudySettings
 from medunifier.eval.experts import (
     experts_config,
     paired_differences,
@@ -136,9 +137,9 @@ def test_runner_trains_each_variant_with_the_same_seeds_and_budget(split_manifes
 
     console = Console(record=True, width=250)
     out = tmp_path / "exp"
-    res = run_experts_ablation("tiny", split_manifest, out=out, seeds=[4, 7], steps=3, prompts=prompt_file,
-                               prior_steps=2, n_generated=10, overrides=SMALL, train_fn=fake_train,
-                               load_fn=lambda run_dir: ReportingFake((run_dir / "experts.txt").read_text()),
+    study = StudySettings(seeds=[4, 7], steps=3, prompts=prompt_file, overrides=SMALL, train_fn=fake_train,
+                          load_fn=lambda run_dir: ReportingFake((run_dir / "experts.txt").read_text()))
+    res = run_experts_ablation("tiny", split_manifest, out=out, prior_steps=2, n_generated=10, study=study,
                                generation_fn=fake_generation, console=console)
     # same steps and seeds for both variants, in variant-major order
     assert [(t["config"]["encoder"]["experts"], t["config"]["train"]["seed"], t["max_steps"]) for t in trained] == [
@@ -175,14 +176,17 @@ def test_runner_trains_each_variant_with_the_same_seeds_and_budget(split_manifes
 
 
 def test_runner_rejects_bad_settings(split_manifest: Path, prompt_file: Path, tmp_path: Path) -> None:
-    kw = dict(out=tmp_path / "x", prompts=prompt_file, overrides=SMALL, train_fn=lambda *a, **k: None,
-              load_fn=lambda run_dir: FakeModel(), console=QUIET)
+    settings = dict(prompts=prompt_file, overrides=SMALL, train_fn=lambda *a, **k: None,
+                    load_fn=lambda run_dir: FakeModel())
+    kw = dict(out=tmp_path / "x", study=StudySettings(**settings), console=QUIET)
     with pytest.raises(ValueError, match="variants"):
         run_experts_ablation("tiny", split_manifest, variants=["shared", "shared"], **kw)
     with pytest.raises(ValueError, match="variants"):
         run_experts_ablation("tiny", split_manifest, variants=["moe"], **kw)
-    with pytest.raises(ValueError, match="steps"):
-        run_experts_ablation("tiny", split_manifest, steps=0, **kw)
+    with pytest.raises(ValueError, match=r"StudySettings\.steps must be >= 1"):
+        StudySettings(steps=0, **settings)
+    with pytest.raises(ValueError, match="prior_steps"):
+        run_experts_ablation("tiny", split_manifest, prior_steps=0, **kw)
     with pytest.raises(ValueError, match="objective set"):
         run_experts_ablation("tiny", split_manifest, vqa_data=split_manifest, vqa_objectives=["vqa"], **kw)
 
@@ -263,9 +267,10 @@ def test_vqa_run_per_variant_and_seed_with_itg_and_tig(band_manifest: Path, band
 
     console = Console(record=True, width=250)
     out = tmp_path / "exp"
-    res = run_experts_ablation("tiny", band_manifest, out=out, seeds=1, steps=2, prompts=prompt_file,
-                               vqa_data=band_vqa_manifest, synthesis=False, device="cpu", train_fn=save_untrained,
-                               overrides=[*SMALL, f"text.tokenizer={tokenizer_dir}"], console=console)
+    study = StudySettings(seeds=1, steps=2, prompts=prompt_file, device="cpu", train_fn=save_untrained,
+                          overrides=[*SMALL, f"text.tokenizer={tokenizer_dir}"])
+    res = run_experts_ablation("tiny", band_manifest, out=out, vqa_data=band_vqa_manifest, synthesis=False,
+                               study=study, console=console)
     assert trained == [
         ("shared", ["itc", "itm", "itg", "tig"], band_manifest, "seed0"),
         ("shared", ["itg", "tig"], band_vqa_manifest, "seed0_vqa"),

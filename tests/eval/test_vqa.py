@@ -228,11 +228,11 @@ def test_generate_report_with_questions_continues_the_training_layout(model, pix
                                  prefix_mask=one_mask) == decoded[1:]
     assert mask[:, -1].all() and not mask[1, 0]  # left-padded: the shorter question starts later
     assert ids[0, 0] == model.special["dec"] and ids[0, -1] == model.special["sep"]
-    from medunifier.model.decoding import generate
+    from medunifier.model.decoding import DecodeOptions, generate
 
     with pytest.raises(ValueError, match="left-padded"):
         generate(model.encoder, model.image_features(pixels), bos_id=model.special["dec"],
-                 eos_id=model.special["sep"], pad_id=model.special["pad"], max_length=3,
+                 eos_id=model.special["sep"], pad_id=model.special["pad"], options=DecodeOptions(max_length=3),
                  prefix_ids=ids.flip(1), prefix_mask=mask.flip(1), continue_prefix=True)
 
 

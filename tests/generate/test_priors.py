@@ -13,6 +13,7 @@ from medunifier.generate.priors import (
     HierarchicalPrior,
     MaskedCodePrior,
     PriorConfig,
+    SampleOptions,
     cosine_schedule,
     masked_count_schedule,
 )
@@ -98,7 +99,7 @@ def test_masked_sampling_follows_schedule_and_fixed_tokens_never_change(confiden
     steps = 7
     trace: list[torch.Tensor] = []
     codes = prior.sample(
-        states, mask, steps=steps, generator=gen(), confidence_noise=confidence_noise,
+        states, mask, options=SampleOptions(steps=steps, confidence_noise=confidence_noise), generator=gen(),
         on_step=lambda s, t: trace.append(t.clone()),
     )  # fmt: skip
     assert codes.shape == (3, BOTTOM, BOTTOM) and codes.dtype == torch.long
@@ -121,7 +122,8 @@ def test_masked_sampling_unmasks_most_confident_first():
     prior = MaskedCodePrior(small_config("masked"), TOP).eval()
     states, mask = random_text(2)
     trace: list[torch.Tensor] = []
-    prior.sample(states, mask, steps=4, temperature=0.0, on_step=lambda s, t: trace.append(t.clone()))
+    prior.sample(states, mask, options=SampleOptions(steps=4, temperature=0.0),
+                 on_step=lambda s, t: trace.append(t.clone()))
     first = trace[0]
     tokens = torch.full_like(first, prior.mask_id)
     text_kv = prior.net.text_kv(states)
@@ -142,7 +144,7 @@ def test_masked_editing_keeps_codes_outside_edit_mask():
     edit[1, :, :3] = True
     trace: list[torch.Tensor] = []
     out = prior.sample(
-        states, mask, init_codes=init, edit_mask=edit, steps=5, generator=gen(),
+        states, mask, options=SampleOptions(steps=5), init_codes=init, edit_mask=edit, generator=gen(),
         on_step=lambda s, t: trace.append(t.clone()),
     )  # fmt: skip
     assert torch.equal(out[~edit], init[~edit])
@@ -161,11 +163,12 @@ def test_kv_cache_gives_identical_samples(guidance):
     prior = AutoregressiveCodePrior(small_config("autoregressive"), BOTTOM, context_side=TOP).eval()
     states, mask = random_text(2)
     top = torch.randint(0, V, (2, TOP, TOP), generator=gen(2))
-    kwargs = dict(guidance=guidance, temperature=1.0, top_k=12, context_codes=top)
-    cached = prior.sample(states, mask, generator=gen(5), use_cache=True, **kwargs)
-    uncached = prior.sample(states, mask, generator=gen(5), use_cache=False, **kwargs)
+    options = SampleOptions(guidance=guidance, temperature=1.0, top_k=12)
+    uncached_options = SampleOptions(guidance=guidance, temperature=1.0, top_k=12, use_cache=False)
+    cached = prior.sample(states, mask, options=options, generator=gen(5), context_codes=top)
+    uncached = prior.sample(states, mask, options=uncached_options, generator=gen(5), context_codes=top)
     assert torch.equal(cached, uncached)
-    other_seed = prior.sample(states, mask, generator=gen(6), use_cache=True, **kwargs)
+    other_seed = prior.sample(states, mask, options=options, generator=gen(6), context_codes=top)
     assert not torch.equal(cached, other_seed)
 
 
@@ -221,11 +224,11 @@ def test_ar_editing_keeps_codes_outside_edit_mask():
 def test_guidance_zero_equals_unconditional_sampling(kind):
     model = scramble(HierarchicalPrior(small_config(kind))).eval()
     states, mask = random_text(3)
-    guided0 = model.sample_codes(states, mask, guidance=0.0, generator=gen(4))
+    guided0 = model.sample_codes(states, mask, options=SampleOptions(guidance=0.0), generator=gen(4))
     uncond = model.sample_codes(None, num_samples=3, generator=gen(4))
     assert torch.equal(guided0[0], uncond[0]) and torch.equal(guided0[1], uncond[1])
     # The text does reach the samples when guidance is on.
-    cond = model.sample_codes(states, mask, guidance=1.0, generator=gen(4))
+    cond = model.sample_codes(states, mask, options=SampleOptions(guidance=1.0), generator=gen(4))
     assert not (torch.equal(cond[0], uncond[0]) and torch.equal(cond[1], uncond[1]))
 
 
@@ -349,8 +352,8 @@ def test_prior_fits_text_conditioned_patterns(kind):
     model.eval()
     n = 4
     queries = torch.cat([text_a.expand(n, -1, -1), text_b.expand(n, -1, -1)])
-    s_top, s_bottom = model.sample_codes(queries, torch.ones(2 * n, 4, dtype=torch.bool), guidance=2.0,
-                                         generator=gen(0))  # fmt: skip
+    s_top, s_bottom = model.sample_codes(queries, torch.ones(2 * n, 4, dtype=torch.bool),
+                                         options=SampleOptions(guidance=2.0), generator=gen(0))  # fmt: skip
     target_top = torch.cat([top_a.expand(n, -1, -1), top_b.expand(n, -1, -1)])
     target_bottom = (target_top.repeat_interleave(2, 1).repeat_interleave(2, 2) + 3) % V
     top_accuracy = (s_top == target_top).float().mean().item()
@@ -358,3 +361,28 @@ def test_prior_fits_text_conditioned_patterns(kind):
     chance = 1.0 / V
     assert top_accuracy > 0.8 > 10 * chance, f"top accuracy {top_accuracy:.2f}"
     assert bottom_accuracy > 0.8, f"bottom accuracy {bottom_accuracy:.2f}"
+
+
+# ---------------------------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(guidance=-1.0), dict(temperature=-0.5), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5),
+            dict(steps=0), dict(confidence_noise=-1.0)],
+)  # fmt: skip
+def test_sample_options_refuse_out_of_range_values(bad):
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=f"SampleOptions.{name} must be"):
+        SampleOptions(**bad)
+
+
+def test_ar_prior_refuses_confidence_noise_and_reports_each_position():
+    prior = AutoregressiveCodePrior(small_config("autoregressive"), TOP).eval()
+    states, mask = random_text(2)
+    with pytest.raises(ValueError, match="confidence_noise"):
+        prior.sample(states, mask, options=SampleOptions(confidence_noise=1.0))
+    trace: list[torch.Tensor] = []
+    codes = prior.sample(states, mask, generator=gen(), on_step=lambda s, t: trace.append(t))
+    assert len(trace) == TOP * TOP
+    assert [int((t == V).sum()) for t in trace] == [2 * (TOP * TOP - 1 - i) for i in range(TOP * TOP)]
+    assert torch.equal(trace[-1].view_as(codes), codes)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medunifier.config import EncoderConfig
-from medunifier.model.decoding import beam_search, generate, greedy_decode, process_logits
+from medunifier.model.decoding import DecodeOptions, generate, process_logits
 from medunifier.model.encoder import ImageTextEncoder
 
 PAD, BOS, EOS = 0, 1, 2
@@ -68,9 +68,10 @@ def sequence_logprob(enc, image, tokens: list[int], prefix: torch.Tensor | None 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_kv_cache_is_token_identical_to_recomputation(encoder, images, num_beams):
-    kw = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=20, num_beams=num_beams)
-    cached, s1 = generate(encoder, images, use_cache=True, **kw)
-    full, s2 = generate(encoder, images, use_cache=False, **kw)
+    cached, s1 = generate(encoder, images, BOS, EOS, PAD, DecodeOptions(max_length=20, num_beams=num_beams))
+    full, s2 = generate(
+        encoder, images, BOS, EOS, PAD, DecodeOptions(max_length=20, num_beams=num_beams, use_cache=False)
+    )
     assert cached.shape[1] >= 5  # long enough for the cache to matter
     assert torch.equal(cached, full)
     assert torch.allclose(s1, s2, atol=1e-9)
@@ -78,20 +79,20 @@ def test_kv_cache_is_token_identical_to_recomputation(encoder, images, num_beams
 
 def test_kv_cache_with_question_prefix(encoder, images):
     prefix = torch.tensor([[5, 6, 7, 8], [9, 10, PAD, PAD], [11, 12, 13, PAD]])
-    kw = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=12, prefix_ids=prefix)
-    cached, _ = generate(encoder, images, use_cache=True, **kw)
-    full, _ = generate(encoder, images, use_cache=False, **kw)
+    kw = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD, prefix_ids=prefix)
+    cached, _ = generate(encoder, images, options=DecodeOptions(max_length=12), **kw)
+    full, _ = generate(encoder, images, options=DecodeOptions(max_length=12, use_cache=False), **kw)
     assert torch.equal(cached, full)
     # a padded question decodes exactly like the same question alone
     alone, _ = generate(
-        encoder, images[1:2], prefix_ids=prefix[1:2, :2], bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=12
+        encoder, images[1:2], BOS, EOS, PAD, DecodeOptions(max_length=12), prefix_ids=prefix[1:2, :2]
     )
     n = alone.shape[1]
     assert torch.equal(alone[0], cached[1, :n])
 
 
 def test_greedy_scores_are_teacher_forced_logprobs(encoder, images):
-    tokens, scores = greedy_decode(encoder, images, BOS, EOS, PAD, max_length=8, length_penalty=0.0)
+    tokens, scores = generate(encoder, images, BOS, EOS, PAD, DecodeOptions(max_length=8, length_penalty=0.0))
     for b in range(images.shape[0]):
         seq = [t for t in tokens[b].tolist() if t != PAD]
         assert BOS not in seq
@@ -118,18 +119,16 @@ def test_wide_beam_search_finds_the_exhaustive_optimum(length_penalty):
         if score > best_score:
             best_score, best_seq = score, seq
     # 27 beams cover every prefix of length <= 3: beam search is then exhaustive and must find the optimum
-    tokens, score = beam_search(
-        enc, image, BOS, EOS, PAD, num_beams=27, max_length=max_len, length_penalty=length_penalty
+    tokens, score = generate(
+        enc, image, BOS, EOS, PAD, DecodeOptions(num_beams=27, max_length=max_len, length_penalty=length_penalty)
     )
     assert [t for t in tokens[0].tolist() if t != PAD] == best_seq
     assert score.item() == pytest.approx(best_score, abs=1e-6)
 
 
 def test_beam_score_is_its_logprob_and_beats_greedy(encoder, images):
-    tokens, scores = beam_search(
-        encoder, images, BOS, EOS, PAD, num_beams=4, max_length=10, length_penalty=1.0
-    )
-    _, greedy_scores = greedy_decode(encoder, images, BOS, EOS, PAD, max_length=10, length_penalty=1.0)
+    tokens, scores = generate(encoder, images, BOS, EOS, PAD, DecodeOptions(num_beams=4, max_length=10))
+    _, greedy_scores = generate(encoder, images, BOS, EOS, PAD, DecodeOptions(max_length=10))
     for b in range(images.shape[0]):
         seq = [t for t in tokens[b].tolist() if t != PAD]
         expected = sequence_logprob(encoder, images[b : b + 1], seq) / len(seq)
@@ -156,9 +155,9 @@ def bigrams(seq: list[int]) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_no_repeat_ngram_never_repeats_a_bigram(images, num_beams):
     enc = repetitive_encoder()
-    kw = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=15, num_beams=num_beams, min_length=15)
-    free, _ = generate(enc, images, **kw)
-    constrained, _ = generate(enc, images, no_repeat_ngram_size=2, **kw)
+    kw = dict(max_length=15, num_beams=num_beams, min_length=15)
+    free, _ = generate(enc, images, BOS, EOS, PAD, DecodeOptions(**kw))
+    constrained, _ = generate(enc, images, BOS, EOS, PAD, DecodeOptions(no_repeat_ngram_size=2, **kw))
     free_seq = free[0].tolist()
     assert len(set(bigrams(free_seq))) < len(bigrams(free_seq))  # the model does repeat
     for row in constrained.tolist():
@@ -169,9 +168,10 @@ def test_no_repeat_ngram_never_repeats_a_bigram(images, num_beams):
 
 def test_repetition_penalty_and_min_length(images):
     enc = repetitive_encoder()
-    kw = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=10, min_length=10)
-    free, _ = generate(enc, images, **kw)
-    penalised, _ = generate(enc, images, repetition_penalty=100.0, **kw)
+    free, _ = generate(enc, images, BOS, EOS, PAD, DecodeOptions(max_length=10, min_length=10))
+    penalised, _ = generate(
+        enc, images, BOS, EOS, PAD, DecodeOptions(max_length=10, min_length=10, repetition_penalty=100.0)
+    )
     assert free[0].tolist().count(5) > penalised[0].tolist().count(5)
     assert len(set(penalised[0].tolist())) > len(set(free[0].tolist()))
     # min_length bans eos early; max_length bounds the output
@@ -194,21 +194,32 @@ def test_process_logits_bans_exact_ngrams():
 
 
 def test_sampling_is_seeded_and_nucleus_restricts(encoder, images):
-    kw = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=12, top_p=0.9, temperature=1.0)
-    a, _ = generate(encoder, images, generator=torch.Generator().manual_seed(0), **kw)
-    b, _ = generate(encoder, images, generator=torch.Generator().manual_seed(0), **kw)
-    c, _ = generate(encoder, images, generator=torch.Generator().manual_seed(1), use_cache=False, **kw)
-    d, _ = generate(encoder, images, generator=torch.Generator().manual_seed(1), **kw)
+    nucleus = DecodeOptions(max_length=12, top_p=0.9, temperature=1.0)
+    uncached = DecodeOptions(max_length=12, top_p=0.9, temperature=1.0, use_cache=False)
+    a, _ = generate(encoder, images, BOS, EOS, PAD, nucleus, generator=torch.Generator().manual_seed(0))
+    b, _ = generate(encoder, images, BOS, EOS, PAD, nucleus, generator=torch.Generator().manual_seed(0))
+    c, _ = generate(encoder, images, BOS, EOS, PAD, uncached, generator=torch.Generator().manual_seed(1))
+    d, _ = generate(encoder, images, BOS, EOS, PAD, nucleus, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and torch.equal(c, d)
-    greedy, _ = generate(encoder, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=12)
-    tiny_p, _ = generate(encoder, images, generator=torch.Generator().manual_seed(2), **{**kw, "top_p": 1e-6})
+    greedy, _ = generate(encoder, images, BOS, EOS, PAD, DecodeOptions(max_length=12))
+    tiny_p, _ = generate(encoder, images, BOS, EOS, PAD, DecodeOptions(max_length=12, top_p=1e-6),
+                         generator=torch.Generator().manual_seed(2))  # fmt: skip
     assert torch.equal(tiny_p, greedy)  # a nucleus of one token is greedy decoding
     with pytest.raises(ValueError, match="num_beams=1"):
-        generate(encoder, images, num_beams=3, **kw)
+        DecodeOptions(max_length=12, top_p=0.9, num_beams=3)
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(max_length=0), dict(min_length=-1), dict(num_beams=0), dict(temperature=0.0), dict(top_p=1.5),
+            dict(top_k=-1), dict(repetition_penalty=0.0), dict(no_repeat_ngram_size=-2)],
+)  # fmt: skip
+def test_decode_options_refuse_out_of_range_values(bad):
+    with pytest.raises(ValueError, match=f"DecodeOptions.{next(iter(bad))} must be"):
+        DecodeOptions(**bad)
 
 
 def test_generate_restores_training_mode(encoder, images):
     enc = make_encoder(vocab=20)
     enc.train()
-    generate(enc, images, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=3)
+    generate(enc, images, BOS, EOS, PAD, DecodeOptions(max_length=3))
     assert enc.training

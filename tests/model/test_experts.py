@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from medunifier.config import EncoderConfig, LossWeights, load_config
-from medunifier.model.decoding import generate
+from medunifier.model.decoding import DecodeOptions, generate
 from medunifier.model.encoder import ImageTextEncoder
 from medunifier.model.medunifier import MedUnifier
 from shrunk_config import SMALL_MODEL
@@ -336,12 +336,13 @@ def test_kv_cache_decoding_applies_the_modality_to_new_tokens(inputs) -> None:
     other = enc(input_ids=ids, image_embeds=image, mode="causal", modality_ids=torch.tensor([2, 1])).text_states
     assert float((other - full).abs().max()) > CHANGED
     # beam search (expand + reorder of the per-sample ids) with the cache = without it
-    kw = dict(bos_id=1, eos_id=2, pad_id=0, max_length=6, num_beams=2, modality_ids=modality)
-    cached, _ = generate(enc, image, use_cache=True, **kw)
-    recomputed, _ = generate(enc, image, use_cache=False, **kw)
+    beams = DecodeOptions(max_length=6, num_beams=2)
+    cached, _ = generate(enc, image, 1, 2, 0, beams, modality_ids=modality)
+    recomputed, _ = generate(enc, image, 1, 2, 0, DecodeOptions(max_length=6, num_beams=2, use_cache=False),
+                             modality_ids=modality)  # fmt: skip
     assert torch.equal(cached, recomputed)
-    _, scores = generate(enc, image, **kw)
-    _, scores_swapped = generate(enc, image, **{**kw, "modality_ids": modality.flip(0)})
+    _, scores = generate(enc, image, 1, 2, 0, beams, modality_ids=modality)
+    _, scores_swapped = generate(enc, image, 1, 2, 0, beams, modality_ids=modality.flip(0))
     assert float((scores - scores_swapped).abs().max()) > CHANGED  # the decode does see the modality
     with pytest.raises(ValueError, match="modality_ids"):
         enc(input_ids=ids, mode="text", modality_ids=torch.tensor([0, 3]))

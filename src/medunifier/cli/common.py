@@ -10,13 +10,20 @@ from typing import Annotated, NoReturn
 import typer
 from rich.console import Console
 
-__all__ = ["DeviceOption", "ModelOption", "console", "csv_list", "fail", "fail_on"]
+__all__ = ["DeviceOption", "GuidanceOption", "I2IRunOption", "ModelOption", "PriorRunOption", "PriorStepsOption", "console",
+           "csv_list", "fail", "fail_on"]
 
 console = Console()
 
 # The options many commands take, with one help text: `device: DeviceOption = None`, `ckpt: ModelOption`.
 DeviceOption = Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when available)")]
 ModelOption = Annotated[Path, typer.Option(help="a run folder or a saved model folder")]
+PriorRunOption = Annotated[Path, typer.Option(help="a run folder with a trained prior (medunifier generate train-prior)")]
+I2IRunOption = Annotated[Path, typer.Option(help="a run with an image-to-image head")]
+GuidanceOption = Annotated[float | None, typer.Option(help="classifier-free guidance scale (default: the prior's; "
+                                                      "0: unconditional)")]
+PriorStepsOption = Annotated[int | None, typer.Option(help="masked prior: decoding steps per level (default: the "
+                                                      "prior's)")]
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

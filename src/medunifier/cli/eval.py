@@ -4,10 +4,24 @@ synthesis, editing, image-to-image) and the training ablations."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from medunifier.cli.common import DeviceOption, ModelOption, console, csv_list, fail, fail_on
+from medunifier.cli.common import (
+    DeviceOption,
+    GuidanceOption,
+    ModelOption,
+    PriorRunOption,
+    PriorStepsOption,
+    console,
+    csv_list,
+    fail,
+    fail_on,
+)
+
+if TYPE_CHECKING:
+    from medunifier.eval.ablation import StudySettings
 
 __all__ = ["eval_app"]
 
@@ -165,38 +179,58 @@ def eval_vqa(
                 limit=limit, max_length=max_length, num_beams=num_beams, batch_size=batch_size, console=console)
 
 
+# The options of the training studies (ablation, experts), declared once: `resume: ResumeOption = False`.
+PresetOption = Annotated[str, typer.Option(help="preset name or YAML file")]
+SeedsOption = Annotated[int, typer.Option(help="number of seeds (0..n-1), the same for every run")]
+RunStepsOption = Annotated[int, typer.Option(help="training steps of every run")]
+ResumeOption = Annotated[bool, typer.Option(help="reuse finished runs and resume interrupted ones in --out")]
+EvalBatchOption = Annotated[int, typer.Option(help="evaluation batch size")]
+EvalDeviceOption = Annotated[str | None, typer.Option(help="evaluation device (default: cuda when available)")]
+OverridesArgument = Annotated[list[str] | None, typer.Argument(help="config overrides such as train.batch_size=16")]
+
+
+def _study(seeds: int, steps: int, eval_data: Path | None, prompts: str, overrides: list[str] | None, resume: bool,
+           batch_size: int, device: str | None) -> StudySettings:
+    """The studies' shared settings from their options (bad values exit with the error)."""
+    from medunifier.eval.ablation import StudySettings
+
+    with fail_on(ValueError):
+        return StudySettings(seeds=seeds, steps=steps, eval_data=eval_data, prompts=prompts,
+                             overrides=overrides or None, resume=resume, batch_size=batch_size, device=device)
+
+
 @eval_app.command("ablation")
 def eval_ablation(
-    config: str = typer.Option("tiny", help="preset name or YAML file"),
+    config: PresetOption = "tiny",
     data: Path = typer.Option(..., help="training manifest with train/val/test splits"),
     objectives: str = typer.Option("itc,itc+itm,itc+itm+itg,itc+itm+tig,all", help="comma-separated objective sets"),
-    seeds: int = typer.Option(3, help="number of seeds (0..n-1)"),
-    steps: int = typer.Option(..., help="training steps of every run"),
+    seeds: SeedsOption = 3,
+    steps: RunStepsOption = ...,
     eval_data: Path | None = typer.Option(None, help="retrieval / zero-shot manifest (default: the test split of --data)"),
     prompts: str = typer.Option("chexpert5", help="prompt set for zero-shot (its classes are used everywhere)"),
     fractions: str = typer.Option("0.01,0.1,1.0", help="linear-probe label fractions"),
     out: Path = typer.Option(Path("runs/ablation"), help="output folder (one run folder per set and seed)"),
-    resume: bool = typer.Option(False, help="reuse finished runs and resume interrupted ones in --out"),
-    batch_size: int = typer.Option(64, help="evaluation batch size"),
-    device: str | None = typer.Option(None, help="evaluation device (default: cuda when available)"),
-    overrides: list[str] | None = typer.Argument(None, help="config overrides such as train.batch_size=16"),
+    resume: ResumeOption = False,
+    batch_size: EvalBatchOption = 64,
+    device: EvalDeviceOption = None,
+    overrides: OverridesArgument = None,
 ) -> None:
     """Objective ablation (Table 6): train each objective set per seed, evaluate, print mean ± std."""
     from medunifier.eval.ablation import run_ablation
 
+    study = _study(seeds, steps, eval_data, prompts, overrides, resume, batch_size, device)
     with fail_on(*_EVAL_ERRORS):
-        run_ablation(config, data, out, objectives=csv_list(objectives), seeds=seeds, steps=steps, eval_data=eval_data,
-                     prompts=prompts, fractions=[float(f) for f in csv_list(fractions)], overrides=overrides or None,
-                     resume=resume, batch_size=batch_size, device=device, console=console)
+        run_ablation(config, data, out, objectives=csv_list(objectives), fractions=[float(f) for f in csv_list(fractions)],
+                     study=study, console=console)
 
 
 @eval_app.command("experts")
 def eval_experts(
-    config: str = typer.Option("tiny", help="preset name or YAML file"),
+    config: PresetOption = "tiny",
     data: Path = typer.Option(..., help="training manifest (train/val splits; its train images also train the "
                               "consistency classifier)"),
-    seeds: int = typer.Option(3, help="number of seeds (0..n-1), the same for every variant"),
-    steps: int = typer.Option(..., help="training steps of every run"),
+    seeds: SeedsOption = 3,
+    steps: RunStepsOption = ...,
     variants: str = typer.Option("shared,task", help="comma-separated encoder.experts values"),
     eval_data: Path | None = typer.Option(None, help="retrieval / zero-shot / synthesis reference manifest "
                                            "(default: manifest_5x200.jsonl beside --data, else its test split)"),
@@ -210,26 +244,24 @@ def eval_experts(
     n_generated: int = typer.Option(100, help="images generated per run for consistency and FID"),
     fid: bool = typer.Option(True, help="Inception FID (the domain-feature FID is always computed)"),
     out: Path = typer.Option(Path("runs/experts"), help="output folder (one run folder per variant and seed)"),
-    resume: bool = typer.Option(False, help="reuse finished runs and resume interrupted ones in --out"),
-    batch_size: int = typer.Option(64, help="evaluation batch size"),
-    device: str | None = typer.Option(None, help="evaluation device (default: cuda when available)"),
-    overrides: list[str] | None = typer.Argument(None, help="config overrides such as train.batch_size=16"),
+    resume: ResumeOption = False,
+    batch_size: EvalBatchOption = 64,
+    device: EvalDeviceOption = None,
+    overrides: OverridesArgument = None,
 ) -> None:
     """Shared vs task experts: the same budget and seeds per variant; understanding, VQA and generation."""
     from medunifier.eval.experts import run_experts_ablation
 
+    study = _study(seeds, steps, eval_data, prompts, overrides, resume, batch_size, device)
     with fail_on(*_EVAL_ERRORS):
-        run_experts_ablation(config, data, out=out, variants=csv_list(variants) or [], seeds=seeds, steps=steps,
-                             eval_data=eval_data, prompts=prompts, vqa_data=vqa_data, vqa_split=vqa_split,
-                             vqa_objectives=vqa_objectives.split("+"), synthesis=synthesis,
-                             prior_steps=prior_steps, n_generated=n_generated, fid=fid,
-                             overrides=overrides or None, resume=resume, batch_size=batch_size, device=device,
-                             console=console)
+        run_experts_ablation(config, data, out=out, variants=csv_list(variants) or [], vqa_data=vqa_data,
+                             vqa_split=vqa_split, vqa_objectives=vqa_objectives.split("+"), synthesis=synthesis,
+                             prior_steps=prior_steps, n_generated=n_generated, fid=fid, study=study, console=console)
 
 
 @eval_app.command("synthesis")
 def eval_synthesis(
-    ckpt: Path = typer.Option(..., help="a run folder with a trained prior (medunifier generate train-prior)"),
+    ckpt: PriorRunOption = ...,
     data: Path = typer.Option(..., help="manifest with train/val/test splits: trains the consistency classifier; "
                               "its normal test images are the edit sources"),
     eval_data: Path | None = typer.Option(None, help="reference images and prompts (default: manifest_5x200.jsonl "
@@ -237,8 +269,8 @@ def eval_synthesis(
     out: Path | None = typer.Option(None, help="output folder (default <ckpt>/eval/synthesis)"),
     prompts_per_finding: int = typer.Option(20, help="prompts (reports) per competition finding"),
     samples_per_prompt: int = typer.Option(2, help="images generated per prompt (>= 2 for diversity)"),
-    guidance: float | None = typer.Option(None, help="classifier-free guidance (default: the prior's)"),
-    steps: int | None = typer.Option(None, help="masked prior: decoding steps per level (default: the prior's)"),
+    guidance: GuidanceOption = None,
+    steps: PriorStepsOption = None,
     seed: int = typer.Option(0, help="seed of prompt choice, sampling, classifier training"),
     classifier: str = typer.Option("cnn", help="consistency classifier: cnn (pixels, independent of the model) or "
                                    "probe (linear probe on the model's query features)"),
@@ -264,15 +296,15 @@ def eval_synthesis(
 
 @eval_app.command("edit")
 def eval_edit(
-    ckpt: Path = typer.Option(..., help="a run folder with a trained prior (medunifier generate train-prior)"),
+    ckpt: PriorRunOption = ...,
     data: Path = typer.Option(..., help="manifest with edit records (medunifier data synth --pairs N); its train "
                               "images train the finding classifier"),
     out: Path | None = typer.Option(None, help="output folder (default <ckpt>/eval/edit)"),
     split: str = typer.Option("test", help="split of the edit records to evaluate"),
     strength: float = typer.Option(0.6, help="share of the codes re-sampled (inside the region)"),
     region: str = typer.Option("mask", help="mask: edit inside each pair's edit_region; none: anywhere"),
-    guidance: float | None = typer.Option(None, help="classifier-free guidance (default: the prior's)"),
-    steps: int | None = typer.Option(None, help="masked prior: decoding steps per level (default: the prior's)"),
+    guidance: GuidanceOption = None,
+    steps: PriorStepsOption = None,
     seed: int = typer.Option(0, help="seed of the edits and of classifier training"),
     max_pairs: int = typer.Option(200, help="evaluate at most this many pairs"),
     device: DeviceOption = None,

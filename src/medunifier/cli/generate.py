@@ -8,7 +8,17 @@ from pathlib import Path
 
 import typer
 
-from medunifier.cli.common import DeviceOption, console, fail, fail_on
+from medunifier.cli.common import (
+    DeviceOption,
+    GuidanceOption,
+    I2IRunOption,
+    ModelOption,
+    PriorRunOption,
+    PriorStepsOption,
+    console,
+    fail,
+    fail_on,
+)
 
 __all__ = ["generate_app"]
 
@@ -51,10 +61,10 @@ def generate_train_prior(
 @generate_app.command("image")
 def generate_image(
     text: str = typer.Argument(..., help="the report to draw, e.g. 'Moderate right pleural effusion.'"),
-    ckpt: Path = typer.Option(..., help="a run folder with a trained prior"),
+    ckpt: PriorRunOption = ...,
     n: int = typer.Option(8, help="number of images"),
-    guidance: float | None = typer.Option(None, help="classifier-free guidance scale (0: unconditional)"),
-    steps: int | None = typer.Option(None, help="masked prior: decoding steps per level"),
+    guidance: GuidanceOption = None,
+    steps: PriorStepsOption = None,
     seed: int = typer.Option(0, help="the same seed gives the same images"),
     temperature: float = typer.Option(1.0, help="sampling temperature (0: greedy)"),
     out: Path = typer.Option(Path("generated"), help="output folder"),
@@ -90,12 +100,12 @@ def generate_image(
 def generate_edit(
     image: Path = typer.Argument(..., help="the source image (PNG/JPEG/DICOM)"),
     text: str = typer.Argument(..., help="the report the edited image should match"),
-    ckpt: Path = typer.Option(..., help="a run folder with a trained prior"),
+    ckpt: PriorRunOption = ...,
     strength: float = typer.Option(0.5, help="share (0..1) of the codes re-sampled inside the edit region"),
     mask: Path | None = typer.Option(None, help="PNG whose non-zero pixels are the edit region (default: all)"),
     source_text: str | None = typer.Option(None, help="the source image's own report (grounds its encoding)"),
-    guidance: float | None = typer.Option(None, help="classifier-free guidance scale"),
-    steps: int | None = typer.Option(None, help="masked prior: decoding steps per level"),
+    guidance: GuidanceOption = None,
+    steps: PriorStepsOption = None,
     seed: int = typer.Option(0, help="the same seed gives the same edit"),
     out: Path = typer.Option(Path("edited.png"), help="output PNG; the difference map goes to <out>_diff.png"),
     device: DeviceOption = None,
@@ -119,7 +129,7 @@ def generate_edit(
 @generate_app.command("reconstruct")
 def generate_reconstruct(
     image: Path = typer.Argument(..., help="the image (PNG/JPEG/DICOM)"),
-    ckpt: Path = typer.Option(..., help="a run folder or a saved model folder"),
+    ckpt: ModelOption = ...,
     text: str | None = typer.Option(None, help="its report (grounds the bottom codes; default: empty)"),
     out: Path = typer.Option(Path("reconstruction.png"), help="output PNG"),
     device: DeviceOption = None,
@@ -164,7 +174,7 @@ def generate_translate(
     image: Path = typer.Argument(..., help="the source image (PNG/JPEG/DICOM)"),
     to: str = typer.Option(..., "--to", help="target kind: soft_tissue (bone-suppressed), bone (dual-energy bone "
                            "image), or an MRI contrast t1, t2, pd"),
-    ckpt: Path = typer.Option(..., help="a run with an image-to-image head"),
+    ckpt: I2IRunOption = ...,
     out: Path = typer.Option(Path("translated.png"), help="output PNG"),
     device: DeviceOption = None,
 ) -> None:
@@ -184,7 +194,7 @@ def generate_translate(
 def generate_upscale(
     image: Path = typer.Argument(..., help="the low-resolution image (S/scale pixels for a model of S pixels)"),
     scale: int = typer.Option(4, help="upscaling factor: 2 or 4"),
-    ckpt: Path = typer.Option(..., help="a run with an image-to-image head"),
+    ckpt: I2IRunOption = ...,
     out: Path = typer.Option(Path("upscaled.png"), help="output PNG"),
     device: DeviceOption = None,
 ) -> None:
@@ -206,7 +216,7 @@ def generate_segment(
     image: Path = typer.Argument(..., help="the image (PNG/JPEG/DICOM)"),
     finding: str = typer.Option(..., help="heart (or cardiomegaly), pleural_effusion, pneumothorax, consolidation, "
                                 "nodule"),
-    ckpt: Path = typer.Option(..., help="a run with an image-to-image head"),
+    ckpt: I2IRunOption = ...,
     out: Path = typer.Option(Path("mask.png"), help="output PNG (255 inside the mask)"),
     device: DeviceOption = None,
 ) -> None:

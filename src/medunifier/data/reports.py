@@ -50,6 +50,11 @@ def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
+def _phrase(rng: np.random.Generator, options: Sequence[str], **words: str | int) -> str:
+    """One of `options` (one draw), its `{name}` fields filled from `words`."""
+    return _pick(rng, options).format(**words)
+
+
 def _cap(sentence: str) -> str:
     sentence = " ".join(sentence.split())
     return sentence[:1].upper() + sentence[1:]
@@ -67,45 +72,54 @@ def _join_list(items: Sequence[str], rng: np.random.Generator) -> str:
 # ------------------------------------------------------------------------------ locations and sizes
 
 
-def _location_adj(side: str | None, zone: str | None, rng: np.random.Generator) -> str:
-    """An adjective phrase: 'right lower lobe', 'left basilar', 'bibasilar', 'right apical'."""
-    zone = zone or "lower"
-    if side == "bilateral":
-        options = {
-            "lower": ("bibasilar", "bilateral lower lobe", "bilateral basilar"),
-            "middle": ("bilateral mid lung", "bilateral perihilar", "bilateral mid lung zone"),
-            "upper": ("bilateral upper lobe", "bilateral apical", "bilateral upper lung zone"),
-        }[zone]
-        return _pick(rng, options)
-    side = side or "right"
-    options = {
-        "lower": (f"{side} lower lobe", f"{side} basilar", f"{side} lower lung zone", f"{side} base"),
-        "middle": ((f"{side} mid lung", f"{side} middle lobe", f"{side} midlung zone") if side == "right"
-                   else (f"{side} mid lung", f"{side} midlung zone", "lingular")),
-        "upper": (f"{side} upper lobe", f"{side} apical", f"{side} upper lung zone"),
-    }[zone]
-    return _pick(rng, options)
+# Location phrasings by form ("adj": "right lower lobe", "noun": "the right lower lobe") and zone: both sides,
+# one side ("{side}" is filled in), and the left mid zone, which has the lingula instead of a middle lobe.
+BILATERAL_LOCATIONS = {
+    "adj": {
+        "lower": ("bibasilar", "bilateral lower lobe", "bilateral basilar"),
+        "middle": ("bilateral mid lung", "bilateral perihilar", "bilateral mid lung zone"),
+        "upper": ("bilateral upper lobe", "bilateral apical", "bilateral upper lung zone"),
+    },
+    "noun": {
+        "lower": ("both lung bases", "the lung bases bilaterally", "both lower lobes"),
+        "middle": ("both mid lung zones", "the perihilar regions bilaterally", "both mid lungs"),
+        "upper": ("both upper lobes", "both lung apices", "the upper lung zones bilaterally"),
+    },
+}
+ONE_SIDE_LOCATIONS = {
+    "adj": {
+        "lower": ("{side} lower lobe", "{side} basilar", "{side} lower lung zone", "{side} base"),
+        "middle": ("{side} mid lung", "{side} middle lobe", "{side} midlung zone"),
+        "upper": ("{side} upper lobe", "{side} apical", "{side} upper lung zone"),
+    },
+    "noun": {
+        "lower": ("the {side} lower lobe", "the {side} lung base", "the {side} lower lung zone"),
+        "middle": ("the {side} middle lobe", "the {side} mid lung zone", "the {side} perihilar region"),
+        "upper": ("the {side} upper lobe", "the {side} lung apex", "the {side} upper lung zone"),
+    },
+}
+LEFT_MIDDLE_LOCATIONS = {
+    "adj": ("{side} mid lung", "{side} midlung zone", "lingular"),
+    "noun": ("the lingula", "the {side} mid lung zone", "the {side} perihilar region"),
+}
 
 
-def _location_noun(side: str | None, zone: str | None, rng: np.random.Generator) -> str:
-    """A noun phrase: 'the right lower lobe', 'the left lung base', 'both lung bases'."""
+def _location(form: str, side: str | None, zone: str | None, rng: np.random.Generator) -> str:
+    """A location phrase for a finding's side and zone (lower and right when not given).
+
+    Args:
+        form: "adj" for an adjective phrase ('right lower lobe', 'left basilar', 'bibasilar') or "noun"
+            for a noun phrase ('the right lower lobe', 'the left lung base', 'both lung bases').
+        side: "right", "left", "bilateral" or None.
+        zone: "upper", "middle", "lower" or None.
+        rng: the report's generator (one draw).
+    """
     zone = zone or "lower"
     if side == "bilateral":
-        options = {
-            "lower": ("both lung bases", "the lung bases bilaterally", "both lower lobes"),
-            "middle": ("both mid lung zones", "the perihilar regions bilaterally", "both mid lungs"),
-            "upper": ("both upper lobes", "both lung apices", "the upper lung zones bilaterally"),
-        }[zone]
-        return _pick(rng, options)
+        return _pick(rng, BILATERAL_LOCATIONS[form][zone])
     side = side or "right"
-    options = {
-        "lower": (f"the {side} lower lobe", f"the {side} lung base", f"the {side} lower lung zone"),
-        "middle": ((f"the {side} middle lobe", f"the {side} mid lung zone", f"the {side} perihilar region")
-                   if side == "right" else ("the lingula", f"the {side} mid lung zone",
-                                            f"the {side} perihilar region")),
-        "upper": (f"the {side} upper lobe", f"the {side} lung apex", f"the {side} upper lung zone"),
-    }[zone]
-    return _pick(rng, options)
+    options = LEFT_MIDDLE_LOCATIONS[form] if (side, zone) == ("left", "middle") else ONE_SIDE_LOCATIONS[form][zone]
+    return _phrase(rng, options, side=side)
 
 
 SIZE_WORDS = {"mild": ("small",), "moderate": ("moderate", "moderate-sized"), "severe": ("large",)}
@@ -115,179 +129,186 @@ DEGREE_ADVERBS = {"mild": ("mildly",), "moderate": ("moderately",), "severe": ("
 
 # ------------------------------------------------------------------------------ positive statements
 
+# Each positive statement's phrasings: `str.format` templates over the words its finding's function chooses
+# (size, side, degree, location, ...). Some findings have variants ("pleural_effusion/bilateral"); edema
+# adds its interstitial or alveolar phrasings to the common ones.
+POSITIVE_PHRASES: dict[str, tuple[str, ...]] = {
+    "pleural_effusion/bilateral": (
+        "{size} bilateral pleural effusions.",
+        "there are {size} bilateral pleural effusions.",
+        "bilateral {size} pleural effusions with blunting of both costophrenic angles.",
+        "{size} pleural effusions are present bilaterally.",
+        "blunting of both costophrenic angles, consistent with {size} bilateral pleural effusions.",
+        "{size} layering pleural effusions are seen on both sides.",
+    ),
+    "pleural_effusion": (
+        "{size} {side} pleural effusion.",
+        "there is a {size} {side} pleural effusion.",
+        "a {size} {side}-sided pleural effusion is present.",
+        "{size} {side} pleural effusion with blunting of the costophrenic angle.",
+        "blunting of the {side} costophrenic angle, consistent with a {size} pleural effusion.",
+        "{side} pleural effusion, {size} in size.",
+        "a {size} amount of {side} pleural fluid is noted.",
+    ),
+    "pneumothorax": (
+        "there is a {size} {side}{apical} pneumothorax.",
+        "{size} {side}{apical} pneumothorax.",
+        "a {size} {side}-sided pneumothorax is present.",
+        "{side} pneumothorax, {size} in size, with a visible visceral pleural line.",
+        "a visceral pleural line is seen in the {side} {where}, consistent with a {size} pneumothorax.",
+        "{size} {side} pneumothorax without mediastinal shift.",
+    ),
+    "cardiomegaly": (
+        "the heart is {adverb} enlarged.",
+        "{degree} cardiomegaly.",
+        "there is {degree} enlargement of the cardiac silhouette.",
+        "the cardiac silhouette is {adverb} enlarged.",
+        "{degree} cardiomegaly is present.",
+        "heart size is {adverb} enlarged.",
+        "enlarged cardiac silhouette, consistent with {degree} cardiomegaly.",
+    ),
+    "edema": (
+        "{degree} pulmonary edema.",
+        "{degree} bilateral perihilar opacities consistent with pulmonary edema.",
+        "findings are consistent with {degree} pulmonary edema.",
+        "pulmonary vascular congestion with {degree} interstitial edema.",
+        "cephalization of the pulmonary vasculature with {degree} edema.",
+    ),
+    "edema/interstitial": (
+        "there is {degree} interstitial pulmonary edema.",
+        "kerley B lines and peribronchial cuffing, compatible with {degree} interstitial edema.",
+    ),
+    "edema/alveolar": (
+        "{degree} alveolar edema in a perihilar distribution.",
+        "diffuse bilateral perihilar opacities in a batwing pattern, consistent with {degree} pulmonary edema.",
+    ),
+    "consolidation": (
+        "there is {quality} consolidation in {noun}{bronchograms}.",
+        "{quality} {adj} consolidation{bronchograms}.",
+        "{quality} airspace consolidation in {noun}.",
+        "{quality} airspace opacity in {noun}, consistent with consolidation.",
+        "consolidation is present in {noun}{bronchograms}.",
+        "{quality} opacification of {noun} compatible with consolidation.",
+        "{quality} {adj} consolidation, consistent with pneumonia.",
+    ),
+    "atelectasis/collapse": (
+        "collapse of the {side} {lobe} lobe with volume loss.",
+        "{side} {lobe} lobe collapse with elevation of the {side} hemidiaphragm.",
+        "atelectasis of the {side} {lobe} lobe with associated volume loss.",
+        "dense {side} {lobe} lobe atelectasis.",
+        "complete atelectasis of the {side} {lobe} lobe.",
+    ),
+    "atelectasis": (
+        "{quality} {adj} atelectasis.",
+        "there is {quality} atelectasis in {noun}.",
+        "linear opacity in {noun}, consistent with {quality} atelectasis.",
+        "{adj} opacity compatible with {quality} atelectasis.",
+        "{quality} atelectatic changes at {noun}.",
+        "streaky {adj} atelectasis.",
+    ),
+    "nodule": (
+        "there is a {mm} mm nodule in {noun}.",
+        "{adj} {mm} mm pulmonary nodule.",
+        "a {mm} mm nodular opacity projects over {noun}.",
+        "rounded {mm} mm nodule in {noun}.",
+        "solitary pulmonary nodule measuring {mm} mm in {noun}.",
+        "a well-circumscribed {adj} nodule measuring {mm} mm.",
+    ),
+}
+# support devices by kind: templates over the device's side and the tube tip's height ({cm})
+DEVICE_PHRASES: dict[str, tuple[str, ...]] = {
+    "ett": (
+        "endotracheal tube terminates {cm} cm above the carina.",
+        "ET tube tip is {cm} cm above the carina.",
+        "the endotracheal tube is in standard position, {cm} cm above the carina.",
+        "an endotracheal tube is present with tip at the level of the clavicles.",
+        "endotracheal tube in satisfactory position.",
+        "ETT tip projects {cm} cm above the carina.",
+    ),
+    "central_line": (
+        "{side} internal jugular central venous catheter terminates in the SVC.",
+        "{side} subclavian central line with tip in the superior vena cava.",
+        "a {side}-sided central venous catheter is in place, tip projecting over the cavoatrial junction.",
+        "central line via the {side} internal jugular vein with tip in the lower SVC.",
+        "{side} IJ line terminates in the mid SVC.",
+    ),
+    "picc": (
+        "{side} PICC line terminates in the SVC.",
+        "{side} upper extremity PICC with tip in the distal superior vena cava.",
+        "a {side}-sided peripherally inserted central catheter is present, tip at the cavoatrial junction.",
+        "{side} arm PICC tip projects over the SVC.",
+        "PICC line from the {side} is in good position.",
+    ),
+    "pacemaker": (
+        "{side}-sided pacemaker with leads in the right atrium and right ventricle.",
+        "dual-lead pacemaker generator over the {side} chest.",
+        "a {side} chest wall pacemaker is present with intact leads.",
+        "cardiac pacemaker with leads terminating in the right atrium and ventricle.",
+        "pacer device overlies the {side} chest with leads in expected position.",
+    ),
+    "enteric_tube": (
+        "enteric tube courses below the diaphragm with tip in the stomach.",
+        "nasogastric tube tip is in the stomach.",
+        "an NG tube is in place, terminating in the gastric fundus.",
+        "feeding tube extends below the left hemidiaphragm.",
+        "the orogastric tube terminates within the stomach.",
+    ),
+}
+
 
 def _effusion(f: FindingSpec, rng: np.random.Generator) -> str:
     size = _pick(rng, SIZE_WORDS[f.severity] + (("trace", "tiny") if f.subtle else ()))
-    if f.laterality == "bilateral":
-        options = (
-            f"{size} bilateral pleural effusions.",
-            f"there are {size} bilateral pleural effusions.",
-            f"bilateral {size} pleural effusions with blunting of both costophrenic angles.",
-            f"{size} pleural effusions are present bilaterally.",
-            f"blunting of both costophrenic angles, consistent with {size} bilateral pleural effusions.",
-            f"{size} layering pleural effusions are seen on both sides.",
-        )
-    else:
-        side = f.laterality
-        options = (
-            f"{size} {side} pleural effusion.",
-            f"there is a {size} {side} pleural effusion.",
-            f"a {size} {side}-sided pleural effusion is present.",
-            f"{size} {side} pleural effusion with blunting of the costophrenic angle.",
-            f"blunting of the {side} costophrenic angle, consistent with a {size} pleural effusion.",
-            f"{side} pleural effusion, {size} in size.",
-            f"a {size} amount of {side} pleural fluid is noted.",
-        )
-    return _pick(rng, options)
+    key = "pleural_effusion/bilateral" if f.laterality == "bilateral" else "pleural_effusion"
+    return _phrase(rng, POSITIVE_PHRASES[key], size=size, side=str(f.laterality))
 
 
 def _pneumothorax(f: FindingSpec, rng: np.random.Generator) -> str:
-    size, side = _pick(rng, SIZE_WORDS[f.severity]), f.laterality
-    where = "apex" if f.zone == "upper" else "hemithorax"
-    apical = " apical" if f.zone == "upper" else ""
-    options = (
-        f"there is a {size} {side}{apical} pneumothorax.",
-        f"{size} {side}{apical} pneumothorax.",
-        f"a {size} {side}-sided pneumothorax is present.",
-        f"{side} pneumothorax, {size} in size, with a visible visceral pleural line.",
-        f"a visceral pleural line is seen in the {side} {where}, consistent with a {size} pneumothorax.",
-        f"{size} {side} pneumothorax without mediastinal shift.",
-    )
-    return _pick(rng, options)
+    size, upper = _pick(rng, SIZE_WORDS[f.severity]), f.zone == "upper"
+    return _phrase(rng, POSITIVE_PHRASES["pneumothorax"], size=size, side=str(f.laterality),
+                   where="apex" if upper else "hemithorax", apical=" apical" if upper else "")
 
 
 def _cardiomegaly(f: FindingSpec, rng: np.random.Generator) -> str:
     degree, adverb = _pick(rng, DEGREE_WORDS[f.severity]), _pick(rng, DEGREE_ADVERBS[f.severity])
-    options = (
-        f"the heart is {adverb} enlarged.",
-        f"{degree} cardiomegaly.",
-        f"there is {degree} enlargement of the cardiac silhouette.",
-        f"the cardiac silhouette is {adverb} enlarged.",
-        f"{degree} cardiomegaly is present.",
-        f"heart size is {adverb} enlarged.",
-        f"enlarged cardiac silhouette, consistent with {degree} cardiomegaly.",
-    )
-    return _pick(rng, options)
+    return _phrase(rng, POSITIVE_PHRASES["cardiomegaly"], degree=degree, adverb=adverb)
 
 
 def _edema(f: FindingSpec, rng: np.random.Generator) -> str:
     degree = _pick(rng, DEGREE_WORDS[f.severity])
-    options = [
-        f"{degree} pulmonary edema.",
-        f"{degree} bilateral perihilar opacities consistent with pulmonary edema.",
-        f"findings are consistent with {degree} pulmonary edema.",
-        f"pulmonary vascular congestion with {degree} interstitial edema.",
-        f"cephalization of the pulmonary vasculature with {degree} edema.",
-    ]
-    if f.severity != "severe":
-        options += [f"there is {degree} interstitial pulmonary edema.",
-                    f"kerley B lines and peribronchial cuffing, compatible with {degree} interstitial edema."]
-    else:
-        options += [f"{degree} alveolar edema in a perihilar distribution.",
-                    f"diffuse bilateral perihilar opacities in a batwing pattern, consistent with {degree} "
-                    "pulmonary edema."]
-    return _pick(rng, options)
+    variant = "edema/alveolar" if f.severity == "severe" else "edema/interstitial"
+    return _phrase(rng, POSITIVE_PHRASES["edema"] + POSITIVE_PHRASES[variant], degree=degree)
 
 
 def _consolidation(f: FindingSpec, rng: np.random.Generator) -> str:
     quality = _pick(rng, {"mild": ("patchy", "faint", "small"), "moderate": ("focal", "moderate"),
                           "severe": ("dense", "extensive", "confluent")}[f.severity])
-    adj, noun = _location_adj(f.laterality, f.zone, rng), _location_noun(f.laterality, f.zone, rng)
+    adj, noun = _location("adj", f.laterality, f.zone, rng), _location("noun", f.laterality, f.zone, rng)
     bronchograms = " with air bronchograms" if f.params.get("air_bronchograms") else ""
-    options = (
-        f"there is {quality} consolidation in {noun}{bronchograms}.",
-        f"{quality} {adj} consolidation{bronchograms}.",
-        f"{quality} airspace consolidation in {noun}.",
-        f"{quality} airspace opacity in {noun}, consistent with consolidation.",
-        f"consolidation is present in {noun}{bronchograms}.",
-        f"{quality} opacification of {noun} compatible with consolidation.",
-        f"{quality} {adj} consolidation, consistent with pneumonia.",
-    )
-    return _pick(rng, options)
+    return _phrase(rng, POSITIVE_PHRASES["consolidation"], quality=quality, adj=adj, noun=noun,
+                   bronchograms=bronchograms)
 
 
 def _atelectasis(f: FindingSpec, rng: np.random.Generator) -> str:
-    adj, noun = _location_adj(f.laterality, f.zone, rng), _location_noun(f.laterality, f.zone, rng)
+    adj, noun = _location("adj", f.laterality, f.zone, rng), _location("noun", f.laterality, f.zone, rng)
     if f.severity == "severe" and f.laterality != "bilateral":
-        side = f.laterality
+        side = str(f.laterality)
         lobe = {"upper": "upper", "middle": "middle" if side == "right" else "upper", "lower": "lower"}[f.zone or "lower"]
-        options = (
-            f"collapse of the {side} {lobe} lobe with volume loss.",
-            f"{side} {lobe} lobe collapse with elevation of the {side} hemidiaphragm.",
-            f"atelectasis of the {side} {lobe} lobe with associated volume loss.",
-            f"dense {side} {lobe} lobe atelectasis.",
-            f"complete atelectasis of the {side} {lobe} lobe.",
-        )
-        return _pick(rng, options)
+        return _phrase(rng, POSITIVE_PHRASES["atelectasis/collapse"], side=side, lobe=lobe)
     quality = _pick(rng, {"mild": ("subsegmental", "minimal", "mild", "linear"),
                           "moderate": ("plate-like", "moderate", "discoid"),
                           "severe": ("extensive", "marked")}[f.severity])
-    options = (
-        f"{quality} {adj} atelectasis.",
-        f"there is {quality} atelectasis in {noun}.",
-        f"linear opacity in {noun}, consistent with {quality} atelectasis.",
-        f"{adj} opacity compatible with {quality} atelectasis.",
-        f"{quality} atelectatic changes at {noun}.",
-        f"streaky {adj} atelectasis.",
-    )
-    return _pick(rng, options)
+    return _phrase(rng, POSITIVE_PHRASES["atelectasis"], quality=quality, adj=adj, noun=noun)
 
 
 def _nodule(f: FindingSpec, rng: np.random.Generator) -> str:
     mm = int(f.params.get("diameter_mm", 10))
-    adj, noun = _location_adj(f.laterality, f.zone, rng), _location_noun(f.laterality, f.zone, rng)
-    options = (
-        f"there is a {mm} mm nodule in {noun}.",
-        f"{adj} {mm} mm pulmonary nodule.",
-        f"a {mm} mm nodular opacity projects over {noun}.",
-        f"rounded {mm} mm nodule in {noun}.",
-        f"solitary pulmonary nodule measuring {mm} mm in {noun}.",
-        f"a well-circumscribed {adj} nodule measuring {mm} mm.",
-    )
-    return _pick(rng, options)
+    adj, noun = _location("adj", f.laterality, f.zone, rng), _location("noun", f.laterality, f.zone, rng)
+    return _phrase(rng, POSITIVE_PHRASES["nodule"], mm=mm, adj=adj, noun=noun)
 
 
 def _device(kind: str, side: str, rng: np.random.Generator) -> str:
     cm = int(rng.integers(3, 7))
-    options = {
-        "ett": (
-            f"endotracheal tube terminates {cm} cm above the carina.",
-            f"ET tube tip is {cm} cm above the carina.",
-            f"the endotracheal tube is in standard position, {cm} cm above the carina.",
-            "an endotracheal tube is present with tip at the level of the clavicles.",
-            "endotracheal tube in satisfactory position.",
-            f"ETT tip projects {cm} cm above the carina.",
-        ),
-        "central_line": (
-            f"{side} internal jugular central venous catheter terminates in the SVC.",
-            f"{side} subclavian central line with tip in the superior vena cava.",
-            f"a {side}-sided central venous catheter is in place, tip projecting over the cavoatrial junction.",
-            f"central line via the {side} internal jugular vein with tip in the lower SVC.",
-            f"{side} IJ line terminates in the mid SVC.",
-        ),
-        "picc": (
-            f"{side} PICC line terminates in the SVC.",
-            f"{side} upper extremity PICC with tip in the distal superior vena cava.",
-            f"a {side}-sided peripherally inserted central catheter is present, tip at the cavoatrial junction.",
-            f"{side} arm PICC tip projects over the SVC.",
-            f"PICC line from the {side} is in good position.",
-        ),
-        "pacemaker": (
-            f"{side}-sided pacemaker with leads in the right atrium and right ventricle.",
-            f"dual-lead pacemaker generator over the {side} chest.",
-            f"a {side} chest wall pacemaker is present with intact leads.",
-            "cardiac pacemaker with leads terminating in the right atrium and ventricle.",
-            f"pacer device overlies the {side} chest with leads in expected position.",
-        ),
-        "enteric_tube": (
-            "enteric tube courses below the diaphragm with tip in the stomach.",
-            "nasogastric tube tip is in the stomach.",
-            "an NG tube is in place, terminating in the gastric fundus.",
-            "feeding tube extends below the left hemidiaphragm.",
-            "the orogastric tube terminates within the stomach.",
-        ),
-    }[kind]
-    return _pick(rng, options)
+    return _phrase(rng, DEVICE_PHRASES[kind], side=side, cm=cm)
 
 
 def _devices(f: FindingSpec, rng: np.random.Generator) -> list[str]:
@@ -376,8 +397,8 @@ def _impression_phrase(f: FindingSpec, rng: np.random.Generator) -> str:
                                 "Enlarged cardiac silhouette.")))
     if f.name == "nodule":
         mm = int(f.params.get("diameter_mm", 10))
-        return _cap(_pick(rng, (f"{mm} mm {_location_adj(f.laterality, f.zone, rng)} pulmonary nodule.",
-                                f"{_location_adj(f.laterality, f.zone, rng)} nodule; CT is recommended for "
+        return _cap(_pick(rng, (f"{mm} mm {_location('adj', f.laterality, f.zone, rng)} pulmonary nodule.",
+                                f"{_location('adj', f.laterality, f.zone, rng)} nodule; CT is recommended for "
                                 "further characterization.", "Solitary pulmonary nodule as described.")))
     return _cap(POSITIVE[f.name](f, rng))
 

@@ -8,6 +8,7 @@ linear probe at several label fractions. The table shows mean ± std over seeds,
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from medunifier.eval.retrieval import run_retrieval
 from medunifier.eval.zeroshot import load_prompts, run_zeroshot
 from medunifier.model import load_model
 from medunifier.model.protocols import ImageTextModel
+from medunifier.utils import check_fields
 
 DEFAULT_OBJECTIVE_SETS = ("itc", "itc+itm", "itc+itm+itg", "itc+itm+tig", "all")
 
@@ -117,6 +119,51 @@ def run_model_loader(device: str | None) -> Callable[[Path], Any]:
     return load
 
 
+@dataclass(frozen=True)
+class StudySettings:
+    """What the training studies (the objective ablation, shared vs task experts) share: every run's seeds
+    and budget, the understanding evaluation, and how runs are trained, resumed and loaded.
+
+    Args:
+        seeds: the number of seeds (0..n-1), or the seeds themselves.
+        steps: training steps of every run, >= 1.
+        eval_data: the retrieval / zero-shot manifest (None: each study's default, from `data`).
+        prompts: the zero-shot prompt set: a shipped name or a YAML file.
+        overrides: config overrides, applied when the config is a preset name or a YAML file.
+        resume: reuse finished runs and resume interrupted ones.
+        batch_size: evaluation batch size, >= 1.
+        device: evaluation device (None: cuda when available).
+        train_fn: replaces the study's trainer (tests).
+        load_fn: replaces the loader of a run folder's model (tests).
+    """
+
+    seeds: int | Sequence[int] = 3
+    steps: int = 1000
+    eval_data: str | Path | None = None
+    prompts: str | Path = "chexpert5"
+    overrides: list[str] | None = None
+    resume: bool = False
+    batch_size: int = 64
+    device: str | None = None
+    train_fn: Callable[..., Any] | None = None
+    load_fn: Callable[[Path], Any] | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self, (("steps", self.steps >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1")))
+
+    def seed_list(self) -> list[int]:
+        """3 -> [0, 1, 2]; explicit seeds are kept."""
+        return seed_list(self.seeds)
+
+    def loader(self) -> Callable[[Path], Any]:
+        """load_fn, or the loader of a run folder's model onto the device."""
+        return self.load_fn or run_model_loader(self.device)
+
+    def base_config(self, config: str | Path | MedUnifierConfig) -> MedUnifierConfig:
+        """The study's base config: a config object as it is, else the preset or file with the overrides."""
+        return config if isinstance(config, MedUnifierConfig) else load_config(config, self.overrides)
+
+
 def summarize_runs(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """{row: [{"metrics": {...}}, ...]} -> {row: {metric: mean_std over the runs}} (keys in first-seen order)."""
     summary: dict[str, dict[str, Any]] = {}
@@ -131,33 +178,26 @@ def run_ablation(
     data: str | Path,
     out: str | Path,
     objectives: Sequence[str] = DEFAULT_OBJECTIVE_SETS,
-    seeds: int | Sequence[int] = 3,
-    steps: int = 1000,
-    eval_data: str | Path | None = None,
-    prompts: str | Path = "chexpert5",
     fractions: Sequence[float] = (0.01, 0.1, 1.0),
-    overrides: list[str] | None = None,
-    resume: bool = False,
-    batch_size: int = 64,
-    device: str | None = None,
-    train_fn: Callable[..., Any] | None = None,
-    load_fn: Callable[[Path], Any] | None = None,
+    study: StudySettings = StudySettings(),
     console: Console | None = None,
 ) -> dict[str, Any]:
-    """Train every objective set with every seed for `steps` steps, evaluate, print Table 6's layout.
+    """Train every objective set with every seed for `study.steps` steps, evaluate, print Table 6's layout.
 
-    Training reads the train (and val) split of `data`. Retrieval and zero-shot use `eval_data` (default:
-    the test split of `data`), with the classes of the prompt file; the linear probe uses the train / val /
-    test splits of `data` and is left out (with a note) when `data` lacks one. Run folders are
-    `out/<set>/seed<k>`; with `resume`, a run whose model is already saved is evaluated without training.
+    Training reads the train (and val) split of `data`. Retrieval and zero-shot use `study.eval_data`
+    (default: the test split of `data`), with the classes of the prompt file; the linear probe uses the
+    train / val / test splits of `data` (at the label `fractions`) and is left out (with a note) when `data`
+    lacks one. Run folders are `out/<set>/seed<k>`; with `study.resume`, a run whose model is already saved
+    is evaluated without training. The default trainer is `generate.prior_stage.pretrain`.
     """
+    train_fn = study.train_fn
     if train_fn is None:
         from medunifier.generate.prior_stage import pretrain as train_fn
-    load_fn = load_fn or run_model_loader(device)
-    base = config if isinstance(config, MedUnifierConfig) else load_config(config, overrides)
-    seeds_used = seed_list(seeds)
+    load_fn = study.loader()
+    base = study.base_config(config)
+    seeds_used, steps, eval_data = study.seed_list(), study.steps, study.eval_data
     sets = {name: parse_objectives(name) for name in objectives}
-    prompt_sets = load_prompts(prompts)
+    prompt_sets = load_prompts(study.prompts)
     out = Path(out)
     eval_path, eval_split = (Path(eval_data), None) if eval_data is not None else (Path(data), "test")
     notes: list[str] = []
@@ -174,14 +214,14 @@ def run_ablation(
         for seed in seeds_used:
             run_dir = out / name.replace("+", "_") / f"seed{seed}"
             cfg = ablation_config(base, objs, seed, steps)
-            if resume and (run_dir / "model" / "config.json").exists():
+            if study.resume and (run_dir / "model" / "config.json").exists():
                 notes.append(f"{run_dir}: model already trained, evaluated as is")
             else:
-                train_fn(cfg, data, run_dir, max_steps=steps, resume=resume)
+                train_fn(cfg, data, run_dir, max_steps=steps, resume=study.resume)
             model = load_fn(run_dir)
             metrics = evaluate_understanding(model, run_dir / "eval", eval_path, eval_split, prompt_sets,
                                              probe_data=data if probe_ok else None, fractions=fractions,
-                                             seed=seed, batch_size=batch_size)
+                                             seed=seed, batch_size=study.batch_size)
             runs[name].append({"seed": seed, "objectives": objs, "run_dir": str(run_dir), "metrics": metrics})
             del model
 
@@ -191,7 +231,7 @@ def run_ablation(
         "config": str(config) if not isinstance(config, MedUnifierConfig) else base.name,
         "data": str(data),
         "eval_data": str(eval_path),
-        "prompts": str(prompts),
+        "prompts": str(study.prompts),
         "steps": steps,
         "seeds": seeds_used,
         "objective_sets": {n: objs for n, objs in sets.items()},

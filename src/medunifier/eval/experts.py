@@ -44,13 +44,12 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from medunifier.config import ConfigError, MedUnifierConfig, config_from_dict, load_config
+from medunifier.config import ConfigError, MedUnifierConfig, config_from_dict
 from medunifier.eval.ablation import (
+    StudySettings,
     ablation_config,
     evaluate_understanding,
     parse_objectives,
-    run_model_loader,
-    seed_list,
     summarize_runs,
 )
 from medunifier.eval.common import load_split, print_table, write_results
@@ -218,10 +217,6 @@ def run_experts_ablation(
     *,
     out: str | Path,
     variants: Sequence[str] = VARIANTS,
-    seeds: int | Sequence[int] = 3,
-    steps: int = 1000,
-    eval_data: str | Path | None = None,
-    prompts: str | Path = "chexpert5",
     vqa_data: str | Path | None = None,
     vqa_split: str = "val",
     vqa_objectives: Sequence[str] = DEFAULT_VQA_OBJECTIVES,
@@ -230,12 +225,7 @@ def run_experts_ablation(
     n_generated: int = 100,
     samples_per_prompt: int = 2,
     fid: bool = True,
-    overrides: list[str] | None = None,
-    resume: bool = False,
-    batch_size: int = 64,
-    device: str | None = None,
-    train_fn: Callable[..., Any] | None = None,
-    load_fn: Callable[[Path], Any] | None = None,
+    study: StudySettings = StudySettings(),
     generation_fn: Callable[..., dict[str, float | None]] | None = None,
     console: Console | None = None,
 ) -> dict[str, Any]:
@@ -243,25 +233,27 @@ def run_experts_ablation(
     `out/results.json` and print one row per variant (mean ± std over seeds).
 
     Run folders: `out/<variant>/seed<k>` (pre-training; its prior and `eval/`) and `out/<variant>/seed<k>_vqa`
-    (the VQA run). `train_fn`, `load_fn` and `generation_fn` (signature of `evaluate_generation` minus
-    the settings) replace the trainer, the model loader and the generation metrics (tests).
+    (the VQA run). The default trainer is `train.loop.train`; `generation_fn` (signature of
+    `evaluate_generation` minus the settings) replaces the generation metrics (tests).
     """
+    train_fn = study.train_fn
     if train_fn is None:
         from medunifier.train.loop import train as train_fn
-    load_fn = load_fn or run_model_loader(device)
+    load_fn = study.loader()
     if generation_fn is None:
         generation_fn = evaluate_generation
-    if steps < 1 or (synthesis and (prior_steps < 1 or n_generated < 1)):
-        raise ValueError("steps, prior_steps and n_generated must be >= 1")
+    if synthesis and (prior_steps < 1 or n_generated < 1):
+        raise ValueError("prior_steps and n_generated must be >= 1")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants or len(set(variants)) != len(variants):
         raise ValueError(f"variants must be distinct names from {VARIANTS}, got {list(variants)}")
-    base = config if isinstance(config, MedUnifierConfig) else load_config(config, overrides)
+    base = study.base_config(config)
     if not base.losses.enabled():
         raise ConfigError("the config switches every objective off")
     vqa_objs = parse_objectives("+".join(vqa_objectives)) if vqa_data is not None else None
-    seeds_used = seed_list(seeds)
-    prompt_sets = load_prompts(prompts)
+    seeds_used, steps, resume = study.seed_list(), study.steps, study.resume
+    prompt_sets = load_prompts(study.prompts)
+    eval_data = study.eval_data
     eval_path, eval_split = resolve_eval_data(data, eval_data)
     out = Path(out)
     notes: list[str] = []
@@ -278,17 +270,16 @@ def run_experts_ablation(
             model = load_fn(run_dir)
             metrics.update(parameter_counts(model))
             metrics.update(evaluate_understanding(model, run_dir / "eval", eval_path, eval_split, prompt_sets,
-                                                  seed=seed, batch_size=batch_size))
+                                                  seed=seed, batch_size=study.batch_size))
             if synthesis:
                 metrics.update(generation_fn(run_dir, model, data, eval_data=eval_data, seed=seed,
                                              prior_steps=prior_steps, n_generated=n_generated,
                                              samples_per_prompt=samples_per_prompt, fid=fid, resume=resume,
-                                             device=device))
+                                             device=study.device))
             del model
             if vqa_data is not None:
-                metrics.update(_vqa_run(train_fn, load_fn, base, variant, seed, steps, vqa_objs, vqa_data,
-                                        vqa_split, out / variant / f"seed{seed}_vqa", resume, batch_size, device,
-                                        notes))
+                metrics.update(_vqa_run(train_fn, load_fn, base, variant, seed, vqa_objs, vqa_data, vqa_split,
+                                        out / variant / f"seed{seed}_vqa", study, notes))
             runs[variant].append({"seed": seed, "run_dir": str(run_dir), "metrics": metrics})
 
     results: dict[str, Any] = {
@@ -297,7 +288,7 @@ def run_experts_ablation(
         "data": str(data),
         "eval_data": str(eval_path),
         "eval_split": eval_split,
-        "prompts": str(prompts),
+        "prompts": str(study.prompts),
         "vqa_data": str(vqa_data) if vqa_data is not None else None,
         "vqa_split": vqa_split if vqa_data is not None else None,
         "vqa_objectives": vqa_objs,
@@ -318,16 +309,16 @@ def run_experts_ablation(
 
 
 def _vqa_run(train_fn: Callable[..., Any], load_fn: Callable[[Path], Any], base: MedUnifierConfig, variant: str,
-             seed: int, steps: int, objectives: list[str] | None, vqa_data: str | Path, split: str, run_dir: Path,
-             resume: bool, batch_size: int, device: str | None, notes: list[str]) -> dict[str, float | None]:
+             seed: int, objectives: list[str] | None, vqa_data: str | Path, split: str, run_dir: Path,
+             study: StudySettings, notes: list[str]) -> dict[str, float | None]:
     """Train the variant on the VQA manifest with `objectives` and score its `split`."""
     from medunifier.eval.vqa import run_vqa
 
-    cfg = experts_config(base, variant, seed, steps, objectives=objectives)
-    timing = _train_timed(train_fn, cfg, vqa_data, run_dir, steps, resume, notes)
+    cfg = experts_config(base, variant, seed, study.steps, objectives=objectives)
+    timing = _train_timed(train_fn, cfg, vqa_data, run_dir, study.steps, study.resume, notes)
     model = load_fn(run_dir)
-    results = run_vqa(model, vqa_data, run_dir / "eval" / "vqa", split=split, device=device,
-                      batch_size=batch_size, progress=False, console=Console(quiet=True))
+    results = run_vqa(model, vqa_data, run_dir / "eval" / "vqa", split=split, device=study.device,
+                      batch_size=study.batch_size, progress=False, console=Console(quiet=True))
     return {**_vqa_scalars(results), "vqa_s_per_step": timing.get("s_per_step")}
 
 

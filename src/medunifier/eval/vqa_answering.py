@@ -260,7 +260,7 @@ def _greedy_answers(model: MedUnifier, image_embeds: Tensor, questions: Sequence
 def _beam_answers(model: MedUnifier, image_embeds: Tensor, questions: Sequence[str], max_length: int,
                   num_beams: int, modality: Tensor | None = None) -> list[list[int]]:
     """Beam search through `decoding.generate`, continuing after the "[DEC] question [SEP]" prefix (module doc)."""
-    from medunifier.model.decoding import generate
+    from medunifier.model.decoding import DecodeOptions, generate
 
     special = model.special
     from medunifier.data.processor import Processor
@@ -269,9 +269,10 @@ def _beam_answers(model: MedUnifier, image_embeds: Tensor, questions: Sequence[s
     ids, mask = processor.question_prefixes(list(questions))  # left-padded "[DEC] question [SEP]"
     ids, mask = ids.to(image_embeds.device), mask.to(image_embeds.device)
     limit = int(model.encoder.config.max_position_embeddings) - ids.shape[1]
+    options = DecodeOptions(max_length=max(1, min(max_length, limit)), num_beams=num_beams)
     tokens, _ = generate(model.encoder, image_embeds, bos_id=special["dec"], eos_id=special["sep"],
-                         pad_id=special["pad"], max_length=max(1, min(max_length, limit)), num_beams=num_beams,
-                         prefix_ids=ids, prefix_mask=mask, continue_prefix=True, **_modality_kwargs(modality))
+                         pad_id=special["pad"], options=options, prefix_ids=ids, prefix_mask=mask,
+                         continue_prefix=True, **_modality_kwargs(modality))
     return [[t for t in row if t not in (special["pad"], special["sep"])] for row in tokens.tolist()]
 
 

@@ -129,6 +129,7 @@ def sample_tokens(
     return tokens, log_probs
 
 
+
 # ----------------------------------------------------------------------------------------------------------
 # Text conditioning and classifier-free guidance
 

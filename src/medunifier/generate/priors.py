@@ -4,9 +4,10 @@
     bottom prior: p(bottom | text, top)    bottom [B, bottom_size, bottom_size]; the top codes are embedded,
                                            upsampled (nearest) and added to the bottom token embeddings
 
-One class per level and decoding family (`MaskedCodePrior`, `AutoregressiveCodePrior`, same `loss` /
-`sample` signature); `HierarchicalPrior` holds one of each level. Text is the image-text encoder's text-only
-features [B, T, H] with a padding mask [B, T]; see prior_common for condition dropout and guidance.
+One class per level and decoding family (`MaskedCodePrior`, `AutoregressiveCodePrior`: same `loss`
+signature, one `BaseCodePrior.sample` whose `SampleOptions` say how to draw); `HierarchicalPrior` holds one
+of each level. Text is the image-text encoder's text-only features [B, T, H] with a padding mask [B, T];
+see prior_common for condition dropout and guidance.
 Weights are plain `state_dict()` tensors (save them with safetensors).
 """
 
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 
 from medunifier.generate.ar_prior import AutoregressiveCodePrior
 from medunifier.generate.masked_prior import MaskedCodePrior
+from medunifier.generate.prior_base import BaseCodePrior, SampleOptions
 from medunifier.generate.prior_common import (
     PriorConfig,
     cosine_schedule,
@@ -28,10 +30,12 @@ CodePrior = MaskedCodePrior | AutoregressiveCodePrior
 
 __all__ = [
     "AutoregressiveCodePrior",
+    "BaseCodePrior",
     "CodePrior",
     "HierarchicalPrior",
     "MaskedCodePrior",
     "PriorConfig",
+    "SampleOptions",
     "build_code_prior",
     "cosine_schedule",
     "masked_count_schedule",
@@ -65,31 +69,22 @@ class HierarchicalPrior(nn.Module):
         text_states: Tensor | None,
         text_mask: Tensor | None = None,
         *,
+        options: SampleOptions = SampleOptions(),
         num_samples: int | None = None,
-        guidance: float = 1.0,
-        steps: int | None = None,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
         generator: torch.Generator | None = None,
         init_codes: tuple[Tensor, Tensor] | None = None,
         edit_mask: Tensor | None = None,
-        use_cache: bool = True,
-        confidence_noise: float = 0.0,
     ) -> tuple[Tensor, Tensor]:
-        """Sample (top [B, t, t], bottom [B, b, b]) codes for the text (unconditional if text_states is None).
+        """Sample (top [B, t, t], bottom [B, b, b]) codes for the text; the bottom is conditioned on the top.
 
-        Editing: init_codes = (top, bottom) of an encoded image and edit_mask bool [B, h, w] at any resolution
-        (e.g. the image's): it is resized to each level (a code is re-sampled if any covered cell is True);
-        the other codes are kept, and the bottom is re-sampled conditioned on the edited top.
-        steps, confidence_noise: masked prior only (per level). use_cache: autoregressive prior only.
+        Args:
+            text_states, text_mask, num_samples, generator: as in `BaseCodePrior.sample`.
+            options: how both levels draw (steps and confidence_noise are per level).
+            init_codes: (top, bottom) of an encoded image to edit.
+            edit_mask: bool [B, h, w] at any resolution (e.g. the image's), with init_codes: it is resized to
+                each level (a code is re-sampled if any covered cell is True); the other codes are kept, and
+                the bottom is re-sampled conditioned on the edited top.
         """
-        kwargs = dict(
-            guidance=guidance, steps=steps, temperature=temperature, top_k=top_k, top_p=top_p,
-            generator=generator, use_cache=use_cache,
-        )  # fmt: skip
-        if isinstance(self.top, MaskedCodePrior):
-            kwargs["confidence_noise"] = confidence_noise
         init_top, init_bottom = init_codes if init_codes is not None else (None, None)
         edit_top = edit_bottom = None
         if edit_mask is not None:
@@ -98,9 +93,11 @@ class HierarchicalPrior(nn.Module):
             edit_top = resize_mask(edit_mask.bool(), self.config.top_size)
             edit_bottom = resize_mask(edit_mask.bool(), self.config.bottom_size)
         top = self.top.sample(
-            text_states, text_mask, num_samples=num_samples, init_codes=init_top, edit_mask=edit_top, **kwargs
-        )
+            text_states, text_mask, options=options, num_samples=num_samples, generator=generator,
+            init_codes=init_top, edit_mask=edit_top,
+        )  # fmt: skip
         bottom = self.bottom.sample(
-            text_states, text_mask, context_codes=top, init_codes=init_bottom, edit_mask=edit_bottom, **kwargs
-        )
+            text_states, text_mask, options=options, generator=generator, context_codes=top,
+            init_codes=init_bottom, edit_mask=edit_bottom,
+        )  # fmt: skip
         return top, bottom

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from medunifier.data.images import as_array, to_tensor, to_uint8
+from medunifier.generate.prior_base import SampleOptions
 from medunifier.generate.prior_common import resize_mask
 from medunifier.generate.priors import HierarchicalPrior
 from medunifier.generate.train_prior import load_prior, model_dir_of, weights_file_checksum
@@ -106,6 +107,20 @@ class Synthesizer:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def options(self, guidance: float | None, steps: int | None, temperature: float = 1.0) -> SampleOptions:
+        """The priors' sampling options, the trained prior's guidance and steps where None (or steps 0).
+
+        Args:
+            guidance: classifier-free guidance scale, or None for the prior's default.
+            steps: masked prior's decoding steps per level, or None for the prior's default.
+            temperature: softmax temperature (0 = greedy).
+        """
+        return SampleOptions(
+            guidance=self.default_guidance if guidance is None else float(guidance),
+            steps=steps or self.default_steps,
+            temperature=temperature,
+        )
+
     def _generator(self, seed: int | None) -> torch.Generator:
         g = torch.Generator(device=self.device)
         if seed is None:
@@ -138,8 +153,7 @@ class Synthesizer:
         """n code maps per text (text-major), or n unconditional ones when texts is None: (top, bottom)."""
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
-        guidance = self.default_guidance if guidance is None else float(guidance)
-        steps = steps or self.default_steps
+        options = self.options(guidance, steps, temperature)
         generator = self._generator(seed)
         if texts is None:
             rows_states, rows_mask, total = None, None, n
@@ -156,9 +170,8 @@ class Synthesizer:
             s = None if rows_states is None else rows_states[start:end]
             m = None if rows_mask is None else rows_mask[start:end]
             top, bottom = self.prior.sample_codes(
-                s, m, num_samples=end - start, guidance=guidance, steps=steps, temperature=temperature,
-                generator=generator,
-            )  # fmt: skip
+                s, m, options=options, num_samples=end - start, generator=generator
+            )
             tops.append(top)
             bottoms.append(bottom)
         return torch.cat(tops), torch.cat(bottoms)
@@ -268,16 +281,17 @@ class Synthesizer:
         Returns (top, bottom, resampled_top, resampled_bottom); codes outside the re-sampled masks are kept
         exactly. The bottom level is re-sampled conditioned on the edited top.
         """
-        guidance = self.default_guidance if guidance is None else float(guidance)
-        steps = steps or self.default_steps
+        options = self.options(guidance, steps, temperature)
         generator = self._generator(seed)
         mask_top, mask_bottom = self.edit_masks(top.shape[0], strength, region, generator)
         states, mask = self.text_features(texts)
-        kwargs = dict(guidance=guidance, steps=steps, temperature=temperature, generator=generator)
-        new_top = self.prior.top.sample(states, mask, init_codes=top, edit_mask=mask_top, **kwargs)
-        new_bottom = self.prior.bottom.sample(
-            states, mask, context_codes=new_top, init_codes=bottom, edit_mask=mask_bottom, **kwargs
+        new_top = self.prior.top.sample(
+            states, mask, options=options, generator=generator, init_codes=top, edit_mask=mask_top
         )
+        new_bottom = self.prior.bottom.sample(
+            states, mask, options=options, generator=generator, context_codes=new_top, init_codes=bottom,
+            edit_mask=mask_bottom,
+        )  # fmt: skip
         return new_top, new_bottom, mask_top, mask_bottom
 
     @torch.no_grad()

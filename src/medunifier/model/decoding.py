@@ -3,9 +3,9 @@
 Decoding starts from [optional question tokens][bos] and emits tokens until eos or `max_length`:
 greedy, beam search and nucleus sampling share one logits pipeline and one scoring rule.
 
-* With `use_cache=True` the first call encodes the image queries, the question and bos once and keeps
-  every layer's keys/values (`KVCache`); each step then feeds only the newest token. With
-  `use_cache=False` the whole sequence (and the image cross-attention) is recomputed at every step:
+* With `DecodeOptions.use_cache` the first call encodes the image queries, the question and bos once and
+  keeps every layer's keys/values (`KVCache`); each step then feeds only the newest token. Without it
+  the whole sequence (and the image cross-attention) is recomputed at every step:
   slower, token-identical, kept as the reference.
 * Logits processing at every step, in order: bos and pad are never generated; repetition penalty
   (CTRL: a previously generated token's logit is divided by the penalty when positive, multiplied
@@ -21,6 +21,7 @@ Returned tokens exclude bos, include eos when it was produced, and are right-pad
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,61 @@ from torch import Tensor
 
 from medunifier.model.encoder import ImageTextEncoder
 from medunifier.model.masking import KVCache
+from medunifier.utils import check_fields
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How `generate` decodes (as transformers' GenerationConfig): checked once, one object for greedy
+    decoding, beam search and sampling.
+
+    Args:
+        max_length: the most tokens generated (>= 1), eos included.
+        min_length: eos is banned until this many tokens exist (>= 0).
+        num_beams: beam search when > 1 (not with sampling); 1 decodes greedily or samples.
+        do_sample: draw each token instead of taking the most likely one; None samples when top_p is given.
+        temperature: > 0; sampling divides the logits by it.
+        top_p: sampling keeps the smallest set of tokens whose probability reaches top_p, in (0, 1]; None = 1.
+        top_k: sampling keeps the k most likely tokens (>= 0; 0 = all).
+        repetition_penalty: CTRL's penalty on the tokens already generated, > 0 (1 = none).
+        no_repeat_ngram_size: bans a token that would repeat an n-gram of this size (>= 0; 0 = off).
+        length_penalty: a sequence's score is its log-probability / length ** length_penalty.
+        use_cache: keep every layer's keys/values and feed only the newest token at each step; False
+            recomputes the whole sequence (slower, token-identical, the reference).
+    """
+
+    max_length: int = 95
+    min_length: int = 0
+    num_beams: int = 1
+    do_sample: bool | None = None
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    length_penalty: float = 1.0
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        check_fields(self, (
+            ("max_length", self.max_length >= 1, ">= 1"),
+            ("min_length", self.min_length >= 0, ">= 0"),
+            ("num_beams", self.num_beams >= 1, ">= 1 (1 = greedy or sampling)"),
+            ("temperature", self.temperature > 0, "> 0"),
+            ("top_p", self.top_p is None or 0.0 < self.top_p <= 1.0, "in (0, 1], or None"),
+            ("top_k", self.top_k >= 0, ">= 0 (0 = no top-k filter)"),
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1 = no penalty)"),
+            ("no_repeat_ngram_size", self.no_repeat_ngram_size >= 0, ">= 0 (0 = off)"),
+        ))
+        if self.sampling and self.num_beams > 1:
+            raise ValueError(
+                "sampling (do_sample / top_p) works with num_beams=1 only; beam sampling is not supported"
+            )
+
+    @property
+    def sampling(self) -> bool:
+        """Whether tokens are drawn: do_sample, or when it is None, whether top_p is given."""
+        return self.top_p is not None if self.do_sample is None else self.do_sample
 
 
 class _Stepper:
@@ -41,12 +97,12 @@ class _Stepper:
         self,
         encoder: ImageTextEncoder,
         image_embeds: Tensor | None,
+        options: DecodeOptions,
         bos_id: int,
         eos_id: int,
         pad_id: int,
         prefix_ids: Tensor | None,
         prefix_mask: Tensor | None,
-        use_cache: bool,
         modality_ids: Tensor | None = None,
         continue_prefix: bool = False,
     ):
@@ -57,11 +113,12 @@ class _Stepper:
         self.batch, self.device = batch, device
         if prefix_ids is not None and prefix_mask is None:
             prefix_mask = prefix_ids != pad_id
+        self.options, self.eos_id, self.pad_id = options, eos_id, pad_id
         self.banned = tuple({bos_id, pad_id} - {eos_id})
         self.encoder = encoder
         self.image_embeds = image_embeds
         self.modality_ids = modality_ids  # [B]: added to every newly embedded token (and the queries)
-        self.use_cache = use_cache
+        self.use_cache = options.use_cache
         self.mode = "prefix" if prefix_ids is not None else "causal"
         bos = torch.full((batch, 1), bos_id, dtype=torch.long, device=device)
         if prefix_ids is not None and continue_prefix:
@@ -100,7 +157,7 @@ class _Stepper:
 
     def step(self, new_tokens: Tensor) -> Tensor:
         """Append new_tokens [B] and return the logits for the following position."""
-        self.generated = torch.cat([self.generated, new_tokens[:, None]], dim=1)
+        self.append(new_tokens)
         if self.use_cache:
             return self._run(
                 new_tokens[:, None],
@@ -138,6 +195,18 @@ class _Stepper:
             self.image_embeds = self.image_embeds.index_select(0, index)
         if self.cache is not None:
             self.cache.reorder(index)
+
+    def logprobs(self, logits: Tensor, step: int) -> Tensor:
+        """`process_logits` of the next-token logits [N, V] after the tokens generated so far, under the options."""
+        o = self.options
+        return process_logits(
+            logits, self.generated, step, banned_ids=self.banned, eos_id=self.eos_id, min_length=o.min_length,
+            repetition_penalty=o.repetition_penalty, no_repeat_ngram_size=o.no_repeat_ngram_size,
+        )  # fmt: skip
+
+    def append(self, new_tokens: Tensor) -> None:
+        """Append new_tokens [B] to the generated ones (the last step: no logits needed after them)."""
+        self.generated = torch.cat([self.generated, new_tokens[:, None]], dim=1)
 
 
 def process_logits(
@@ -198,85 +267,35 @@ def _pad_rows(rows: list[Tensor], pad_id: int, device: torch.device) -> Tensor:
     return out
 
 
-@torch.no_grad()
-def greedy_decode(
-    encoder: ImageTextEncoder,
-    image_embeds: Tensor | None,
-    bos_id: int,
-    eos_id: int,
-    pad_id: int,
-    max_length: int = 95,
-    min_length: int = 0,
-    repetition_penalty: float = 1.0,
-    no_repeat_ngram_size: int = 0,
-    length_penalty: float = 1.0,
-    use_cache: bool = True,
-    prefix_ids: Tensor | None = None,
-    prefix_mask: Tensor | None = None,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    generator: torch.Generator | None = None,
-    modality_ids: Tensor | None = None,
-    continue_prefix: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """Greedy (or, with do_sample, top-k/nucleus sampling) decoding -> (tokens [B, T], scores [B])."""
-    stepper = _Stepper(encoder, image_embeds, bos_id, eos_id, pad_id, prefix_ids, prefix_mask, use_cache,
-                       modality_ids, continue_prefix)
+def _greedy_decode(stepper: _Stepper, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Greedy (or, when the options sample, top-k/nucleus sampling) decoding -> (tokens [B, T], scores [B])."""
+    o = stepper.options
     batch, device = stepper.batch, stepper.device
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     sum_logp = torch.zeros(batch, device=device)
     lengths = torch.zeros(batch, device=device)
     logits = stepper.start()
-    for step in range(max_length):
-        logp = process_logits(
-            logits / temperature if do_sample else logits,
-            stepper.generated,
-            step,
-            banned_ids=stepper.banned,
-            eos_id=eos_id,
-            min_length=min_length,
-            repetition_penalty=repetition_penalty,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-        )
-        if do_sample:
-            probs = _filter_top_k_top_p(logp, top_k, top_p).softmax(-1)
+    for step in range(o.max_length):
+        logp = stepper.logprobs(logits / o.temperature if o.sampling else logits, step)
+        if o.sampling:
+            probs = _filter_top_k_top_p(logp, o.top_k, 1.0 if o.top_p is None else o.top_p).softmax(-1)
             next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
             next_tokens = logp.argmax(-1)
         token_logp = logp.gather(1, next_tokens[:, None]).squeeze(1)
         sum_logp += torch.where(finished, torch.zeros_like(token_logp), token_logp)
         lengths += (~finished).float()
-        next_tokens = next_tokens.masked_fill(finished, pad_id)
-        finished = finished | (next_tokens == eos_id)
-        if bool(finished.all()) or step == max_length - 1:
-            stepper.generated = torch.cat([stepper.generated, next_tokens[:, None]], dim=1)
+        next_tokens = next_tokens.masked_fill(finished, stepper.pad_id)
+        finished = finished | (next_tokens == stepper.eos_id)
+        if bool(finished.all()) or step == o.max_length - 1:
+            stepper.append(next_tokens)
             break
         logits = stepper.step(next_tokens)
-    scores = sum_logp / lengths.clamp(min=1) ** length_penalty
+    scores = sum_logp / lengths.clamp(min=1) ** o.length_penalty
     return stepper.generated, scores
 
 
-@torch.no_grad()
-def beam_search(
-    encoder: ImageTextEncoder,
-    image_embeds: Tensor | None,
-    bos_id: int,
-    eos_id: int,
-    pad_id: int,
-    num_beams: int = 3,
-    max_length: int = 95,
-    length_penalty: float = 1.0,
-    repetition_penalty: float = 1.0,
-    no_repeat_ngram_size: int = 0,
-    min_length: int = 0,
-    use_cache: bool = True,
-    prefix_ids: Tensor | None = None,
-    prefix_mask: Tensor | None = None,
-    modality_ids: Tensor | None = None,
-    continue_prefix: bool = False,
-) -> tuple[Tensor, Tensor]:
+def _beam_search(stepper: _Stepper) -> tuple[Tensor, Tensor]:
     """Beam search -> (best sequence per sample [B, T], its score [B]).
 
     At each step the 2K best (beam, token) extensions are ranked; an eos among the top K closes a
@@ -284,9 +303,9 @@ def beam_search(
     running beam can still beat the worst of them (an exact bound, whatever length_penalty is);
     beams still running at max_length are finished there.
     """
-    stepper = _Stepper(encoder, image_embeds, bos_id, eos_id, pad_id, prefix_ids, prefix_mask, use_cache,
-                       modality_ids, continue_prefix)
-    batch, device, k = stepper.batch, stepper.device, num_beams
+    o = stepper.options
+    batch, device, k = stepper.batch, stepper.device, o.num_beams
+    eos_id, pad_id, max_length, length_penalty = stepper.eos_id, stepper.pad_id, o.max_length, o.length_penalty
     logits = stepper.start().repeat_interleave(k, 0)  # [B*K, V]: the prompt is encoded once per sample
     stepper.expand(k)
     beam_scores = torch.full((batch, k), -math.inf, device=device)
@@ -301,16 +320,7 @@ def beam_search(
         del hyps[b][k:]
 
     for step in range(max_length):
-        logp = process_logits(
-            logits,
-            stepper.generated,
-            step,
-            banned_ids=stepper.banned,
-            eos_id=eos_id,
-            min_length=min_length,
-            repetition_penalty=repetition_penalty,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-        )
+        logp = stepper.logprobs(logits, step)
         candidates = (beam_scores.view(-1, 1) + logp).view(batch, k * vocab)
         top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=1)  # [B, 2K]
         top_scores, top_index = top_scores.tolist(), top_index.tolist()
@@ -349,7 +359,7 @@ def beam_search(
         beam_scores = torch.tensor(scores, device=device).view(batch, k)
         if all(done) or step == max_length - 1:
             stepper.reorder(index)
-            stepper.generated = torch.cat([stepper.generated, next_tokens[:, None]], dim=1)
+            stepper.append(next_tokens)
             break
         stepper.reorder(index)
         logits = stepper.step(next_tokens)
@@ -373,18 +383,9 @@ def generate(
     bos_id: int,
     eos_id: int,
     pad_id: int,
-    max_length: int = 95,
-    min_length: int = 0,
-    num_beams: int = 1,
-    do_sample: bool | None = None,
-    temperature: float = 1.0,
-    top_p: float | None = None,
-    top_k: int = 0,
-    repetition_penalty: float = 1.0,
-    no_repeat_ngram_size: int = 0,
-    length_penalty: float = 1.0,
+    options: DecodeOptions = DecodeOptions(),
+    *,
     generator: torch.Generator | None = None,
-    use_cache: bool = True,
     prefix_ids: Tensor | None = None,
     prefix_mask: Tensor | None = None,
     modality_ids: Tensor | None = None,
@@ -392,72 +393,32 @@ def generate(
 ) -> tuple[Tensor, Tensor]:
     """Decode from image_embeds [B, N, Dv] (and a question prefix_ids [B, P]) -> (tokens [B, T], scores [B]).
 
-    Sampling (nucleus `top_p`, `top_k`, `temperature`; seed with `generator`) when do_sample is True,
-    or when do_sample is None and top_p is given; else beam search when num_beams > 1; else greedy.
-    Sampling with num_beams > 1 is refused. bos_id is the decoder start token ([DEC]), eos_id ends a sequence ([SEP]). prefix_ids are
-    question tokens encoded first with the "prefix" mask (VQA); their padding is `prefix_mask == 0`
-    (default: prefix_ids != pad_id). modality_ids [B] (0 = unknown) selects the encoder's modality
-    embedding per sample. continue_prefix: decoding continues right after prefix_ids, which then must
-    be left-padded and end where the answer starts ("[DEC] question [SEP]", the VQA training layout);
-    bos is not appended (and still never generated). The encoder is switched to eval mode for the call
-    and restored.
+    Sampling when the options sample, else beam search when options.num_beams > 1, else greedy. The encoder
+    is switched to eval mode for the call and restored.
+
+    Args:
+        encoder: the image-text encoder, decoding in "causal" (or, with a prefix, "prefix") mode.
+        image_embeds: the image queries' inputs [B, N, Dv], or None for text alone.
+        bos_id: the decoder start token ([DEC]), never generated.
+        eos_id: the token that ends a sequence ([SEP]).
+        pad_id: right-pads the returned tokens; never generated.
+        options: lengths, beams, sampling, repetition rules and the cache.
+        generator: seeds sampling.
+        prefix_ids: question tokens [B, P] encoded first with the "prefix" mask (VQA).
+        prefix_mask: prefix_ids' padding is `prefix_mask == 0` (default: prefix_ids != pad_id).
+        modality_ids: [B] (0 = unknown) selects the encoder's modality embedding per sample.
+        continue_prefix: decoding continues right after prefix_ids, which then must be left-padded and end
+            where the answer starts ("[DEC] question [SEP]", the VQA training layout); bos is not appended
+            (and still never generated).
     """
-    if do_sample is None:
-        do_sample = top_p is not None
-    if do_sample and num_beams > 1:
-        raise ValueError(
-            "sampling (do_sample / top_p) works with num_beams=1 only; beam sampling is not supported"
-        )
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    stepper = _Stepper(encoder, image_embeds, options, bos_id, eos_id, pad_id, prefix_ids, prefix_mask,
+                       modality_ids, continue_prefix)
     was_training = encoder.training
     encoder.eval()
     try:
-        if num_beams > 1:
-            return beam_search(
-                encoder,
-                image_embeds,
-                bos_id,
-                eos_id,
-                pad_id,
-                num_beams=num_beams,
-                max_length=max_length,
-                length_penalty=length_penalty,
-                repetition_penalty=repetition_penalty,
-                no_repeat_ngram_size=no_repeat_ngram_size,
-                min_length=min_length,
-                use_cache=use_cache,
-                prefix_ids=prefix_ids,
-                prefix_mask=prefix_mask,
-                modality_ids=modality_ids,
-                continue_prefix=continue_prefix,
-            )
-        return greedy_decode(
-            encoder,
-            image_embeds,
-            bos_id,
-            eos_id,
-            pad_id,
-            max_length=max_length,
-            min_length=min_length,
-            repetition_penalty=repetition_penalty,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-            length_penalty=length_penalty,
-            use_cache=use_cache,
-            prefix_ids=prefix_ids,
-            prefix_mask=prefix_mask,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_p=1.0 if top_p is None else top_p,
-            top_k=top_k,
-            generator=generator,
-            modality_ids=modality_ids,
-            continue_prefix=continue_prefix,
-        )
+        return _beam_search(stepper) if options.num_beams > 1 else _greedy_decode(stepper, generator)
     finally:
         encoder.train(was_training)
 
 
-__all__ = ["beam_search", "generate", "greedy_decode", "process_logits"]
+__all__ = ["DecodeOptions", "generate", "process_logits"]

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medunifier.config import I2I_TASKS, LossWeights, MedUnifierConfig
-from medunifier.model.decoding import generate
+from medunifier.model.decoding import DecodeOptions, generate
 from medunifier.model.encoder import ImageTextEncoder
 from medunifier.model.generator import TextGroundedGenerator
 from medunifier.model.i2i import ImageToImageHead, i2i_loss
@@ -455,12 +455,7 @@ class MedUnifier(nn.Module):
             prefix_ids, prefix_mask = prefix_ids.to(pixel_values.device), prefix_mask.to(pixel_values.device)
             room = self.config.encoder.max_position_embeddings - prefix_ids.shape[1]
             max_length = max(1, min(max_length, room))
-        tokens, _ = generate(
-            self.encoder,
-            image_embeds,
-            bos_id=self.special["dec"],
-            eos_id=self.special["sep"],
-            pad_id=self.special["pad"],
+        options = DecodeOptions(
             max_length=max_length,
             min_length=min_length,
             num_beams=1 if top_p is not None else num_beams,  # nucleus sampling draws one sequence per image
@@ -469,6 +464,14 @@ class MedUnifier(nn.Module):
             repetition_penalty=repetition_penalty,
             no_repeat_ngram_size=no_repeat_ngram_size,
             length_penalty=length_penalty,
+        )
+        tokens, _ = generate(
+            self.encoder,
+            image_embeds,
+            bos_id=self.special["dec"],
+            eos_id=self.special["sep"],
+            pad_id=self.special["pad"],
+            options=options,
             generator=generator,
             prefix_ids=prefix_ids,
             prefix_mask=prefix_mask,

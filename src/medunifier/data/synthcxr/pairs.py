@@ -12,7 +12,7 @@ from medunifier.data.reports import (
     DEGREE_WORDS,
     SIZE_WORDS,
     FindingSpec,
-    _location_noun,
+    _location,
     report_text,
     write_report,
 )
@@ -68,10 +68,10 @@ def edit_instruction(spec: FindingSpec, rng: np.random.Generator) -> str:
         phrase = f"{pick(rng, DEGREE_WORDS[sev])} pulmonary edema"
     elif spec.name == "consolidation":
         quality = {"mild": "patchy", "moderate": "focal", "severe": "dense"}[sev]
-        phrase = f"{quality} consolidation in {_location_noun(side, spec.zone, rng)}"
+        phrase = f"{quality} consolidation in {_location('noun', side, spec.zone, rng)}"
     elif spec.name == "atelectasis":
         quality = {"mild": "subsegmental", "moderate": "plate-like", "severe": "extensive"}[sev]
-        phrase = f"{quality} atelectasis in {_location_noun(side, spec.zone, rng)}"
+        phrase = f"{quality} atelectasis in {_location('noun', side, spec.zone, rng)}"
     else:
         raise ValueError(f"no edit instruction for {spec.name!r} (pairs add one of {PAIR_FINDINGS})")
     return f"{verb} {phrase}"
