@@ -123,6 +123,9 @@ def eval_report(
     max_length: int = typer.Option(95, help="maximum generated tokens"),
     repetition_penalty: float = typer.Option(1.0, help="CTRL-style repetition penalty (1 = off)"),
     no_repeat_ngram_size: int = typer.Option(3, help="block repeated n-grams (3 = R2Gen's trigram blocking)"),
+    candidates: int = typer.Option(1, min=1, help="draft this many reports per image (the beam-search one and "
+                                   "nucleus samples) and keep the one the model's ITM + ITC score highest"),
+    seed: int = typer.Option(0, help="seed of the candidates' nucleus samples"),
     limit: int | None = typer.Option(None, help="score only the first N images"),
     meteor: bool = typer.Option(True, help="compute METEOR (runs Java)"),
     round_trip_refs: bool = typer.Option(True, help="score references decoded from their tokens, as R2Gen does"),
@@ -137,7 +140,8 @@ def eval_report(
     with fail_on(*_EVAL_ERRORS):
         run_report(ckpt, data, _eval_out(out, ckpt, "report"), split=split, target=target, num_beams=num_beams,
                    max_length=max_length, repetition_penalty=repetition_penalty,
-                   no_repeat_ngram_size=no_repeat_ngram_size, limit=limit, meteor=None if meteor else False,
+                   no_repeat_ngram_size=no_repeat_ngram_size, candidates=candidates, seed=seed, limit=limit,
+                   meteor=None if meteor else False,
                    round_trip_refs=round_trip_refs, batch_size=batch_size, device=device, console=console)
 
 

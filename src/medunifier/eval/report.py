@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from rich.console import Console
 
 from medunifier.eval import common
@@ -51,6 +52,8 @@ def run_report(
     repetition_penalty: float = 1.0,
     no_repeat_ngram_size: int = 3,
     length_penalty: float = 1.0,
+    candidates: int = 1,
+    seed: int = 0,
     limit: int | None = None,
     meteor: bool | None = None,
     round_trip_refs: bool = True,
@@ -63,6 +66,8 @@ def run_report(
 
     NLG metrics compare the generated text with the references after a round trip through the model's
     tokenizer (`round_trip_refs`, as R2Gen does with its own); clinical efficacy labels the original references.
+    `candidates` > 1 drafts that many reports per image and keeps the one the model's own ITM and ITC score
+    highest (`MedUnifier.generate_report`); its nucleus samples are drawn from a generator seeded with `seed`.
     Writes `results.json` and `predictions.jsonl` (id, reference, generated) into `out` when given.
     """
     ckpt, model = common.eval_model(model, device)
@@ -73,11 +78,15 @@ def run_report(
     if not records:
         raise ValueError(f"{data}: no record with an image and a report")
     hyps: list[str] = []
+    selection = {}
+    if candidates > 1:
+        on = next(model.parameters()).device  # the sampling generator lives where the model does
+        selection = {"candidates": candidates, "generator": torch.Generator(on).manual_seed(seed)}
     for px in common.image_batches(records, root, model, batch_size, num_workers):
         hyps.extend(model.generate_report(
             px, num_beams=num_beams, max_length=max_length, min_length=min_length,
             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-            length_penalty=length_penalty,
+            length_penalty=length_penalty, **selection,
         ))
     refs = [reference_text(r, target) for r in records]
     # R2Gen scores references decoded from their token ids (truncated at the model's text length); the same
@@ -92,7 +101,8 @@ def run_report(
         "n": len(records),
         "decoding": {"num_beams": num_beams, "max_length": max_length, "min_length": min_length,
                      "repetition_penalty": repetition_penalty, "no_repeat_ngram_size": no_repeat_ngram_size,
-                     "length_penalty": length_penalty},
+                     "length_penalty": length_penalty, "candidates": candidates,
+                     "seed": seed if candidates > 1 else None},
         "round_trip_refs": round_trip_refs and getattr(model, "tokenizer", None) is not None,
         "nlg": nlg_metrics(scored_refs, hyps, meteor=meteor),
         "clinical_efficacy": clinical_efficacy(refs, hyps),

@@ -34,7 +34,7 @@ mapped to ids (`modality_ids`, unknown -> 0) and reach every encoder pass of the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,8 @@ from medunifier.model.losses import (
     mix_itc_targets,
     tig_terms,
 )
+from medunifier.model.parameters import parameter_counts, parameter_report
+from medunifier.model.report_selection import pick_by_matching
 from medunifier.model.saving import load_pretrained, save_pretrained
 from medunifier.model.vision import VisionEncoder
 from medunifier.tokens import load_tokenizer, special_ids
@@ -441,12 +443,19 @@ class MedUnifier(nn.Module):
         prefix_mask: Tensor | None = None,
         *,
         modalities: list[str] | None = None,
+        candidates: int = 1,
+        candidate_top_p: float = 0.9,
     ) -> list[str]:
         """Draft reports for a batch of images, or answers after question prefixes.
 
         prefix_ids, prefix_mask: [B, P] left-padded "[DEC] question [SEP]" (`Processor.question_prefixes`);
         decoding continues after them and the answer alone is returned.
+        candidates: N > 1 drafts N reports per image (the one decoded as asked and N - 1 nucleus samples at
+        `candidate_top_p`, drawn from `generator`) and keeps the one the model's own ITM and ITC score highest
+        (`report_selection.pick_by_matching`). Reports only.
         """
+        if candidates < 1 or (candidates > 1 and prefix_ids is not None):
+            raise ValueError(f"candidates must be >= 1, and 1 with question prefixes (got {candidates})")
         image_embeds = self.image_features(pixel_values)
         max_length = max_length or self.config.text.max_length
         if prefix_ids is not None:
@@ -465,20 +474,21 @@ class MedUnifier(nn.Module):
             no_repeat_ngram_size=no_repeat_ngram_size,
             length_penalty=length_penalty,
         )
-        tokens, _ = generate(
-            self.encoder,
-            image_embeds,
-            bos_id=self.special["dec"],
-            eos_id=self.special["sep"],
-            pad_id=self.special["pad"],
-            options=options,
-            generator=generator,
-            prefix_ids=prefix_ids,
-            prefix_mask=prefix_mask,
-            continue_prefix=prefix_ids is not None,
-            modality_ids=self.modality_ids_for(modalities, pixel_values.shape[0]),
-        )
-        return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        modality_ids = self.modality_ids_for(modalities, pixel_values.shape[0])
+
+        def decode(opts: DecodeOptions) -> list[str]:
+            tokens, _ = generate(self.encoder, image_embeds, bos_id=self.special["dec"], eos_id=self.special["sep"],
+                                 pad_id=self.special["pad"], options=opts, generator=generator, prefix_ids=prefix_ids,
+                                 prefix_mask=prefix_mask, continue_prefix=prefix_ids is not None,
+                                 modality_ids=modality_ids)
+            return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+
+        drafts = [decode(options)]
+        if candidates > 1:
+            sampled = replace(options, num_beams=1, top_p=candidate_top_p)
+            drafts += [decode(sampled) for _ in range(candidates - 1)]
+            return pick_by_matching(self, image_embeds, drafts, modalities)
+        return drafts[0]
 
     def _generator_inputs(
         self,
@@ -553,54 +563,12 @@ class MedUnifier(nn.Module):
     # ------------------------------------------------------------------------------- save and load
 
     def parameter_counts(self) -> dict[str, dict[str, int]]:
-        counts = {}
-        for name in ("vision", "encoder", "generator", "i2i"):
-            module = getattr(self, name, None)  # the image-to-image head is optional
-            if module is None:
-                continue
-            total = sum(p.numel() for p in module.parameters())
-            trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-            counts[name] = {"total": total, "trainable": trainable}
-        heads = [self.image_proj, self.text_proj, self.itm_head]
-        counts["heads"] = {
-            "total": sum(p.numel() for m in heads for p in m.parameters()) + 1,
-            "trainable": sum(p.numel() for m in heads for p in m.parameters() if p.requires_grad) + 1,
-        }
-        return counts
+        """{module: {"total", "trainable"}} (`model.parameters.parameter_counts`)."""
+        return parameter_counts(self)
 
     def parameter_report(self) -> dict[str, int]:
-        """Parameter counts (each tensor once, tied weights included once) by module, and the expert cost.
-
-        Keys: vision, encoder, generator, heads, total, trainable; encoder.understand_experts (the modules
-        a task-expert model duplicates: query/text feed-forwards, plus self-attention with
-        expert_attention), encoder.generate_experts (their copies; 0 with shared experts) and
-        encoder.modality_embeddings (0 when off).
-        """
-
-        def count(params) -> int:
-            return sum(p.numel() for p in {id(p): p for p in params}.values())
-
-        enc = self.encoder
-        report = {name: count(getattr(self, name).parameters()) for name in ("vision", "encoder", "generator")}
-        report["heads"] = count(
-            [*self.image_proj.parameters(), *self.text_proj.parameters(), *self.itm_head.parameters()]
-        ) + self.temperature.numel()
-        attention_too = self.config.encoder.expert_attention
-        duplicated = [
-            m
-            for layer in enc.layers
-            for m in (layer.query_ffn, layer.text_ffn, *([layer.self_attention] if attention_too else []))
-        ]
-        report["encoder.understand_experts"] = count(p for m in duplicated for p in m.parameters())
-        report["encoder.generate_experts"] = count(
-            p for gen, _ in enc.expert_pairs() for p in enc.get_submodule(gen).parameters()
-        )
-        report["encoder.modality_embeddings"] = (
-            0 if enc.modality_embeddings is None else enc.modality_embeddings.weight.numel()
-        )
-        report["total"] = count(self.parameters())
-        report["trainable"] = count(p for p in self.parameters() if p.requires_grad)
-        return report
+        """Parameter counts by module and the expert cost (`model.parameters.parameter_report`)."""
+        return parameter_report(self)
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """safetensors weights + JSON config + tokenizer files in `out_dir` (see `model.saving`); never pickle."""

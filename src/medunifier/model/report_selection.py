@@ -1,0 +1,61 @@
+"""Report drafts chosen by the model's own image-text matching (`MedUnifier.generate_report(candidates=N)`).
+
+Beam search returns the most probable report, and on a small corpus the most probable report leans to the
+normal study: it names fewer findings than the image shows. The same model's ITM head was trained to tell
+a report from one that differs in a finding (hard negatives with other finding labels), so it can judge
+drafts: each image gets N drafts (the beam-search one and N - 1 nucleus samples) and keeps the one with
+the highest ITM match log-odds + ITC similarity, the score BLIP-2 re-ranks retrieval candidates with
+(`eval.retrieval.itm_rerank`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from medunifier.model.medunifier import MedUnifier
+
+__all__ = ["matching_scores", "pick_by_matching"]
+
+
+@torch.no_grad()
+def matching_scores(model: MedUnifier, image_embeds: Tensor, texts: list[str],
+                    modalities: list[str] | None = None) -> Tensor:
+    """ITM match log-odds + ITC similarity (max over queries) of each (image, text) pair: [P].
+
+    Args:
+        model: the model whose ITM head and ITC projections judge.
+        image_embeds: [P, N, D] vision tokens (`image_features`), one row per pair.
+        texts: P texts.
+        modalities: one per pair, or None.
+    """
+    tokens = model.tokenize(texts)
+    logits = model.itm_logits(None, tokens["input_ids"], tokens["attention_mask"], image_embeds=image_embeds,
+                              modalities=modalities).float()  # [P, 2]
+    image = model.encode_image(None, image_embeds=image_embeds, modalities=modalities)  # [P, Q, E]
+    text = model.encode_text(tokens["input_ids"], tokens["attention_mask"], modalities=modalities)  # [P, E]
+    itc = torch.einsum("pqe,pe->pq", image.float(), text.float()).amax(dim=-1)  # [P]
+    return logits[:, 1] - logits[:, 0] + itc
+
+
+@torch.no_grad()
+def pick_by_matching(model: MedUnifier, image_embeds: Tensor, drafts: list[list[str]],
+                     modalities: list[str] | None = None) -> list[str]:
+    """For each image, its draft with the highest `matching_scores` (ties: the earliest draft).
+
+    Args:
+        image_embeds: [B, N, D] the images' vision tokens.
+        drafts: K lists of B texts: drafts[k][b] is image b's k-th draft.
+        modalities: one per image, or None.
+    """
+    batch, k = image_embeds.shape[0], len(drafts)
+    if k == 0 or any(len(d) != batch for d in drafts):
+        raise ValueError(f"drafts must be K >= 1 lists of {batch} texts, one per image")
+    texts = [drafts[j][b] for b in range(batch) for j in range(k)]  # image-major: [B * K]
+    pairs = image_embeds.repeat_interleave(k, dim=0)  # [B * K, N, D]
+    pair_modalities = [m for m in modalities for _ in range(k)] if modalities is not None else None
+    best = matching_scores(model, pairs, texts, pair_modalities).view(batch, k).argmax(dim=1)  # [B]
+    return [drafts[int(j)][b] for b, j in enumerate(best)]
