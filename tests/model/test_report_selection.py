@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_medunifier import TEXTS, make_batch, small_model
 
 import medunifier.model.report_selection as selection
-from test_medunifier import TEXTS, make_batch, small_model
 
 
 def test_batched_scores_are_each_pairs_own() -> None:
@@ -60,3 +60,15 @@ def test_generate_report_with_candidates_keeps_the_best_of_its_drafts() -> None:
     prefix = torch.full((2, 3), model.special["dec"])
     with pytest.raises(ValueError, match="question prefixes"):
         model.generate_report(pixels, candidates=2, prefix_ids=prefix, prefix_mask=torch.ones_like(prefix))
+
+
+def test_mean_log_likelihood_is_minus_the_itg_loss_of_each_text() -> None:
+    model = small_model().eval()
+    batch = make_batch(model, 2)
+    with torch.no_grad():
+        embeds = model.image_features(batch["pixel_values"])
+        both = selection.mean_log_likelihood(model, embeds, model.tokenize(TEXTS[:2]))
+        for i in range(2):
+            tokens = model.tokenize([TEXTS[i]])
+            itg = model._itg_loss(embeds[i:i + 1], tokens["input_ids"], tokens["attention_mask"], None)
+            torch.testing.assert_close(both[i], -itg, atol=1e-4, rtol=1e-4)

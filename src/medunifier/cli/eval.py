@@ -124,7 +124,7 @@ def eval_report(
     repetition_penalty: float = typer.Option(1.0, help="CTRL-style repetition penalty (1 = off)"),
     no_repeat_ngram_size: int = typer.Option(3, help="block repeated n-grams (3 = R2Gen's trigram blocking)"),
     candidates: int = typer.Option(1, min=1, help="draft this many reports per image (the beam-search one and "
-                                   "nucleus samples) and keep the one the model's ITM + ITC score highest"),
+                                   "nucleus samples) and keep the one the model's ITM + ITC + likelihood score highest"),
     seed: int = typer.Option(0, help="seed of the candidates' nucleus samples"),
     limit: int | None = typer.Option(None, help="score only the first N images"),
     meteor: bool = typer.Option(True, help="compute METEOR (runs Java)"),

@@ -66,7 +66,7 @@ def run_report(
 
     NLG metrics compare the generated text with the references after a round trip through the model's
     tokenizer (`round_trip_refs`, as R2Gen does with its own); clinical efficacy labels the original references.
-    `candidates` > 1 drafts that many reports per image and keeps the one the model's own ITM and ITC score
+    `candidates` > 1 drafts that many reports per image and keeps the one the model's own ITM, ITC and decoder likelihood score
     highest (`MedUnifier.generate_report`); its nucleus samples are drawn from a generator seeded with `seed`.
     Writes `results.json` and `predictions.jsonl` (id, reference, generated) into `out` when given.
     """

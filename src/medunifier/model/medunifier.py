@@ -451,8 +451,8 @@ class MedUnifier(nn.Module):
         prefix_ids, prefix_mask: [B, P] left-padded "[DEC] question [SEP]" (`Processor.question_prefixes`);
         decoding continues after them and the answer alone is returned.
         candidates: N > 1 drafts N reports per image (the one decoded as asked and N - 1 nucleus samples at
-        `candidate_top_p`, drawn from `generator`) and keeps the one the model's own ITM and ITC score highest
-        (`report_selection.pick_by_matching`). Reports only.
+        `candidate_top_p`, drawn from `generator`) and keeps the one the model's own ITM, ITC and decoder
+        likelihood score highest (`report_selection.pick_by_matching`). Reports only.
         """
         if candidates < 1 or (candidates > 1 and prefix_ids is not None):
             raise ValueError(f"candidates must be >= 1, and 1 with question prefixes (got {candidates})")

@@ -4,8 +4,9 @@ Beam search returns the most probable report, and on a small corpus the most pro
 normal study: it names fewer findings than the image shows. The same model's ITM head was trained to tell
 a report from one that differs in a finding (hard negatives with other finding labels), so it can judge
 drafts: each image gets N drafts (the beam-search one and N - 1 nucleus samples) and keeps the one with
-the highest ITM match log-odds + ITC similarity, the score BLIP-2 re-ranks retrieval candidates with
-(`eval.retrieval.itm_rerank`).
+the highest ITM match log-odds + ITC similarity (the score BLIP-2 re-ranks retrieval candidates with,
+`eval.retrieval.itm_rerank`) + the decoder's mean token log-likelihood of the draft given the image (which
+keeps the matching terms from preferring a draft that names findings at any cost).
 """
 
 from __future__ import annotations
@@ -15,16 +16,19 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from medunifier.model.losses import IGNORE_INDEX, itg_labels
+
 if TYPE_CHECKING:
     from medunifier.model.medunifier import MedUnifier
 
-__all__ = ["matching_scores", "pick_by_matching"]
+__all__ = ["matching_scores", "mean_log_likelihood", "pick_by_matching"]
 
 
 @torch.no_grad()
 def matching_scores(model: MedUnifier, image_embeds: Tensor, texts: list[str],
                     modalities: list[str] | None = None) -> Tensor:
-    """ITM match log-odds + ITC similarity (max over queries) of each (image, text) pair: [P].
+    """ITM match log-odds + ITC similarity (max over queries) + mean token log-likelihood (`mean_log_likelihood`)
+    of each (image, text) pair: [P].
 
     Args:
         model: the model whose ITM head and ITC projections judge.
@@ -38,7 +42,21 @@ def matching_scores(model: MedUnifier, image_embeds: Tensor, texts: list[str],
     image = model.encode_image(None, image_embeds=image_embeds, modalities=modalities)  # [P, Q, E]
     text = model.encode_text(tokens["input_ids"], tokens["attention_mask"], modalities=modalities)  # [P, E]
     itc = torch.einsum("pqe,pe->pq", image.float(), text.float()).amax(dim=-1)  # [P]
-    return logits[:, 1] - logits[:, 0] + itc
+    return logits[:, 1] - logits[:, 0] + itc + mean_log_likelihood(model, image_embeds, tokens, modalities)
+
+
+@torch.no_grad()
+def mean_log_likelihood(model: MedUnifier, image_embeds: Tensor, tokens: dict[str, Tensor],
+                        modalities: list[str] | None = None) -> Tensor:
+    """The decoder's mean log-probability per token of each text given its image (ITG's pass): [P]."""
+    ids = model._task_ids(tokens["input_ids"], "dec")  # [P, T]
+    out = model.encoder(input_ids=ids, attention_mask=tokens["attention_mask"], image_embeds=image_embeds,
+                        mode="causal", modality_ids=model.modality_ids_for(modalities, ids.shape[0]))
+    labels = itg_labels(ids, tokens["attention_mask"])  # [P, T-1]
+    scored = labels != IGNORE_INDEX
+    logits = model.encoder.lm_logits(out.text_states[:, :-1]).float()  # [P, T-1, V]
+    log_p = logits.log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]  # [P, T-1]
+    return (log_p * scored).sum(1) / scored.sum(1).clamp_min(1)
 
 
 @torch.no_grad()
