@@ -68,3 +68,13 @@ def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(MEDUNIFIER_NO_PROGRESS="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return env
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 SynthCXR images at 32 px with their reports (the stage-0 and ITC-teacher tests)."""
+    from medunifier.data.synthcxr import write_synthcxr
+
+    root = tmp_path_factory.mktemp("synth")
+    write_synthcxr(root, n=40, size=32, seed=3, workers=1, per_class_5x200=0)
+    return root / "manifest.jsonl"

@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 from medunifier.config import ConfigError, ImageConfig, VisionConfig, load_config, load_stage0_config
 from medunifier.data.dataset import ManifestDataset
 from medunifier.data.manifest import Record
-from medunifier.data.synthcxr import write_synthcxr
 from medunifier.model.feature_cache import DiskFeatureCache, FeatureCacheMismatch
 from medunifier.model.stage0 import ImageTextContrastiveLoss, TextTower, same_labels
 from medunifier.model.vision import VisionEncoder
@@ -29,13 +28,6 @@ from medunifier.train.stage0 import (
 STAGE0_SMALL = ["image.size=32", "vision.hidden_size=32", "vision.num_layers=2", "vision.patch_size=8",
                 "embed_dim=16", "batch_size=8", "queue_size=16", "text_max_length=64",
                 "log_every=1"]
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("synth")
-    write_synthcxr(root, n=40, size=32, seed=3, workers=1, per_class_5x200=0)
-    return root / "manifest.jsonl"
 
 
 @pytest.fixture(scope="module")
