@@ -89,6 +89,19 @@ def test_report_png_jpeg_and_dicom_in_one_request(make_client, base_copilot) -> 
     assert body["reports"][0]["report"] == base_copilot.report(arr, num_beams=2)[0]
 
 
+def test_report_best_of_several_drafts_is_reproducible_and_bounded(make_client, base_copilot) -> None:
+    client = make_client()
+    arr = picture(3)
+    form = {"num_beams": "2", "candidates": "3", "seed": "7"}
+    first = client.post("/v1/report", files=[image_part(encode(arr))], data=form).json()["reports"][0]["report"]
+    again = client.post("/v1/report", files=[image_part(encode(arr))], data=form).json()["reports"][0]["report"]
+    assert first == again == base_copilot.report(arr, num_beams=2, candidates=3, seed=7)[0]
+    # candidates=1 is beam search alone
+    assert base_copilot.report(arr, num_beams=2, candidates=1)[0] == base_copilot.report(arr, num_beams=2)[0]
+    assert_error(client.post("/v1/report", files=[image_part()], data={"candidates": "17"}), 422)
+    assert_error(client.post("/v1/report", files=[image_part()], data={"candidates": "0"}), 422)
+
+
 def test_classify_default_findings_and_custom_labels(make_client) -> None:
     client = make_client()
     body = client.post("/v1/classify", files=[image_part()]).json()

@@ -385,17 +385,24 @@ class Copilot:
     # ------------------------------------------------------------------------------------- the API
 
     def report(self, images: Any, num_beams: int = 3, max_length: int | None = None,
-               no_repeat_ngram_size: int = 3) -> list[str]:
+               no_repeat_ngram_size: int = 3, candidates: int = 1, seed: int = 0) -> list[str]:
         """One draft report per image (beam search with trigram blocking, as in evaluation).
 
         max_length is capped at the model's `text.max_length` (its position embeddings end there).
+        candidates > 1: the best of that many drafts by the model's own matching (`generate_report`), the
+        nucleus samples drawn from a generator seeded with `seed` (the same request gives the same report).
         """
+        if candidates < 1:
+            raise ValueError("candidates must be at least 1")
         limit = int(self.model.config.text.max_length)
         max_length = limit if max_length is None else max(1, min(int(max_length), limit))
         pixels = self.preprocess(images)
+        selection = {}
+        if candidates > 1:
+            selection = {"candidates": candidates, "generator": torch.Generator(pixels.device).manual_seed(seed)}
         with self._lock, torch.no_grad():
             return self.model.generate_report(pixels, num_beams=num_beams, max_length=max_length,
-                                              no_repeat_ngram_size=no_repeat_ngram_size)
+                                              no_repeat_ngram_size=no_repeat_ngram_size, **selection)
 
     def ask(self, image: Any, question: str, candidates: Sequence[str] | None = None, max_length: int = 16,
             num_beams: int = 1, modality: str | None = None) -> Answer:

@@ -1,6 +1,7 @@
 """The REST service and the co-pilot page: `create_app(copilot, settings)` returns a FastAPI app.
 
-    POST /v1/report      multipart: image (PNG/JPEG/DICOM, repeatable), num_beams, max_length, preview
+    POST /v1/report      multipart: image (PNG/JPEG/DICOM, repeatable), num_beams, max_length, preview,
+                         candidates, seed
     POST /v1/classify    multipart: image (repeatable), labels ("a,b,c"; default: the shipped findings), ensemble
     POST /v1/ask         multipart: image, question, candidates ("yes,no"; optional), max_length, num_beams
     POST /v1/retrieve    multipart: image or text, k, mode                       (needs an index)
@@ -233,10 +234,13 @@ def create_app(copilot: Copilot, settings: ServeSettings | None = None, bind_hos
         max_length: Annotated[int, Form(ge=1, le=s.max_report_tokens, description="maximum tokens (the model's "
                                         "own text length caps it)")] = s.max_report_tokens,
         preview: Annotated[bool, Form()] = False,
+        candidates: Annotated[int, Form(ge=1, le=s.max_candidates, description="drafts per image; the model's own "
+                                        "matching keeps the best (1: beam search alone)")] = s.default_candidates,
+        seed: Annotated[int, Form(ge=0, le=2**31 - 1, description="seed of the drafts' sampling")] = 0,
     ) -> ReportResponse:
         """A draft report for each uploaded image."""
         arrays = read_images(image)
-        texts = copilot.report(arrays, num_beams=num_beams, max_length=max_length)
+        texts = copilot.report(arrays, num_beams=num_beams, max_length=max_length, candidates=candidates, seed=seed)
         items = [ReportItem(filename=upload_name(u), report=t, preview=preview_png(a) if preview else None)
                  for u, t, a in zip(image, texts, arrays)]
         return ReportResponse(reports=items, model=copilot.checksum)

@@ -54,8 +54,12 @@ class ServeSettings(BaseModel):
     max_guidance: float = Field(20.0, ge=0.0, description="classifier-free guidance scale")
     max_beams: int = Field(5, ge=1, description="beam width of report generation")
     max_report_tokens: int = Field(128, ge=1, description="generated report length in tokens")
+    max_candidates: int = Field(16, ge=1, description="report drafts per image among which the model's own "
+                                "matching chooses")
     # defaults used when a request does not say
     default_num_beams: int = Field(3, ge=1, description="beam width of report generation")
+    default_candidates: int = Field(1, ge=1, description="report drafts per image (1: beam search alone; the demo "
+                                    "evaluates the best of 8, at about 8x the time)")
     default_k: int = Field(5, ge=1, description="retrieved cases per query")
     default_steps: int = Field(8, ge=1, description="sampling steps of synthesis and editing")
     default_guidance: float = Field(3.0, ge=0.0, description="classifier-free guidance scale")
@@ -71,7 +75,8 @@ class ServeSettings(BaseModel):
     def _consistent(self) -> ServeSettings:
         if self.max_upload_bytes > self.max_request_bytes:
             raise ValueError("max_upload_bytes cannot exceed max_request_bytes")
-        for default, limit in (("default_num_beams", "max_beams"), ("default_k", "max_k"),
+        for default, limit in (("default_num_beams", "max_beams"), ("default_candidates", "max_candidates"),
+                               ("default_k", "max_k"),
                                ("default_steps", "max_steps"), ("default_guidance", "max_guidance")):
             if getattr(self, default) > getattr(self, limit):
                 raise ValueError(f"{default} ({getattr(self, default)}) exceeds {limit} ({getattr(self, limit)})")
