@@ -20,18 +20,21 @@ def test_batched_scores_are_each_pairs_own() -> None:
     together = selection.matching_scores(model, pairs, texts)
     alone = torch.cat([selection.matching_scores(model, pairs[i:i + 1], [texts[i]]) for i in range(4)])
     torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
+    given = selection.matching_scores(model, pairs, texts, image_itc=model.encode_image(None, image_embeds=pairs))
+    torch.testing.assert_close(given, together)
     # the score is ITM log-odds plus the ITC similarity, so it is not the same for every text of one image
     assert together[0] != together[1]
 
 
 def test_each_image_keeps_its_own_best_draft(monkeypatch: pytest.MonkeyPatch) -> None:
     model = small_model().eval()
-    embeds = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        embeds = model.image_features(make_batch(model, 3)["pixel_values"])  # [3, N, D]
     drafts = [["a", "bbbb", "cc"], ["aaa", "b", "cccc"], ["aa", "bb", "c"]]  # drafts[k][b]
     seen: dict[str, object] = {}
 
-    def by_length(_model, pair_embeds, texts, modalities=None):  # a judge that prefers long texts
-        seen.update(embeds=pair_embeds, texts=list(texts))
+    def by_length(_model, pair_embeds, texts, modalities=None, image_itc=None):  # a judge preferring long texts
+        seen.update(embeds=pair_embeds, texts=list(texts), image_itc=image_itc)
         return torch.tensor([float(len(t)) for t in texts])
 
     monkeypatch.setattr(selection, "matching_scores", by_length)
@@ -39,6 +42,9 @@ def test_each_image_keeps_its_own_best_draft(monkeypatch: pytest.MonkeyPatch) ->
     # pairs are image-major: image b's row beside each of its drafts
     assert seen["texts"] == ["a", "aaa", "aa", "bbbb", "b", "bb", "cc", "cccc", "c"]
     assert torch.equal(seen["embeds"], embeds.repeat_interleave(3, dim=0))
+    # the ITC image embeddings were computed once an image and repeated in the same order
+    expected_itc = model.encode_image(None, image_embeds=embeds).repeat_interleave(3, dim=0)
+    torch.testing.assert_close(seen["image_itc"], expected_itc)
     with pytest.raises(ValueError, match="one per image"):
         selection.pick_by_matching(model, embeds, [["a", "b"]])
 

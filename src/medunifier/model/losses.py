@@ -232,7 +232,7 @@ def mix_itc_targets(target: Tensor | None, logits: ContrastiveLogits, teacher: t
         raise ValueError(f"the teacher's share must lie in [0, 1], got {alpha}")
     if target is None:
         target = F.one_hot(logits.targets, logits.global_batch).float()  # [B, B_all]
-    return tuple((1.0 - alpha) * target + alpha * t for t in teacher)  # type: ignore[return-value]
+    return (1.0 - alpha) * target + alpha * teacher[0], (1.0 - alpha) * target + alpha * teacher[1]
 
 
 def itc_loss(logits: ContrastiveLogits, target: Tensor | tuple[Tensor, Tensor] | None = None,

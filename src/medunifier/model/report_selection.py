@@ -26,7 +26,7 @@ __all__ = ["matching_scores", "mean_log_likelihood", "pick_by_matching"]
 
 @torch.no_grad()
 def matching_scores(model: MedUnifier, image_embeds: Tensor, texts: list[str],
-                    modalities: list[str] | None = None) -> Tensor:
+                    modalities: list[str] | None = None, image_itc: Tensor | None = None) -> Tensor:
     """ITM match log-odds + ITC similarity (max over queries) + mean token log-likelihood (`mean_log_likelihood`)
     of each (image, text) pair: [P].
 
@@ -35,11 +35,13 @@ def matching_scores(model: MedUnifier, image_embeds: Tensor, texts: list[str],
         image_embeds: [P, N, D] vision tokens (`image_features`), one row per pair.
         texts: P texts.
         modalities: one per pair, or None.
+        image_itc: [P, Q, E] the pairs' ITC image embeddings (`encode_image`) when already computed.
     """
     tokens = model.tokenize(texts)
     logits = model.itm_logits(None, tokens["input_ids"], tokens["attention_mask"], image_embeds=image_embeds,
                               modalities=modalities).float()  # [P, 2]
-    image = model.encode_image(None, image_embeds=image_embeds, modalities=modalities)  # [P, Q, E]
+    image = image_itc if image_itc is not None else model.encode_image(None, image_embeds=image_embeds,
+                                                                       modalities=modalities)  # [P, Q, E]
     text = model.encode_text(tokens["input_ids"], tokens["attention_mask"], modalities=modalities)  # [P, E]
     itc = torch.einsum("pqe,pe->pq", image.float(), text.float()).amax(dim=-1)  # [P]
     return logits[:, 1] - logits[:, 0] + itc + mean_log_likelihood(model, image_embeds, tokens, modalities)
@@ -75,5 +77,7 @@ def pick_by_matching(model: MedUnifier, image_embeds: Tensor, drafts: list[list[
     texts = [drafts[j][b] for b in range(batch) for j in range(k)]  # image-major: [B * K]
     pairs = image_embeds.repeat_interleave(k, dim=0)  # [B * K, N, D]
     pair_modalities = [m for m in modalities for _ in range(k)] if modalities is not None else None
-    best = matching_scores(model, pairs, texts, pair_modalities).view(batch, k).argmax(dim=1)  # [B]
+    image_itc = model.encode_image(None, image_embeds=image_embeds, modalities=modalities)  # [B, Q, E], once an image
+    scores = matching_scores(model, pairs, texts, pair_modalities, image_itc.repeat_interleave(k, dim=0))
+    best = scores.view(batch, k).argmax(dim=1)  # [B]
     return [drafts[int(j)][b] for b, j in enumerate(best)]

@@ -392,8 +392,6 @@ class Copilot:
         candidates > 1: the best of that many drafts by the model's own matching (`generate_report`), the
         nucleus samples drawn from a generator seeded with `seed` (the same request gives the same report).
         """
-        if candidates < 1:
-            raise ValueError("candidates must be at least 1")
         limit = int(self.model.config.text.max_length)
         max_length = limit if max_length is None else max(1, min(int(max_length), limit))
         pixels = self.preprocess(images)

@@ -138,7 +138,7 @@ class Trainer:
         self.teacher: ItcTeacherTargets | None = None  # stage 0 as ITC's teacher (itc_distill)
         if config.itc_distill > 0:
             with acc.main_process_first():  # the main process writes the text-embedding cache first
-                self.teacher = ItcTeacherTargets.build(config, source.train_records, run_dir, self._say)
+                self.teacher = ItcTeacherTargets.build(config, source.train_records, run_dir, self._say).to(acc.device)
 
         self.step = 0
         self.skipped_steps = 0

@@ -84,15 +84,20 @@ class ItcTeacherTargets:
         rows = {r.id: bank.index[r.text] for r in reports}
         return cls(teacher, rows, teacher.text(bank.embeddings))
 
+    def to(self, device: torch.device) -> ItcTeacherTargets:
+        """Move the projections and the text table to `device` (once, before training)."""
+        self.teacher.to(device)
+        self.text_table = self.text_table.to(device)
+        return self
+
     def annotate(self, batch: dict[str, Any], vision: VisionEncoder, cache_keys: list[str] | None) -> dict[str, Any]:
         """The batch with `itc_teacher` added; unchanged when a sample has no teacher text (not a training
         report), so such a batch trains on the ITC targets alone."""
         rows = [self.rows.get(i) for i in batch["ids"]]
         if any(r is None for r in rows):
             return batch
-        pixels = batch["pixel_values"]  # [B, C, S, S]
-        self.teacher.to(pixels.device)
+        pixels = batch["pixel_values"]  # [B, C, S, S], on the device `to` moved the teacher to
         with torch.no_grad():
             image = self.teacher.image(vision.backbone_features(pixels, cache_keys))  # [B, E], scaled
-        text = self.text_table[torch.tensor(rows)].to(pixels.device)  # [B, E]
+        text = self.text_table[torch.tensor(rows, device=self.text_table.device)]  # [B, E]
         return {**batch, "itc_teacher": (image, text)}
