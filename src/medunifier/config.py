@@ -271,6 +271,11 @@ class GeneratorConfig(_Strict):
     adapter_hidden: int = Field(256, ge=8, description="width of the latent adapters (their MLP and residual blocks)")
     adapter_blocks: int = Field(2, ge=0, description="residual blocks per latent adapter")
     decoder_channels: int = Field(128, ge=8, description="channels of the decoder's fused latent map and residual blocks")
+    pixel_channels: int = Field(
+        0, ge=0, description="width of a small trainable convolutional encoder of the input pixels whose "
+        "bottom_size map the bottom adapter reads beside the vision features (VQ-VAE-2's bottom encoder reads "
+        "pixels); for a frozen backbone trained for semantics, whose features keep little pixel detail. 0 = the "
+        "paper's adapters, vision features only")
     commitment_weight: float = Field(0.5, ge=0, description="beta for the commitment terms")
     ema_decay: float = Field(0.99, gt=0, lt=1, description="codebook EMA decay; short schedules need a lower one "
                              "(0.9 in the CPU presets: at 0.99 most bottom codes stayed unused for hundreds of steps)")

@@ -318,3 +318,61 @@ def test_code_priors_need_one_codebook_size():
         prior_config(config)
     same = load_config("tiny", ["generator.top_codebook_size=64", "generator.bottom_codebook_size=64"])
     assert prior_config(same).codebook_size == 64
+
+
+@pytest.mark.parametrize(("image_size", "bottom_size"), [(32, 8), (24, 8), (16, 16)])
+def test_pixel_encoder_map_has_the_bottom_side(image_size: int, bottom_size: int):
+    gen = small_generator(image_size=image_size, bottom_size=bottom_size, pixel_channels=12)
+    pixel_map = gen.pixel_encoder(torch.randn(2, 1, image_size, image_size))
+    assert pixel_map.shape == (2, 12, bottom_size, bottom_size)
+
+
+def test_pixel_path_makes_the_bottom_codes_read_the_image():
+    """With pixel_channels the same adapter inputs give different bottom codes for different images, the top
+    codes (from the queries alone) stay the same, and the pixel loss trains the pixel encoder."""
+    torch.manual_seed(0)
+    gen = small_generator(pixel_channels=16).train()
+    inputs = random_inputs(4)
+    images = smooth_images(4, 1, 32, seed=1)
+    out = gen(*inputs, images, pixel_values=images)
+    out.mse.backward()
+    for name, p in gen.pixel_encoder.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    gen.eval()
+    with torch.no_grad():
+        top_a, bottom_a = gen.encode_codes(*inputs, images)
+        top_b, bottom_b = gen.encode_codes(*inputs, smooth_images(4, 1, 32, seed=2))
+    assert torch.equal(top_a, top_b)
+    assert not torch.equal(bottom_a, bottom_b)
+
+
+def test_pixel_path_needs_the_pixels():
+    gen = small_generator(pixel_channels=8)
+    with pytest.raises(ValueError, match="pass pixel_values"):
+        gen(*random_inputs(2))
+
+
+def test_pixel_path_overfits_better_than_adapter_inputs_that_ignore_the_image():
+    """Adapter inputs that carry nothing about the images (random, as a semantic frozen tower's features carry
+    little pixel detail): only the pixel path can reconstruct them."""
+    def fit(pixel_channels: int) -> float:
+        torch.manual_seed(0)
+        gen = small_generator(codebook_size=128, codebook_dim=32, adapter_hidden=64, pixel_channels=pixel_channels)
+        gen.train()
+        inputs = random_inputs(16)
+        target = smooth_images(16, 1, 32, seed=1)
+        extra = {"pixel_values": target} if pixel_channels else {}
+        optimizer = torch.optim.Adam(gen.parameters(), lr=2e-3)
+        for _ in range(60):
+            out = gen(*inputs, target, **extra)
+            optimizer.zero_grad()
+            out.loss.backward()
+            optimizer.step()
+        gen.eval()
+        # held-out: the same adapter inputs with new images
+        fresh = smooth_images(16, 1, 32, seed=3)
+        with torch.no_grad():
+            extra = {"pixel_values": fresh} if pixel_channels else {}
+            return float(gen(*inputs, fresh, **extra).mse)
+
+    assert fit(16) < 0.5 * fit(0)

@@ -2,7 +2,8 @@
 
     z_top = f_q [B, Q, H]                 --top adapter-->    [B, D, t, t] --quantizer_top-->    codes_top [B, t, t]
     z_bot = [f_local ‖ f_t_cls] [B, L, .] --bottom adapter--> [B, D, b, b] --quantizer_bottom--> codes_bottom [B, b, b]
-            (conditioned on the quantised top, as in VQ-VAE-2)
+            (conditioned on the quantised top, as in VQ-VAE-2; with `generator.pixel_channels` > 0 it also reads
+            a small trainable convolutional encoder of the pixels, VQ-VAE-2's bottom encoder)
     decoder D(z_q_top, z_q_bottom) -> image [B, C, S, S];   loss = MSE(image, target) + vq_top + vq_bottom
 
 D = `codebook_dim`, t = `top_size`, b = `bottom_size`, S = `image.size`, C = `image.channels`. Each level may
@@ -96,6 +97,42 @@ def upsample_conv(in_channels: int, out_channels: int, factor: int) -> nn.Sequen
     return nn.Sequential(*layers, nn.Conv2d(in_channels, out_channels, 3, padding=1))
 
 
+class PixelEncoder(nn.Module):
+    """Image [B, C, S, S] -> [B, channels, b, b]: a 3x3 conv to channels/2, then stride-2 4x4 convs while the side
+    stays >= b (the last one to `channels`), average-pooled to b when S / b is not a power of two, and one residual
+    block.
+
+    A frozen backbone trained for semantics (stage 0's contrastive tower) keeps little pixel detail in its
+    stride-8 features; VQ-VAE-2's bottom encoder reads the pixels, and so does this path of the bottom adapter.
+    """
+
+    def __init__(self, in_channels: int, channels: int, image_size: int, size: int):
+        super().__init__()
+        if size > image_size:
+            raise ValueError(f"the pixel encoder's map side ({size}) must not exceed the image side ({image_size})")
+        half = max(channels // 2, 8)
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, half, 3, padding=1)]
+        halvings, side = 0, image_size
+        while side // 2 >= size:
+            halvings, side = halvings + 1, side // 2
+        width = half
+        for i in range(halvings):
+            out = channels if i == halvings - 1 else half
+            layers += [nn.ReLU(), nn.Conv2d(width, out, 4, stride=2, padding=1)]
+            width = out
+        if width != channels:  # no halving (b == S): widen at full resolution
+            layers += [nn.ReLU(), nn.Conv2d(width, channels, 3, padding=1)]
+        self.down = nn.Sequential(*layers)
+        self.size = size
+        self.block = ResBlock(channels)
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        x = self.down(pixel_values)  # [B, channels, s, s], b <= s < 2b
+        if x.shape[-1] != self.size:
+            x = F.adaptive_avg_pool2d(x, self.size)
+        return self.block(x)  # [B, channels, b, b]
+
+
 class TopAdapter(nn.Module):
     """f_q [B, Q, H] -> top latent map [B, D, t, t].
 
@@ -127,6 +164,7 @@ class BottomAdapter(nn.Module):
     sqrt(L) x sqrt(L) grid, resized to b x b when the grid differs (bilinear up, average-pool down), plus a fixed
     2D sinusoidal encoding. The quantised top map is "decoded" to b x b (nearest upsampling + 3x3 conv) and
     concatenated before a 1x1 fusion conv and the residual blocks (VQ-VAE-2's bottom encoder sees dec_t(q_top)).
+    With `pixel_channels` > 0 the pixel encoder's b x b map is concatenated there too.
     """
 
     def __init__(
@@ -140,8 +178,10 @@ class BottomAdapter(nn.Module):
         top_size: int,
         code_dim: int,
         top_dim: int | None = None,
+        pixel_channels: int = 0,
     ):
-        """code_dim: the bottom codes' size; top_dim: the quantised top's (default code_dim)."""
+        """code_dim: the bottom codes' size; top_dim: the quantised top's (default code_dim); pixel_channels: the
+        pixel encoder's map width (0 = no pixel path)."""
         super().__init__()
         self.grid = math.isqrt(num_patches)
         if self.grid * self.grid != num_patches:
@@ -150,11 +190,14 @@ class BottomAdapter(nn.Module):
         self.mlp = mlp(vision_width + text_width, hidden)
         self.register_buffer("pos", sinusoidal_position_encoding_2d(hidden, size, size), persistent=False)
         self.top_decoder = upsample_conv(top_dim or code_dim, hidden, size // top_size)
-        self.fuse = nn.Conv2d(2 * hidden, hidden, 1)
+        self.pixel_channels = pixel_channels
+        self.fuse = nn.Conv2d(2 * hidden + pixel_channels, hidden, 1)
         self.blocks = nn.Sequential(*[ResBlock(hidden) for _ in range(blocks)])
         self.out = nn.Conv2d(hidden, code_dim, 1)
 
-    def forward(self, local_features: Tensor, text_cls: Tensor, quantized_top: Tensor) -> Tensor:
+    def forward(
+        self, local_features: Tensor, text_cls: Tensor, quantized_top: Tensor, pixel_map: Tensor | None = None
+    ) -> Tensor:
         batch, num_patches, _ = local_features.shape
         text = text_cls[:, None, :].expand(batch, num_patches, text_cls.shape[-1])  # [B, L, Ht]
         x = self.mlp(torch.cat([local_features, text], dim=-1))  # [B, L, hidden]
@@ -165,7 +208,10 @@ class BottomAdapter(nn.Module):
             x = F.adaptive_avg_pool2d(x, self.size)
         x = x + self.pos  # [B, hidden, b, b]
         top = self.top_decoder(quantized_top)  # [B, hidden, b, b]
-        x = self.fuse(torch.cat([x, top], dim=1))
+        if (pixel_map is None) != (self.pixel_channels == 0):
+            raise ValueError("the bottom adapter takes a pixel map exactly when it was built with pixel_channels > 0")
+        maps = [x, top] if pixel_map is None else [x, top, pixel_map.to(x.dtype)]  # pixel map [B, P, b, b]
+        x = self.fuse(torch.cat(maps, dim=1))
         return self.out(F.relu(self.blocks(x)))  # [B, D, b, b]
 
 
@@ -286,7 +332,10 @@ class TextGroundedGenerator(nn.Module):
             gen.top_size,
             bottom_dim,
             top_dim=top_dim,
+            pixel_channels=gen.pixel_channels,
         )
+        self.pixel_encoder = (PixelEncoder(image.channels, gen.pixel_channels, image.size, gen.bottom_size)
+                              if gen.pixel_channels else None)
         self.quantizer_top = make_quantizer(gen, "top")
         self.quantizer_bottom = make_quantizer(gen, "bottom")
         self.decoder = Decoder(
@@ -305,12 +354,23 @@ class TextGroundedGenerator(nn.Module):
             loss = self.commitment_weight * F.mse_loss(latents, quantized.detach())
         return quantized, codes, loss
 
+    def _pixel_map(self, pixel_values: Tensor | None) -> Tensor | None:
+        """The pixel encoder's [B, P, b, b] map, or None without a pixel path."""
+        if self.pixel_encoder is None:
+            return None
+        if pixel_values is None:
+            raise ValueError(
+                "this generator reads the pixels (generator.pixel_channels > 0): pass pixel_values, the input images "
+                "[B, C, S, S] normalised like the model's inputs"
+            )
+        return self.pixel_encoder(pixel_values)
+
     def _encode(
-        self, query_states: Tensor, local_features: Tensor, text_cls: Tensor
+        self, query_states: Tensor, local_features: Tensor, text_cls: Tensor, pixel_values: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         z_top = self.top_adapter(query_states)  # [B, D, t, t]
         q_top, codes_top, vq_top = self._quantize(self.quantizer_top, z_top)
-        z_bottom = self.bottom_adapter(local_features, text_cls, q_top)  # [B, D, b, b]
+        z_bottom = self.bottom_adapter(local_features, text_cls, q_top, self._pixel_map(pixel_values))  # [B, D, b, b]
         q_bottom, codes_bottom, vq_bottom = self._quantize(self.quantizer_bottom, z_bottom)
         return q_top, q_bottom, codes_top, codes_bottom, vq_top, vq_bottom
 
@@ -320,9 +380,10 @@ class TextGroundedGenerator(nn.Module):
         local_features: Tensor,  # [B, L, Dv] f_local (patch tokens, no [CLS])
         text_cls: Tensor,  # [B, Ht] f_t_cls
         target_images: Tensor | None = None,  # [B, C, S, S]
+        pixel_values: Tensor | None = None,  # [B, C, S, S] input images: needed with generator.pixel_channels > 0
     ) -> GeneratorOutput:
         q_top, q_bottom, codes_top, codes_bottom, vq_top, vq_bottom = self._encode(
-            query_states, local_features, text_cls
+            query_states, local_features, text_cls, pixel_values
         )
         images = self.decoder(q_top, q_bottom)  # [B, C, S, S]
         if target_images is not None:
@@ -350,10 +411,10 @@ class TextGroundedGenerator(nn.Module):
         )
 
     def encode_codes(
-        self, query_states: Tensor, local_features: Tensor, text_cls: Tensor
+        self, query_states: Tensor, local_features: Tensor, text_cls: Tensor, pixel_values: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """(codes_top [B, t, t], codes_bottom [B, b, b]); in train mode with grad enabled this updates the codebook."""
-        _, _, codes_top, codes_bottom, _, _ = self._encode(query_states, local_features, text_cls)
+        _, _, codes_top, codes_bottom, _, _ = self._encode(query_states, local_features, text_cls, pixel_values)
         return codes_top, codes_bottom
 
     def decode_codes(self, codes_top: Tensor, codes_bottom: Tensor) -> Tensor:

@@ -297,7 +297,8 @@ class MedUnifier(nn.Module):
                 gen_text = self.text_states(input_ids, attention_mask, role="generate", modality_ids=modality_ids)
             else:
                 gen_query, gen_text = query_out, text_out
-            gen = self.generator(gen_query, image_embeds[:, 1:], gen_text[:, 0], target_images=pixel_values)
+            gen = self.generator(gen_query, image_embeds[:, 1:], gen_text[:, 0], target_images=pixel_values,
+                                 pixel_values=pixel_values)
             tig_losses, tig_metrics = tig_terms(gen, pixel_values, self.config.image.std)
             losses.update(tig_losses)
             metrics.update(tig_metrics)
@@ -496,8 +497,9 @@ class MedUnifier(nn.Module):
         input_ids: Tensor | None,
         attention_mask: Tensor | None,
         modalities: list[str] | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """(f_q [B, Q, H], f_local [B, L, Dv], text CLS [B, H]) from the generation-role passes."""
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(f_q [B, Q, H], f_local [B, L, Dv], text CLS [B, H]) from the generation-role passes, and the pixels
+        [B, C, S, S] (which the generator's pixel path reads)."""
         image_embeds = self.image_features(pixel_values)
         modality_ids = self.modality_ids_for(modalities, pixel_values.shape[0])
         if input_ids is None:
@@ -506,7 +508,7 @@ class MedUnifier(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         text_cls = self.text_states(input_ids, attention_mask, role="generate", modality_ids=modality_ids)[:, 0]
         f_q = self.query_states(image_embeds, role="generate", modality_ids=modality_ids)
-        return f_q, image_embeds[:, 1:], text_cls
+        return f_q, image_embeds[:, 1:], text_cls, pixel_values
 
     @torch.no_grad()
     def reconstruct(
@@ -518,7 +520,8 @@ class MedUnifier(nn.Module):
         modalities: list[str] | None = None,
     ) -> Tensor:
         """Image -> codes -> image, grounded on the given text (an empty report when None)."""
-        out = self.generator(*self._generator_inputs(pixel_values, input_ids, attention_mask, modalities))
+        f_q, f_local, text_cls, pixels = self._generator_inputs(pixel_values, input_ids, attention_mask, modalities)
+        out = self.generator(f_q, f_local, text_cls, pixel_values=pixels)
         return out.images
 
     @torch.no_grad()
