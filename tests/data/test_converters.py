@@ -307,8 +307,29 @@ def test_vqa_rad_miniature_with_a_missing_image(tmp_path: Path):
     assert summary.missing_images == [str(root / "images" / "synpic_missing.jpg")]
     assert records["vqa-rad-train-3"]["answer"] == "2" and records["vqa-rad-train-3"]["answer_type"] == "CLOSED"
     assert records["vqa-rad-train-1"]["modality"] == "cxr" and records["vqa-rad-train-1"]["organ"] == "chest"
-    assert records["vqa-rad-test-1"]["modality"] == "mri" and records["vqa-rad-test-1"]["split"] == "test"
+    # the test question says MRI, but a held-out answer never reaches the input: the head image's training
+    # question (a count) does not say, so the modality comes from the organ
+    assert records["vqa-rad-test-1"]["modality"] == "radiology" and records["vqa-rad-test-1"]["split"] == "test"
     assert records["vqa-rad-train-1"]["image"] == records["vqa-rad-train-2"]["image"]  # one PNG per image
+
+
+def test_vqa_rad_held_out_modality_comes_from_the_organ_not_its_answers(tmp_path: Path):
+    """A validation image whose own questions say "MRI" gets the organ's modality; a training image keeps the
+    modality its training questions say."""
+    items = []
+    for n in range(40):  # 40 head images, each asked whether it is an MRI (yes)
+        items.append({"qid": n + 1, "image_name": f"synpic{n}.jpg", "image_organ": "HEAD", "answer": "yes",
+                      "answer_type": "CLOSED", "question_type": "MODALITY", "question": "Is this an MRI?",
+                      "phrase_type": "freeform"})
+    root = tmp_path / "vqa"
+    (root / "images").mkdir(parents=True)
+    (root / "trainset.json").write_text(json.dumps(items), encoding="utf-8")
+    for n in range(40):
+        fx.write_image(root / "images" / f"synpic{n}.jpg", 40, 40, seed=n)
+    convert("vqa-rad", root, tmp_path / "out", val_fraction=0.25, seed=0)
+    records = list(load(tmp_path / "out").values())
+    by_split = {split: {r["modality"] for r in records if r["split"] == split} for split in ("train", "val")}
+    assert by_split == {"train": {"mri"}, "val": {"radiology"}}
 
 
 def test_vqa_rad_real(shared_data: Path, tmp_path: Path):

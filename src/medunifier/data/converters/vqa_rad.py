@@ -6,9 +6,11 @@ images in `images/` (or the original `VQA_RAD Image Folder/`). Splits: the train
 (optionally split BY IMAGE into train/val with `val_fraction`), the test set is "test".
 
 VQA-RAD records the organ, not the modality. The dataset paper describes its images as head CT or
-MRI, chest X-rays and abdominal CT, so the modality is read from the image's own questions where
-they say it ("Is this a CT image?" yes; "What type of imaging is this?" MRI), else from the organ
-(chest -> "cxr", abdomen -> "ct"), else "radiology" (a head image whose questions do not say).
+MRI, chest X-rays and abdominal CT, so the modality is read from the image's own *training*
+questions where they say it ("Is this a CT image?" yes; "What type of imaging is this?" MRI), else
+from the organ (chest -> "cxr", abdomen -> "ct"), else "radiology" (a head image whose questions do
+not say). An image held out for validation or test gets its modality from the organ alone: read from
+its own answers, the modality token would hand the model the answers to its modality questions.
 The organ (chest / head / abdomen) is kept in the field `organ`.
 """
 
@@ -77,13 +79,21 @@ def convert_vqa_rad(root: Path, out: Path, *, val_fraction: float = 0.0, image_s
     image_dir = next((d for d in (root / "images", root / "VQA_RAD Image Folder") if d.is_dir()), root / "images")
     items_by_set = {name: json.loads((root / name).read_text(encoding="utf-8")) for name, _ in sets}
 
-    by_image: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for items in items_by_set.values():
-        for item in items:
-            by_image[item["image_name"]].append(item)
-    modality = {name: infer_modality(items, ORGANS.get(str(items[0].get("image_organ", "")).strip(), ""))
-                for name, items in by_image.items()}
-    summary.notes.append("modality (from the questions, else the organ): " + ", ".join(
+    # the split of every image, by image: train set images may go to val; the test set stays test
+    image_splits: dict[str, dict[str, str]] = {}
+    for name, split in sets:
+        names = [i["image_name"] for i in items_by_set[name]]
+        image_splits[name] = (assign_splits(names, val_fraction, 0.0, seed) if split == "train" and val_fraction > 0
+                              else dict.fromkeys(names, split))
+    organ_of: dict[str, str] = {}
+    training: dict[str, list[dict[str, Any]]] = defaultdict(list)  # an image's training QA pairs
+    for name, _ in sets:
+        for item in items_by_set[name]:
+            organ_of.setdefault(item["image_name"], ORGANS.get(str(item.get("image_organ", "")).strip(), ""))
+            if image_splits[name][item["image_name"]] == "train":
+                training[item["image_name"]].append(item)
+    modality = {image: infer_modality(training.get(image, []), organ) for image, organ in organ_of.items()}
+    summary.notes.append("modality (from the training questions, else the organ): " + ", ".join(
         f"{k}={v}" for k, v in sorted(Counter(modality.values()).items())) + " (images)")
 
     writer = ImageWriter(out, summary, image_size, square, min_size)
@@ -91,9 +101,7 @@ def convert_vqa_rad(root: Path, out: Path, *, val_fraction: float = 0.0, image_s
     records = []
     for name, split in sets:
         items = items_by_set[name]
-        image_split = {}
-        if split == "train" and val_fraction > 0:
-            image_split = assign_splits((i["image_name"] for i in items), val_fraction, 0.0, seed)
+        image_split = image_splits[name]
         for item in items:
             qa = question_answer(item, summary)
             record_id = f"vqa-rad-{split}-{item['qid']}"
@@ -107,7 +115,7 @@ def convert_vqa_rad(root: Path, out: Path, *, val_fraction: float = 0.0, image_s
             organ_code = str(item.get("image_organ", "")).strip()
             records.append(Record(
                 id=record_id, image=image, text=f"Question: {question} Answer: {answer}",
-                split=image_split.get(image_name, split), modality=modality[image_name], task="vqa",
+                split=image_split[image_name], modality=modality[image_name], task="vqa",
                 question=question, answer=answer, source="vqa-rad",
                 organ=ORGANS.get(organ_code, organ_code.lower() or None),
                 answer_type=str(item.get("answer_type", "")).strip().upper() or None,
