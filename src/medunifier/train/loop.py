@@ -43,7 +43,15 @@ from medunifier.train.distributed import (
     cpu_only_multiprocess,
     write_rank_summary,
 )
-from medunifier.train.metrics import MetricsLogger, plot_loss_curves, progress_bar, update_progress
+from medunifier.train.metrics import (
+    MetricsLogger,
+    as_floats,
+    new_log_window,
+    plot_loss_curves,
+    progress_bar,
+    stack_float64,
+    update_progress,
+)
 from medunifier.train.optim import WarmupCosineSchedule, build_optimizer
 from medunifier.train.precision import resolve_mixed_precision
 from medunifier.train.resume import check_resumable, choose_checkpoint, restore_run
@@ -319,7 +327,7 @@ class Trainer:
                         self.unwrapped.zero_grad(set_to_none=True)
                         first = failed.index(True)
                         micro = min(first, len(micro_values) - 1)
-                        outcome = {"finite": False, "ids": micro_ids[micro], "losses": _floats(micro_values[micro]),
+                        outcome = {"finite": False, "ids": micro_ids[micro], "losses": as_floats(micro_values[micro]),
                                    "micro": micro, "samples": samples}
                         if first == len(micro_values):  # the losses were finite, the gradient norm is not
                             outcome["grad_norm"] = float(grad_norm)
@@ -390,7 +398,7 @@ class Trainer:
         metric_keys = sorted(window["metrics"])
         # a key is averaged over the steps that had it (objective-routed stages skip some losses per step)
         counts = {k: max(1, window["counts"][k]) for k in [*keys, *metric_keys]}
-        losses = _stack([window["losses"][k] / counts[k] for k in keys], device)
+        losses = stack_float64([window["losses"][k] / counts[k] for k in keys], device)
         samples, seconds = float(window["samples"]), window["time"]
         if self.world > 1:
             t = torch.cat([losses, torch.tensor([samples, seconds], dtype=torch.float64, device=device)])
@@ -403,7 +411,7 @@ class Trainer:
         extra = [metrics[k] for k in on_device]
         if window["grad_norm"] is not None:
             extra.append(window["grad_norm"])
-        fetched = torch.cat([losses, _stack(extra, device)]).tolist()  # host-device sync: once per log window
+        fetched = torch.cat([losses, stack_float64(extra, device)]).tolist()  # host-device sync: once per log window
         if self.world > 1:
             samples, seconds = fetched[len(keys)], fetched[len(keys) + 1]
             fetched = fetched[: len(keys)] + fetched[len(keys) + 2:]
@@ -432,7 +440,7 @@ class Trainer:
                 stage_idx, stage_step = stage_at(self.stages, self.step)
                 stage = self.stages[stage_idx]
                 self._enter_stage(stage, stage_step)
-                window = _new_window()
+                window = new_log_window()
                 while self.step < min(stage.end, self.stop_at):
                     (stop,) = self._agree([1.0 if self.stop.requested else 0.0], "max")
                     if stop:
@@ -465,7 +473,7 @@ class Trainer:
                         throughput.append(record["samples_per_s"])
                         self.logger.log(record)
                         update_progress(progress, self.step, record)
-                        window = _new_window()
+                        window = new_log_window()
                     elif progress is not None:
                         progress.update(self.step - progress.n)
                     if self.step % tc.val_every == 0:
@@ -529,22 +537,6 @@ class Trainer:
         path = self.save(self.step, rng_state=rng_before, data_state=data_before)
         raise NonFiniteLossError(f"{detail}. Saved the last good state as {path}; set train.skip_nonfinite=true "
                                  "to skip such steps, or lower train.lr")
-
-
-def _floats(values: dict[str, Tensor]) -> dict[str, float]:
-    return {k: float(v) for k, v in values.items()}
-
-
-def _stack(values: list[Tensor], device: torch.device) -> Tensor:
-    """[] tensors on `device` -> one float64 vector [N] (empty when there are none)."""
-    if not values:
-        return torch.zeros(0, dtype=torch.float64, device=device)
-    return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
-
-
-def _new_window() -> dict[str, Any]:
-    return {"steps": 0, "samples": 0, "time": 0.0, "losses": defaultdict(float), "metrics": defaultdict(float),
-            "counts": defaultdict(int), "grad_norm": None}
 
 
 # -------------------------------------------------------------------------------------- entry point

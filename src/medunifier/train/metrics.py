@@ -15,10 +15,31 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from medunifier.utils import jsonable
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "loss_curves.png"
+
+
+def new_log_window() -> dict[str, Any]:
+    """The sums a log window accumulates on the device until it is logged (one host sync per window)."""
+    return {"steps": 0, "samples": 0, "time": 0.0, "losses": defaultdict(float), "metrics": defaultdict(float),
+            "counts": defaultdict(int), "grad_norm": None}
+
+
+def as_floats(values: dict[str, Tensor]) -> dict[str, float]:
+    """{name: [] tensor} -> {name: float} (one host sync per value)."""
+    return {k: float(v) for k, v in values.items()}
+
+
+def stack_float64(values: list[Tensor], device: torch.device) -> Tensor:
+    """[] tensors on `device` -> one float64 vector [N] (empty when there are none)."""
+    if not values:
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
 
 
 def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
