@@ -103,3 +103,12 @@ def test_bad_override_value_is_one_line_naming_the_key(value: str) -> None:
     assert "'train.lr'" in message and "not valid YAML" in message and "\n" not in message
     result = CliRunner().invoke(app, ["pretrain", "--data", "x.jsonl", "--out", "run", f"train.lr={value}"])
     assert result.exit_code == 2 and "train.lr" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["generator.pixel_size=4"], "needs generator.pixel_channels"),
+    (["generator.pixel_channels=8", "generator.pixel_size=32"], "must not exceed bottom_size"),
+])
+def test_pixel_path_settings_are_checked(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", overrides)

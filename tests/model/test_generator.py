@@ -320,9 +320,10 @@ def test_code_priors_need_one_codebook_size():
     assert prior_config(same).codebook_size == 64
 
 
-@pytest.mark.parametrize(("image_size", "bottom_size"), [(32, 8), (24, 8), (16, 16)])
-def test_pixel_encoder_map_has_the_bottom_side(image_size: int, bottom_size: int):
-    gen = small_generator(image_size=image_size, bottom_size=bottom_size, pixel_channels=12)
+@pytest.mark.parametrize(("image_size", "bottom_size", "pixel_size"), [(32, 8, None), (24, 8, None), (16, 16, None),
+                                                                     (32, 8, 4), (24, 8, 4)])
+def test_pixel_encoder_map_has_the_bottom_side(image_size: int, bottom_size: int, pixel_size: int | None):
+    gen = small_generator(image_size=image_size, bottom_size=bottom_size, pixel_channels=12, pixel_size=pixel_size)
     pixel_map = gen.pixel_encoder(torch.randn(2, 1, image_size, image_size))
     assert pixel_map.shape == (2, 12, bottom_size, bottom_size)
 

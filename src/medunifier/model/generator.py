@@ -99,17 +99,18 @@ def upsample_conv(in_channels: int, out_channels: int, factor: int) -> nn.Sequen
 
 class PixelEncoder(nn.Module):
     """Image [B, C, S, S] -> [B, channels, b, b]: a 3x3 conv to channels/2, then stride-2 4x4 convs while the side
-    stays >= b (the last one to `channels`), average-pooled to b when S / b is not a power of two, and one residual
-    block.
+    stays >= p (the last one to `channels`), average-pooled to p when S / p is not a power of two, one residual block,
+    and a bilinear resize from p to b when the map is coarser than the bottom map (p = `size`, b = `out_size`).
 
     A frozen backbone trained for semantics (stage 0's contrastive tower) keeps little pixel detail in its
     stride-8 features; VQ-VAE-2's bottom encoder reads the pixels, and so does this path of the bottom adapter.
     """
 
-    def __init__(self, in_channels: int, channels: int, image_size: int, size: int):
+    def __init__(self, in_channels: int, channels: int, image_size: int, size: int, out_size: int | None = None):
         super().__init__()
         if size > image_size:
             raise ValueError(f"the pixel encoder's map side ({size}) must not exceed the image side ({image_size})")
+        self.out_size = out_size or size
         half = max(channels // 2, 8)
         layers: list[nn.Module] = [nn.Conv2d(in_channels, half, 3, padding=1)]
         halvings, side = 0, image_size
@@ -127,10 +128,13 @@ class PixelEncoder(nn.Module):
         self.block = ResBlock(channels)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        x = self.down(pixel_values)  # [B, channels, s, s], b <= s < 2b
+        x = self.down(pixel_values)  # [B, channels, s, s], p <= s < 2p
         if x.shape[-1] != self.size:
             x = F.adaptive_avg_pool2d(x, self.size)
-        return self.block(x)  # [B, channels, b, b]
+        x = self.block(x)  # [B, channels, p, p]
+        if self.out_size != self.size:
+            x = F.interpolate(x, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
+        return x  # [B, channels, b, b]
 
 
 class TopAdapter(nn.Module):
@@ -334,8 +338,10 @@ class TextGroundedGenerator(nn.Module):
             top_dim=top_dim,
             pixel_channels=gen.pixel_channels,
         )
-        self.pixel_encoder = (PixelEncoder(image.channels, gen.pixel_channels, image.size, gen.bottom_size)
-                              if gen.pixel_channels else None)
+        self.pixel_encoder = (
+            PixelEncoder(image.channels, gen.pixel_channels, image.size, gen.pixel_size or gen.bottom_size,
+                         gen.bottom_size)
+            if gen.pixel_channels else None)
         self.quantizer_top = make_quantizer(gen, "top")
         self.quantizer_bottom = make_quantizer(gen, "bottom")
         self.decoder = Decoder(
