@@ -271,7 +271,7 @@ def run_demo(out: str | Path = "runs/demo", n_images: int = 6000, seed: int = 0,
                                "train": {"steps": result.step, "samples_per_s": result.samples_per_s,
                                          "seconds": timings["train_s"]}}
     start = time.perf_counter()
-    results.update(_evaluate(model, data_dir, out / "eval", eval_limit))
+    results.update(evaluate_understanding(model, data_dir, out / "eval", eval_limit))
     generation_html, results["synthesis"] = demo_generation_section(run_dir, data_dir, seed=seed)
     timings["eval_s"] = time.perf_counter() - start
 
@@ -284,7 +284,9 @@ def run_demo(out: str | Path = "runs/demo", n_images: int = 6000, seed: int = 0,
     return report
 
 
-def _evaluate(model: MedUnifier, data_dir: Path, out: Path, limit: int) -> dict[str, Any]:
+def evaluate_understanding(model: MedUnifier, data_dir: Path, out: Path, limit: int) -> dict[str, Any]:
+    """The demo's retrieval and zero-shot (5x200), report (best of `DEMO_REPORT_CANDIDATES` drafts) and
+    reconstruction figures of `model` on the demo data in `data_dir`, each evaluation written under `out`."""
     from medunifier.eval.report import run_report
     from medunifier.eval.retrieval import run_retrieval
     from medunifier.eval.zeroshot import run_zeroshot
