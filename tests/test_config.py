@@ -107,7 +107,9 @@ def test_bad_override_value_is_one_line_naming_the_key(value: str) -> None:
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["generator.pixel_size=4"], "needs generator.pixel_channels"),
-    (["generator.pixel_channels=8", "generator.pixel_size=32"], "must not exceed bottom_size"),
+    (["generator.pixel_channels=8", "generator.pixel_size=32"], "must not exceed the bottom map's side"),
+    (["generator.pixel_channels=8", "generator.pixel_level=top", "generator.pixel_size=16"],
+     "must not exceed the top map's side"),
 ])
 def test_pixel_path_settings_are_checked(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -276,10 +276,13 @@ class GeneratorConfig(_Strict):
         "bottom_size map the bottom adapter reads beside the vision features (VQ-VAE-2's bottom encoder reads "
         "pixels); for a frozen backbone trained for semantics, whose features keep little pixel detail. 0 = the "
         "paper's adapters, vision features only")
+    pixel_level: Literal["bottom", "top"] = Field(
+        "bottom", description="which latent adapter reads the pixel map: 'bottom' (at bottom_size, beside the "
+        "vision features) or 'top' (at top_size, beside the query outputs)")
     pixel_size: int | None = Field(
-        None, ge=1, description="side of the pixel encoder's map before it is resized to bottom_size (default "
-        "bottom_size): a coarser map gives the codes the image's layout and intensities but keeps finer texture, "
-        "which the code priors would have to learn, out of them")
+        None, ge=1, description="side of the pixel encoder's map before it is resized to the side of the level "
+        "that reads it (default that side): a coarser map gives the codes the image's layout and intensities but "
+        "keeps finer texture, which the code priors would have to learn, out of them")
     commitment_weight: float = Field(0.5, ge=0, description="beta for the commitment terms")
     ema_decay: float = Field(0.99, gt=0, lt=1, description="codebook EMA decay; short schedules need a lower one "
                              "(0.9 in the CPU presets: at 0.99 most bottom codes stayed unused for hundreds of steps)")
@@ -295,10 +298,14 @@ class GeneratorConfig(_Strict):
         if self.pixel_size is not None:
             if not self.pixel_channels:
                 raise ValueError("generator.pixel_size needs generator.pixel_channels > 0 (the pixel path is off)")
-            if self.pixel_size > self.bottom_size:
-                raise ValueError(f"generator.pixel_size ({self.pixel_size}) must not exceed bottom_size "
-                                 f"({self.bottom_size})")
+            if self.pixel_size > self.level_size(self.pixel_level):
+                raise ValueError(f"generator.pixel_size ({self.pixel_size}) must not exceed the {self.pixel_level} "
+                                 f"map's side ({self.level_size(self.pixel_level)})")
         return self
+
+    def level_size(self, level: Literal["top", "bottom"]) -> int:
+        """Side of one level's latent map."""
+        return self.top_size if level == "top" else self.bottom_size
 
     def level_codebook(self, level: Literal["top", "bottom"]) -> tuple[int, int]:
         """(codebook size, code dim) of one level: its override, else the shared value."""

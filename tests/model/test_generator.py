@@ -347,6 +347,20 @@ def test_pixel_path_makes_the_bottom_codes_read_the_image():
     assert not torch.equal(bottom_a, bottom_b)
 
 
+def test_pixel_path_on_the_top_level_makes_the_top_codes_read_the_image():
+    torch.manual_seed(0)
+    gen = small_generator(pixel_channels=16, pixel_level="top").eval()
+    assert gen.bottom_adapter.pixel_channels == 0 and gen.top_adapter.pixel_channels == 16
+    inputs = random_inputs(4)
+    top_latents, bottom_latents = record_latents(gen.quantizer_top), record_latents(gen.quantizer_bottom)
+    with torch.no_grad():
+        assert gen.pixel_encoder(smooth_images(4, 1, 32)).shape == (4, 16, 4, 4)  # top_size 4
+        gen.encode_codes(*inputs, smooth_images(4, 1, 32, seed=1))
+        gen.encode_codes(*inputs, smooth_images(4, 1, 32, seed=2))
+    assert not torch.allclose(top_latents[0], top_latents[1])  # the top latents read the pixels
+    assert bottom_latents[0].shape[0] == 4 * 8 * 8  # the bottom adapter runs as before, at b x b
+
+
 def test_pixel_path_needs_the_pixels():
     gen = small_generator(pixel_channels=8)
     with pytest.raises(ValueError, match="pass pixel_values"):

@@ -3,7 +3,8 @@
     z_top = f_q [B, Q, H]                 --top adapter-->    [B, D, t, t] --quantizer_top-->    codes_top [B, t, t]
     z_bot = [f_local ‖ f_t_cls] [B, L, .] --bottom adapter--> [B, D, b, b] --quantizer_bottom--> codes_bottom [B, b, b]
             (conditioned on the quantised top, as in VQ-VAE-2; with `generator.pixel_channels` > 0 it also reads
-            a small trainable convolutional encoder of the pixels, VQ-VAE-2's bottom encoder)
+            a small trainable convolutional encoder of the pixels, VQ-VAE-2's bottom encoder; with
+            `generator.pixel_level: top` the top adapter reads that map instead, at t x t)
     decoder D(z_q_top, z_q_bottom) -> image [B, C, S, S];   loss = MSE(image, target) + vq_top + vq_bottom
 
 D = `codebook_dim`, t = `top_size`, b = `bottom_size`, S = `image.size`, C = `image.channels`. Each level may
@@ -145,19 +146,27 @@ class TopAdapter(nn.Module):
     t x t grid, plus a fixed 2D sinusoidal encoding, residual conv blocks and a 1x1 conv to D.
     """
 
-    def __init__(self, query_width: int, num_queries: int, hidden: int, blocks: int, size: int, out_dim: int):
+    def __init__(self, query_width: int, num_queries: int, hidden: int, blocks: int, size: int, out_dim: int,
+                 pixel_channels: int = 0):
+        """pixel_channels: the width of a t x t pixel-encoder map fused in before the blocks (0 = none)."""
         super().__init__()
         self.size = size
         self.mlp = mlp(query_width, hidden)
         self.mix = nn.Linear(num_queries, size * size)
         self.register_buffer("pos", sinusoidal_position_encoding_2d(hidden, size, size), persistent=False)
+        self.pixel_channels = pixel_channels
+        self.fuse = nn.Conv2d(hidden + pixel_channels, hidden, 1) if pixel_channels else None
         self.blocks = nn.Sequential(*[ResBlock(hidden) for _ in range(blocks)])
         self.out = nn.Conv2d(hidden, out_dim, 1)
 
-    def forward(self, query_states: Tensor) -> Tensor:
+    def forward(self, query_states: Tensor, pixel_map: Tensor | None = None) -> Tensor:
         x = self.mlp(query_states)  # [B, Q, hidden]
         x = self.mix(x.transpose(1, 2))  # [B, hidden, t*t]
         x = x.unflatten(2, (self.size, self.size)) + self.pos  # [B, hidden, t, t]
+        if (pixel_map is None) != (self.fuse is None):
+            raise ValueError("the top adapter takes a pixel map exactly when it was built with pixel_channels > 0")
+        if self.fuse is not None:
+            x = self.fuse(torch.cat([x, pixel_map.to(x.dtype)], dim=1))  # pixel map [B, P, t, t]
         return self.out(F.relu(self.blocks(x)))  # [B, D, t, t]
 
 
@@ -323,8 +332,9 @@ class TextGroundedGenerator(nn.Module):
         (self.codebook_size_top, top_dim), (self.codebook_size_bottom, bottom_dim) = (
             gen.level_codebook("top"), gen.level_codebook("bottom"))
         self.commitment_weight = gen.commitment_weight
+        top_pixels = gen.pixel_channels if gen.pixel_level == "top" else 0
         self.top_adapter = TopAdapter(
-            query_width, num_queries, gen.adapter_hidden, gen.adapter_blocks, gen.top_size, top_dim
+            query_width, num_queries, gen.adapter_hidden, gen.adapter_blocks, gen.top_size, top_dim, top_pixels
         )
         self.bottom_adapter = BottomAdapter(
             vision_width,
@@ -336,11 +346,11 @@ class TextGroundedGenerator(nn.Module):
             gen.top_size,
             bottom_dim,
             top_dim=top_dim,
-            pixel_channels=gen.pixel_channels,
+            pixel_channels=gen.pixel_channels - top_pixels,
         )
         self.pixel_encoder = (
-            PixelEncoder(image.channels, gen.pixel_channels, image.size, gen.pixel_size or gen.bottom_size,
-                         gen.bottom_size)
+            PixelEncoder(image.channels, gen.pixel_channels, image.size, gen.pixel_size or gen.level_size(gen.pixel_level),
+                         gen.level_size(gen.pixel_level))
             if gen.pixel_channels else None)
         self.quantizer_top = make_quantizer(gen, "top")
         self.quantizer_bottom = make_quantizer(gen, "bottom")
@@ -374,9 +384,11 @@ class TextGroundedGenerator(nn.Module):
     def _encode(
         self, query_states: Tensor, local_features: Tensor, text_cls: Tensor, pixel_values: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        z_top = self.top_adapter(query_states)  # [B, D, t, t]
+        pixel_map = self._pixel_map(pixel_values)  # [B, P, t or b, t or b] or None
+        on_top = self.config.pixel_level == "top"
+        z_top = self.top_adapter(query_states, pixel_map if on_top else None)  # [B, D, t, t]
         q_top, codes_top, vq_top = self._quantize(self.quantizer_top, z_top)
-        z_bottom = self.bottom_adapter(local_features, text_cls, q_top, self._pixel_map(pixel_values))  # [B, D, b, b]
+        z_bottom = self.bottom_adapter(local_features, text_cls, q_top, None if on_top else pixel_map)  # [B, D, b, b]
         q_bottom, codes_bottom, vq_bottom = self._quantize(self.quantizer_bottom, z_bottom)
         return q_top, q_bottom, codes_top, codes_bottom, vq_top, vq_bottom
 
