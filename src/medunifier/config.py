@@ -272,10 +272,9 @@ class GeneratorConfig(_Strict):
     adapter_blocks: int = Field(2, ge=0, description="residual blocks per latent adapter")
     decoder_channels: int = Field(128, ge=8, description="channels of the decoder's fused latent map and residual blocks")
     pixel_channels: int = Field(
-        0, ge=0, description="width of a small trainable convolutional encoder of the input pixels whose "
-        "bottom_size map the bottom adapter reads beside the vision features (VQ-VAE-2's bottom encoder reads "
-        "pixels); for a frozen backbone trained for semantics, whose features keep little pixel detail. 0 = the "
-        "paper's adapters, vision features only")
+        0, ge=0, description="width of a small trainable convolutional encoder of the input pixels whose map one "
+        "latent adapter reads (pixel_level; VQ-VAE-2's bottom encoder reads pixels); for a frozen backbone "
+        "trained for semantics, whose features keep little pixel detail. 0 = the paper's adapters, no pixels")
     pixel_level: Literal["bottom", "top"] = Field(
         "bottom", description="which latent adapter reads the pixel map: 'bottom' (at bottom_size, beside the "
         "vision features) or 'top' (at top_size, beside the query outputs)")

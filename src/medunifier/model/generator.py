@@ -99,12 +99,13 @@ def upsample_conv(in_channels: int, out_channels: int, factor: int) -> nn.Sequen
 
 
 class PixelEncoder(nn.Module):
-    """Image [B, C, S, S] -> [B, channels, b, b]: a 3x3 conv to channels/2, then stride-2 4x4 convs while the side
+    """Image [B, C, S, S] -> [B, channels, m, m]: a 3x3 conv to channels/2, then stride-2 4x4 convs while the side
     stays >= p (the last one to `channels`), average-pooled to p when S / p is not a power of two, one residual block,
-    and a bilinear resize from p to b when the map is coarser than the bottom map (p = `size`, b = `out_size`).
+    and a bilinear resize from p to m when they differ (p = `size`, m = `out_size`, the side of the latent map of
+    the adapter that reads it).
 
     A frozen backbone trained for semantics (stage 0's contrastive tower) keeps little pixel detail in its
-    stride-8 features; VQ-VAE-2's bottom encoder reads the pixels, and so does this path of the bottom adapter.
+    stride-8 features; VQ-VAE-2's bottom encoder reads the pixels, and so can one latent adapter here.
     """
 
     def __init__(self, in_channels: int, channels: int, image_size: int, size: int, out_size: int | None = None):
@@ -135,7 +136,7 @@ class PixelEncoder(nn.Module):
         x = self.block(x)  # [B, channels, p, p]
         if self.out_size != self.size:
             x = F.interpolate(x, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
-        return x  # [B, channels, b, b]
+        return x  # [B, channels, m, m]
 
 
 class TopAdapter(nn.Module):
@@ -348,9 +349,9 @@ class TextGroundedGenerator(nn.Module):
             top_dim=top_dim,
             pixel_channels=gen.pixel_channels - top_pixels,
         )
+        pixel_side = gen.level_size(gen.pixel_level)
         self.pixel_encoder = (
-            PixelEncoder(image.channels, gen.pixel_channels, image.size, gen.pixel_size or gen.level_size(gen.pixel_level),
-                         gen.level_size(gen.pixel_level))
+            PixelEncoder(image.channels, gen.pixel_channels, image.size, gen.pixel_size or pixel_side, pixel_side)
             if gen.pixel_channels else None)
         self.quantizer_top = make_quantizer(gen, "top")
         self.quantizer_bottom = make_quantizer(gen, "bottom")
@@ -371,7 +372,8 @@ class TextGroundedGenerator(nn.Module):
         return quantized, codes, loss
 
     def _pixel_map(self, pixel_values: Tensor | None) -> Tensor | None:
-        """The pixel encoder's [B, P, b, b] map, or None without a pixel path."""
+        """The pixel encoder's [B, P, m, m] map (m: the side of the level that reads it), or None without a pixel
+        path."""
         if self.pixel_encoder is None:
             return None
         if pixel_values is None:
@@ -384,7 +386,7 @@ class TextGroundedGenerator(nn.Module):
     def _encode(
         self, query_states: Tensor, local_features: Tensor, text_cls: Tensor, pixel_values: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        pixel_map = self._pixel_map(pixel_values)  # [B, P, t or b, t or b] or None
+        pixel_map = self._pixel_map(pixel_values)  # [B, P, m, m] or None
         on_top = self.config.pixel_level == "top"
         z_top = self.top_adapter(query_states, pixel_map if on_top else None)  # [B, D, t, t]
         q_top, codes_top, vq_top = self._quantize(self.quantizer_top, z_top)

@@ -497,9 +497,8 @@ class MedUnifier(nn.Module):
         input_ids: Tensor | None,
         attention_mask: Tensor | None,
         modalities: list[str] | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(f_q [B, Q, H], f_local [B, L, Dv], text CLS [B, H]) from the generation-role passes, and the pixels
-        [B, C, S, S] (which the generator's pixel path reads)."""
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(f_q [B, Q, H], f_local [B, L, Dv], text CLS [B, H]) from the generation-role passes."""
         image_embeds = self.image_features(pixel_values)
         modality_ids = self.modality_ids_for(modalities, pixel_values.shape[0])
         if input_ids is None:
@@ -508,7 +507,7 @@ class MedUnifier(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         text_cls = self.text_states(input_ids, attention_mask, role="generate", modality_ids=modality_ids)[:, 0]
         f_q = self.query_states(image_embeds, role="generate", modality_ids=modality_ids)
-        return f_q, image_embeds[:, 1:], text_cls, pixel_values
+        return f_q, image_embeds[:, 1:], text_cls
 
     @torch.no_grad()
     def reconstruct(
@@ -520,8 +519,8 @@ class MedUnifier(nn.Module):
         modalities: list[str] | None = None,
     ) -> Tensor:
         """Image -> codes -> image, grounded on the given text (an empty report when None)."""
-        f_q, f_local, text_cls, pixels = self._generator_inputs(pixel_values, input_ids, attention_mask, modalities)
-        out = self.generator(f_q, f_local, text_cls, pixel_values=pixels)
+        inputs = self._generator_inputs(pixel_values, input_ids, attention_mask, modalities)
+        out = self.generator(*inputs, pixel_values=pixel_values)
         return out.images
 
     @torch.no_grad()
@@ -535,7 +534,7 @@ class MedUnifier(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """(top [B, t, t], bottom [B, b, b]) code indices."""
         return self.generator.encode_codes(
-            *self._generator_inputs(pixel_values, input_ids, attention_mask, modalities)
+            *self._generator_inputs(pixel_values, input_ids, attention_mask, modalities), pixel_values
         )
 
     @torch.no_grad()
