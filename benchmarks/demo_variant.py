@@ -6,7 +6,8 @@ Reuses the demo folder's data, stage-0 backbone, feature cache and stage-1 confi
 so only the overridden settings (and stage 1's run-to-run noise) differ from the demo's own run. Trains
 stage 1 into OUT (resumed when OUT has checkpoints), the priors for `--prior-steps` (the demo's count by
 default), then runs the demo's retrieval, zero-shot, report, reconstruction and synthesis evaluations, writes
-OUT/results.json and prints one line of the headline figures.
+OUT/results.json and prints one line of the headline figures. `--priors-only` skips stage 1 and trains the
+priors of a stage 1 already in OUT (another prior budget for the same model).
 """
 
 from __future__ import annotations
@@ -29,10 +30,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="the new stage-1 run folder")
     parser.add_argument("--prior-steps", type=int, default=DEMO_STEPS["prior"])
     parser.add_argument("--seed", type=int, default=0, help="seed of the priors and the synthesis evaluation")
+    parser.add_argument("--priors-only", action="store_true",
+                        help="OUT already holds a trained stage 1 (e.g. a copy of another run's model/ and "
+                             "config.yaml): train only its priors, then evaluate; takes no overrides")
     args = parser.parse_args()
     data = args.demo / "data"
-    config = load_config(args.demo / "run" / "config.yaml", args.overrides)
-    train(config, data / "manifest.jsonl", args.out, resume=(args.out / "checkpoints").exists())
+    if args.priors_only:
+        if args.overrides or not (args.out / "model").is_dir():
+            parser.error("--priors-only takes no overrides and needs OUT/model from a trained stage 1")
+    else:
+        config = load_config(args.demo / "run" / "config.yaml", args.overrides)
+        train(config, data / "manifest.jsonl", args.out, resume=(args.out / "checkpoints").exists())
     train_demo_priors(args.out, data / "manifest.jsonl", seed=args.seed, steps=args.prior_steps)
     model = load_model(args.out / "model")
     results = evaluate_understanding(model, data, args.out / "eval", 200)
