@@ -4,10 +4,11 @@
 
 Reuses the demo folder's data, stage-0 backbone, feature cache and stage-1 config (`DEMO/run/config.yaml`),
 so only the overridden settings (and stage 1's run-to-run noise) differ from the demo's own run. Trains
-stage 1 into OUT (resumed when OUT has checkpoints), the priors for `--prior-steps` (the demo's count by
-default), then runs the demo's retrieval, zero-shot, report, reconstruction and synthesis evaluations, writes
-OUT/results.json and prints one line of the headline figures. `--priors-only` skips stage 1 and trains the
-priors of a stage 1 already in OUT (another prior budget for the same model).
+stage 1 into OUT (resumed when OUT has checkpoints), refits its decoder for `--decoder-steps` (the demo's
+count), trains the priors for `--prior-steps` (the demo's count by default), then runs the demo's retrieval,
+zero-shot, report, reconstruction and synthesis evaluations, writes OUT/results.json and prints one line of
+the headline figures. `--priors-only` skips stage 1 and refits the decoder and trains the priors of a stage 1
+already in OUT (another prior budget for the same model).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import json
 from pathlib import Path
 
 from medunifier.config import load_config
-from medunifier.demo import DEMO_STEPS, evaluate_understanding, final_itm
-from medunifier.demo_generation import demo_generation_section, train_demo_priors
+from medunifier.demo import DEMO_DECODER_STEPS, DEMO_STEPS, evaluate_understanding, final_itm
+from medunifier.demo_generation import demo_generation_section, refine_demo_decoder, train_demo_priors
 from medunifier.model import load_model
 from medunifier.train.loop import train
 
@@ -29,6 +30,8 @@ def main() -> None:
     parser.add_argument("--demo", type=Path, required=True, help="a finished `medunifier demo --out` folder")
     parser.add_argument("--out", type=Path, required=True, help="the new stage-1 run folder")
     parser.add_argument("--prior-steps", type=int, default=DEMO_STEPS["prior"])
+    parser.add_argument("--decoder-steps", type=int, default=DEMO_DECODER_STEPS,
+                        help="steps refitting the decoder on the frozen codes before the priors (0: skip)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the priors and the synthesis evaluation")
     parser.add_argument("--priors-only", action="store_true",
                         help="OUT already holds a trained stage 1 (e.g. a copy of another run's model/ and "
@@ -41,6 +44,7 @@ def main() -> None:
     else:
         config = load_config(args.demo / "run" / "config.yaml", args.overrides)
         train(config, data / "manifest.jsonl", args.out, resume=(args.out / "checkpoints").exists())
+    refine_demo_decoder(args.out, data / "manifest.jsonl", args.decoder_steps, seed=args.seed)
     train_demo_priors(args.out, data / "manifest.jsonl", seed=args.seed, steps=args.prior_steps)
     model = load_model(args.out / "model")
     results = evaluate_understanding(model, data, args.out / "eval", 200)

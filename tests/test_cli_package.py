@@ -19,7 +19,7 @@ TOP_LEVEL = ["pretrain", "pretrain-vision", "report", "classify", "ask", "serve"
 GROUPS = {
     "data": ["info", "convert", "qc", "merge", "tokenizer", "shards", "synth", "features"],
     "eval": ["retrieval", "zeroshot", "finetune", "report", "vqa", "ablation", "experts", "synthesis", "edit", "i2i"],
-    "generate": ["train-prior", "image", "edit", "reconstruct", "translate", "upscale", "segment"],
+    "generate": ["train-prior", "refine-decoder", "image", "edit", "reconstruct", "translate", "upscale", "segment"],
     "index": ["build", "query"],
     "config": ["show"],
 }

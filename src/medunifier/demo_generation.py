@@ -39,6 +39,23 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
+def refine_demo_decoder(run_dir: str | Path, manifest: str | Path, steps: int, seed: int = 0) -> dict[str, Any] | None:
+    """Refit the run's decoder on its frozen codes for `steps` (0: skip), once: a demo resumed after this stage
+    keeps the recorded pass. Returns the pass's record (settings, validation PSNR before and after), or None."""
+    from medunifier.generate.refine_decoder import DecoderRefineSettings, refine_decoder, refinement_passes
+
+    if steps < 0:
+        raise ValueError(f"decoder steps must be >= 0 (got {steps})")
+    passes = refinement_passes(run_dir)
+    if passes:
+        _log(f"reusing the decoder refitted in {run_dir} ({passes[-1]['settings']['steps']} steps)")
+        return passes[-1]
+    if steps == 0:
+        return None
+    result = refine_decoder(run_dir, manifest, DecoderRefineSettings(steps=steps, seed=seed), log=_log)
+    return None if result.interrupted else refinement_passes(run_dir)[-1]
+
+
 def train_demo_priors(run_dir: str | Path, manifest: str | Path, minutes: float | None = None, seed: int = 0,
                       steps: int | None = None) -> Path:
     """Train the run's priors for `steps`, or in about `minutes` of wall time (code encoding included); returns
@@ -57,12 +74,12 @@ def train_demo_priors(run_dir: str | Path, manifest: str | Path, minutes: float 
         TextFeatures,
         batch_indices,
         cached_codes,
+        codes_checksum,
         prior_config,
         prior_dir_for,
         prior_settings,
         steps_for_budget,
         train_prior,
-        weights_file_checksum,
     )
     from medunifier.model import load_model
     from medunifier.train.checkpoint import latest_checkpoint
@@ -90,9 +107,8 @@ def train_demo_priors(run_dir: str | Path, manifest: str | Path, minutes: float 
 
     settings = prior_settings(model.config, [*DEMO_PRIOR_OVERRIDES, f"seed={seed}"])
     source = resolve_data(manifest)
-    checksum = weights_file_checksum(model_dir)
-    codes = cached_codes(model, source.train_records, source.path.parent, prior_dir / CODES_NAME, checksum, "train",
-                         _log)
+    codes = cached_codes(model, source.train_records, source.path.parent, prior_dir / CODES_NAME,
+                         codes_checksum(model), "train", _log)
 
     text = TextFeatures(model, codes)  # computed once, reused by train_prior
     _log(f"codes and text features of {len(codes)} training images ready after {time.perf_counter() - start:.0f} s")

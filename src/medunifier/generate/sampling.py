@@ -32,7 +32,7 @@ from medunifier.data.images import as_array, to_tensor, to_uint8
 from medunifier.generate.prior_base import SampleOptions
 from medunifier.generate.prior_common import resize_mask
 from medunifier.generate.priors import HierarchicalPrior
-from medunifier.generate.train_prior import load_prior, model_dir_of, weights_file_checksum
+from medunifier.generate.train_prior import codes_checksum, load_prior, model_dir_of, weights_file_checksum
 
 if TYPE_CHECKING:
     from medunifier.model.medunifier import MedUnifier
@@ -93,9 +93,15 @@ class Synthesizer:
             model = load_model(model_dir, device)
         dev = next(model.parameters()).device
         prior, meta = load_prior(ckpt, dev)
-        checksum = meta.get("model_checksum")
-        if checksum and (model_dir / "model.safetensors").exists() and checksum != weights_file_checksum(model_dir):
-            warnings.warn(f"the prior in {ckpt} was trained on other model weights than {model_dir}", stacklevel=2)
+        if "codes_checksum" in meta:  # the decoder may have been refitted since: only the codes must match
+            other = meta["codes_checksum"] != codes_checksum(model)
+        else:
+            checksum = meta.get("model_checksum")
+            other = bool(checksum and (model_dir / "model.safetensors").exists()
+                         and checksum != weights_file_checksum(model_dir))
+        if other:
+            warnings.warn(f"the prior in {ckpt} was trained on the codes of other model weights than {model_dir}",
+                          stacklevel=2)
         return cls(model, prior, meta)
 
     @classmethod

@@ -2,7 +2,7 @@
 
 The MedUnifier model is frozen. Every training image is encoded once to its (top, bottom) code maps,
 grounded on its own report as in TIG training, and the codes are cached in `RUN/prior/codes.safetensors`
-(keyed by the model's weights checksum and the record ids, so a resumed or repeated run reuses them). The
+(keyed by `codes_checksum`, which covers every weight but the decoder's, and the record ids, so a resumed or repeated run reuses them). The
 priors condition on the encoder's text-only features of the report; they are cached in memory when small
 (`TEXT_CACHE_BYTES`), otherwise recomputed per batch with the frozen encoder.
 
@@ -13,7 +13,7 @@ safetensors + JSON folders with the RNG states, so `--resume` continues exactly 
 
     RUN/prior/
         prior.safetensors   final prior weights (HierarchicalPrior.state_dict())
-        prior.json          {"config": PriorConfig fields, "settings": ..., "model_checksum", "step", ...}
+        prior.json          {"config": PriorConfig fields, "settings": ..., "model_checksum", "codes_checksum", "step", ...}
         codes.safetensors   cached codes + token ids of the training (and validation) records
         codes.json          what the cache was computed from
         checkpoints/        step-NNNNNN/ folders (model = the prior), keep-last 2
@@ -101,6 +101,25 @@ def weights_file_checksum(model_dir: str | Path) -> str:
         digest.update(json.dumps(header, sort_keys=True).encode())
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+# Weights that play no part in making the codes: the decoder only maps codes to pixels, and refitting it
+# (`medunifier generate refine-decoder`) leaves every code map as it was.
+NOT_IN_CODES = ("generator.decoder.",)
+
+
+def codes_checksum(model: MedUnifier) -> str:
+    """sha256 of everything that decides a model's codes: its config and every tensor but the decoder's.
+
+    The code cache and the priors are keyed by it, so a refitted decoder keeps both valid.
+    """
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.startswith(NOT_IN_CODES):
+            continue
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -385,10 +404,11 @@ def train_prior(
         raise ConfigError(f"{prior_dir} already holds prior checkpoints (latest {existing[-1].name}): pass "
                           "--resume to continue, or delete the folder to start again")
     checksum = weights_file_checksum(model_dir) if (model_dir / "model.safetensors").exists() else "unsaved"
+    code_sum = codes_checksum(model)
     root = source.path.parent
-    codes = cached_codes(model, source.train_records, root, prior_dir / CODES_NAME, checksum, "train", log)
+    codes = cached_codes(model, source.train_records, root, prior_dir / CODES_NAME, code_sum, "train", log)
     val_records = source.val_records[:MAX_VAL_RECORDS]
-    val_codes = cached_codes(model, val_records, root, prior_dir / CODES_NAME, checksum, "val", log) if val_records else None
+    val_codes = cached_codes(model, val_records, root, prior_dir / CODES_NAME, code_sum, "val", log) if val_records else None
     reuse = text_features is not None and text_features.codes.ids == codes.ids
     text = text_features if reuse else TextFeatures(model, codes)
     val_text = TextFeatures(model, val_codes) if val_codes is not None else None
@@ -398,12 +418,15 @@ def train_prior(
     prior.train()
     optimizer = build_optimizer(prior, settings.lr, settings.weight_decay, (0.9, 0.95))
     schedule = WarmupCosineSchedule(optimizer, settings.lr, total, settings.warmup_ratio, min(1e-5, settings.lr))
-    meta = {"settings": settings.model_dump(), "model_checksum": checksum, "data": str(source.path),
+    meta = {"settings": settings.model_dump(), "model_checksum": checksum, "codes_checksum": code_sum,
+            "data": str(source.path),
             "train_records": len(codes), "total_steps": total}
     step = 0
     if resume_from is not None:
         state, _ = load_checkpoint(resume_from, prior, optimizer)
-        if state.get("settings") != settings.model_dump() or state.get("model_checksum") != checksum:
+        same_model = (state.get("codes_checksum") == code_sum if "codes_checksum" in state
+                      else state.get("model_checksum") == checksum)
+        if state.get("settings") != settings.model_dump() or not same_model:
             raise ConfigError(f"{resume_from} was trained with other prior settings or another model: "
                               "resume with the same ones, or start a new prior folder")
         schedule.load_state_dict(state["scheduler"])

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,7 @@ from medunifier.tokens import load_tokenizer
 if TYPE_CHECKING:
     from medunifier.model.medunifier import MedUnifier
 
-__all__ = ["CONFIG_NAME", "TOKENIZER_DIR", "WEIGHTS_NAME", "load_pretrained", "save_pretrained"]
+__all__ = ["CONFIG_NAME", "TOKENIZER_DIR", "WEIGHTS_NAME", "load_pretrained", "save_pretrained", "save_weights"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = SAVED_CONFIG_NAME
@@ -48,13 +49,26 @@ def save_pretrained(model: MedUnifier, out_dir: str | Path) -> Path:
     """Write `model` to `out_dir` (created) as described in the module docstring; returns the folder."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(_untied(state), str(out / WEIGHTS_NAME), metadata={"format": "pt", "medunifier": "0.1.0"})
+    save_weights(model, out)
     data = model.config.to_dict()
     data["text"]["tokenizer"] = TOKENIZER_DIR
     (out / CONFIG_NAME).write_text(json.dumps(data, indent=2))
     model.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
     return out
+
+
+def save_weights(model: nn.Module, out_dir: str | Path) -> Path:
+    """Write `model`'s tensors to `out_dir/model.safetensors` through a temporary file and a rename, so that a
+    reader never sees a half-written file and a failed write leaves the previous weights in place."""
+    path = Path(out_dir) / WEIGHTS_NAME
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{WEIGHTS_NAME}.tmp{os.getpid()}")
+    try:
+        save_file(_untied(state), str(tmp), metadata={"format": "pt", "medunifier": "0.1.0"})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def load_pretrained(build: Callable[..., MedUnifier], model_dir: str | Path,
