@@ -14,7 +14,13 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from medunifier.cli import app
-from medunifier.eval.vqa_answering import _greedy_answers, answer_questions, rank_answers, score_candidates
+from medunifier.eval.vqa_answering import (
+    _greedy_answers,
+    answer_questions,
+    image_pmi,
+    rank_answers,
+    score_candidates,
+)
 from medunifier.eval.vqa_scoring import (
     candidate_pool,
     closed_candidates,
@@ -155,6 +161,30 @@ def test_likelihood_scoring_matches_a_slow_per_candidate_loop(model, pixels) -> 
     best = [opts[max(range(len(opts)), key=s.__getitem__)] for opts, s in zip(candidates, slow)]
     assert answer_questions(model, pixels, questions, candidates) == best
     assert len({round(s, 3) for s in slow[1]}) == 3  # the choice was not a tie
+
+
+@torch.no_grad()
+def test_image_pmi_subtracts_the_mean_likelihood_over_the_reference_images(model, pixels) -> None:
+    """score - log mean_k p(a | q, I_k), worked by hand from the slow per-candidate loop; the calibrated answer
+    can differ from the raw one; the question's own image as the only reference leaves nothing (all zeros)."""
+    questions = ["Is there a pleural effusion?", "Is the heart enlarged?"]
+    candidates = [["yes", "no"], ["yes", "no", "maybe not"]]
+    refs = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(5))
+    ref_embeds = model.image_features(refs)
+    raw = score_candidates(model, pixels, questions, candidates)
+    calibrated = image_pmi(model, raw, questions, candidates, ref_embeds)
+    for i, q in enumerate(questions):
+        for j, a in enumerate(candidates[i]):
+            per_ref = torch.tensor([slow_candidate_logprob(model, refs[k : k + 1], q, a) for k in range(3)],
+                                   dtype=torch.float64)
+            want = raw[i][j] - (torch.logsumexp(per_ref, 0) - torch.log(torch.tensor(3.0, dtype=torch.float64)))
+            assert calibrated[i][j] == pytest.approx(float(want), abs=1e-4)
+    own = image_pmi(model, raw[:1], questions[:1], candidates[:1], model.image_features(pixels[:1]))
+    assert own[0] == pytest.approx([0.0, 0.0], abs=1e-4)
+    answers = answer_questions(model, pixels, questions, candidates, reference_embeds=ref_embeds)
+    assert answers == [opts[max(range(len(opts)), key=c.__getitem__)] for opts, c in zip(candidates, calibrated)]
+    with pytest.raises(ValueError, match="reference_embeds"):
+        image_pmi(model, raw, questions, candidates, ref_embeds[0])
 
 
 @torch.no_grad()
@@ -348,6 +378,22 @@ def test_eval_vqa_cli_on_real_vqa_rad(vqa_rad_subset: Path, small_run: Path, tmp
     r = runner.invoke(app, ["eval", "vqa", "--ckpt", str(small_run), "--data", str(vqa_rad_subset), "--split", "val",
                             "--out", str(out), "--closed-scoring", "maybe"])
     assert r.exit_code == 2 and "--closed-scoring" in r.output
+
+    # closed answers calibrated against 3 training images: recorded, still one of the candidates
+    r = runner.invoke(app, ["eval", "vqa", "--ckpt", str(small_run), "--data", str(vqa_rad_subset), "--split", "val",
+                            "--out", str(out), "--limit", "12", "--max-length", "2", "--closed-calibration",
+                            "image-pmi", "--reference-images", "3", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert res["closed_calibration"]["kind"] == "image-pmi" and len(res["closed_calibration"]["reference_ids"]) == 3
+    train_ids = {t["id"] for t in train if t["split"] == "train"}
+    assert set(res["closed_calibration"]["reference_ids"]) <= train_ids
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert all(row["prediction"] in row["candidates"] for row in rows if row["closed"])
+    for bad in (["--closed-calibration", "always"], ["--closed-calibration", "image-pmi", "--closed-scoring",
+                                                     "generate"]):
+        r = runner.invoke(app, ["eval", "vqa", "--ckpt", str(small_run), "--data", str(vqa_rad_subset), *bad])
+        assert r.exit_code == 2 and "--closed-calibration" in r.output
 
 
 def test_ask_cli(vqa_rad_subset: Path, small_run: Path) -> None:

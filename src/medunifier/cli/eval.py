@@ -159,6 +159,10 @@ def eval_vqa(
                               "before full scoring (0: score the whole answer list)"),
     shuffle_images: bool = typer.Option(False, help="ask each question of another question's image (a fixed "
                                         "permutation): the control for what the question alone gives"),
+    closed_calibration: str = typer.Option("none", help="closed answers: none (the likeliest candidate) or "
+                                           "image-pmi (the candidate this image makes likelier than the reference "
+                                           "training images do on average)"),
+    reference_images: int = typer.Option(8, help="--closed-calibration image-pmi: training images averaged over"),
     out: Path | None = typer.Option(None, help="output folder (default <ckpt>/eval/vqa)"),
     limit: int | None = typer.Option(None, help="answer only the first N questions"),
     max_length: int = typer.Option(16, help="maximum generated answer tokens"),
@@ -175,11 +179,16 @@ def eval_vqa(
         fail(f"--open-scoring must be generate or rank, got {open_scoring}")
     if top_k < 0:
         fail("--top-k must be 0 (the whole answer list) or more")
+    if closed_calibration not in ("none", "image-pmi"):
+        fail(f"--closed-calibration must be none or image-pmi, got {closed_calibration}")
+    if closed_calibration == "image-pmi" and (closed_scoring != "likelihood" or reference_images < 1):
+        fail("--closed-calibration image-pmi needs --closed-scoring likelihood and --reference-images >= 1")
     if min(max_length, num_beams, batch_size) < 1 or (limit is not None and limit < 1):
         fail("--max-length, --num-beams, --batch-size and --limit must be at least 1")
     with fail_on(*_EVAL_ERRORS):
         run_vqa(ckpt, data, _eval_out(out, ckpt, "vqa"), split=split, device=device, closed_scoring=closed_scoring,
                 open_scoring=open_scoring, top_k=top_k or None, shuffle_images=shuffle_images,
+                closed_calibration=closed_calibration, reference_images=reference_images,
                 limit=limit, max_length=max_length, num_beams=num_beams, batch_size=batch_size, console=console)
 
 

@@ -74,6 +74,8 @@ def compute_vqa(
     open_scoring: Literal["generate", "rank"] = "generate",
     top_k: int | None = 128,
     shuffle_images: bool = False,
+    closed_calibration: Literal["none", "image-pmi"] = "none",
+    reference_images: int = 8,
     train_records: Sequence[Record] | None = None,
     max_length: int = 16,
     num_beams: int = 1,
@@ -98,7 +100,12 @@ def compute_vqa(
         top_k: the shortlist of ranked open answers (None: the whole pool).
         shuffle_images: ask every question of another question's image (a fixed permutation; the record's
             modality is kept), the control for how much of the accuracy comes from the question alone.
-        train_records: the training split, for the candidate and open-answer pools.
+        closed_calibration: "image-pmi" scores each closed candidate by how much more likely the question's
+            image makes it than `reference_images` training images do on average (`image_pmi`): an answer
+            the question alone favours gains nothing. "none": the raw likelihood.
+        reference_images: how many training images (a seeded choice, one per distinct image) the
+            calibration averages over.
+        train_records: the training split, for the candidate and open-answer pools and the reference images.
         max_length: the most tokens a decoded answer has.
         num_beams: beam width of decoded answers (1: greedy).
         batch_size: questions a batch.
@@ -113,6 +120,13 @@ def compute_vqa(
         raise ValueError(f"closed_scoring must be likelihood or generate, got {closed_scoring!r}")
     if open_scoring not in ("generate", "rank"):
         raise ValueError(f"open_scoring must be generate or rank, got {open_scoring!r}")
+    if closed_calibration not in ("none", "image-pmi"):
+        raise ValueError(f"closed_calibration must be none or image-pmi, got {closed_calibration!r}")
+    if closed_calibration == "image-pmi" and closed_scoring != "likelihood":
+        raise ValueError("closed_calibration='image-pmi' calibrates candidate likelihoods: it needs "
+                         "closed_scoring='likelihood'")
+    if reference_images < 1:
+        raise ValueError(f"reference_images must be at least 1 (got {reference_images})")
     start = time.perf_counter()
     records = vqa_records(records)
     if limit is not None:
@@ -135,6 +149,10 @@ def compute_vqa(
         if not open_pool:
             raise ValueError("open_scoring='rank' needs training records with open answers to rank")
 
+    reference_embeds, reference_ids = None, []
+    if closed_calibration == "image-pmi":
+        reference_embeds, reference_ids = _reference_embeds(model, train_records or [], root, reference_images)
+
     predictions: list[str] = []
     image_records = records
     if shuffle_images:
@@ -147,7 +165,7 @@ def compute_vqa(
         predictions += answer_questions(model, px, [r.question for r in records[batch]], candidates[batch],
                                         max_length=max_length, num_beams=num_beams, batch_size=4 * batch_size,
                                         modalities=[r.modality for r in records[batch]], open_pool=open_pool,
-                                        top_k=top_k)
+                                        top_k=top_k, reference_embeds=reference_embeds)
         if on_progress is not None:
             on_progress(len(predictions), len(records))
 
@@ -164,6 +182,7 @@ def compute_vqa(
         "decoding": {"max_length": max_length, "num_beams": num_beams},
         "candidate_pool": {"source": pool_source, "answers": len(pool.get(ALL_TYPES, []))} if pool_source else None,
         "candidate_coverage": coverage,
+        "closed_calibration": {"kind": closed_calibration, "reference_ids": reference_ids} if reference_ids else None,
         "open_scoring": open_scoring,
         "shuffled_images": shuffle_images,
         "open_pool": None if open_pool is None else {
@@ -177,6 +196,26 @@ def compute_vqa(
              "candidates": opts, "correct": normalize_answer(pred) == normalize_answer(r.answer)}
             for r, pred, c, opts in zip(records, predictions, closed, candidates)]
     return VQAEvaluation(results, rows)
+
+
+def _reference_embeds(model: MedUnifier, train_records: Sequence[Record], root: str | Path,
+                      n: int) -> tuple[torch.Tensor, list[str]]:
+    """Image features [K, 1 + L, Dv] of K training images (one record per distinct image, a seeded choice:
+    the same references for every evaluation of the same training split), and their record ids."""
+    from medunifier.eval.common import image_batches
+
+    distinct = list({r.image: r for r in vqa_records(train_records)}.values())
+    if not distinct:
+        raise ValueError("closed_calibration='image-pmi' needs training records with images for its references")
+    order = torch.randperm(len(distinct), generator=torch.Generator().manual_seed(0)).tolist()
+    chosen = [distinct[i] for i in order[:n]]
+    pixels = next(iter(image_batches(chosen, root, model, batch_size=len(chosen))))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        embeds = model.image_features(pixels)
+    model.train(was_training)
+    return embeds, [r.id for r in chosen]
 
 
 def write_vqa(evaluation: VQAEvaluation, out: str | Path) -> None:

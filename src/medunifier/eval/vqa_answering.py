@@ -22,6 +22,10 @@ tokens and the closing [SEP] are scored. Greedy answers and candidate scores use
   prefix's [SEP] shortlists the `top_k` candidates with the likeliest first token, and each is scored as
   above, continuing from the question's KV cache. The answer can only be a training answer: the share of
   open references in the pool (`open_pool.coverage` in the results) bounds open accuracy.
+* calibrated closed answers (`reference_embeds`, the image-PMI of CF-VQA's counterfactual reading): each
+  candidate's score becomes log p(a | q, I) - log mean_k p(a | q, I_k) over K fixed reference images, so the
+  answer is the one this image makes likelier than images in general do, not the one the question alone
+  favours. It costs K more scoring passes of the closed questions.
 * a model trained with modality embeddings (`encoder.modalities`) gets each question's modality (the
   record's `modality`), as its training samples did; other models ignore it.
 """
@@ -29,6 +33,7 @@ tokens and the closing [SEP] are scored. Greedy answers and candidate scores use
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -40,7 +45,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from medunifier.model.medunifier import MedUnifier
 
-__all__ = ["answer_questions", "modality_ids", "qa_sequences", "rank_answers", "score_candidates"]
+__all__ = ["answer_questions", "image_pmi", "modality_ids", "qa_sequences", "rank_answers", "score_candidates"]
 
 
 @contextmanager
@@ -129,7 +134,7 @@ def _summed_logp(model: MedUnifier, states: Tensor, targets: Tensor, scored: Ten
 @torch.no_grad()
 def score_candidates(
     model: MedUnifier,
-    pixel_values: Tensor,
+    pixel_values: Tensor | None,
     questions: Sequence[str],
     candidates: Sequence[Sequence[str]],
     batch_size: int = 64,
@@ -143,6 +148,8 @@ def score_candidates(
     """
     if len(candidates) != len(questions):
         raise ValueError(f"{len(questions)} questions but {len(candidates)} candidate lists")
+    if pixel_values is None and image_embeds is None:
+        raise ValueError("score_candidates needs pixel_values or image_embeds")
     for options in candidates:
         if not options or any(not str(c).strip() for c in options):
             raise ValueError("every question needs at least one non-empty candidate answer")
@@ -160,6 +167,40 @@ def score_candidates(
     for options in candidates:
         out.append(scores[k : k + len(options)])
         k += len(options)
+    return out
+
+
+@torch.no_grad()
+def image_pmi(
+    model: MedUnifier,
+    scores: Sequence[Sequence[float]],
+    questions: Sequence[str],
+    candidates: Sequence[Sequence[str]],
+    reference_embeds: Tensor,
+    batch_size: int = 64,
+    modalities: Sequence[str] | None = None,
+) -> list[list[float]]:
+    """Candidate scores minus their log-likelihood averaged over reference images: for each question i and
+    candidate a, scores[i][a] - log mean_k p(a | q_i, I_k), with p(a | q, I_k) from `score_candidates`.
+
+    Args:
+        scores: `score_candidates` of the questions with their own images.
+        reference_embeds: [K, 1 + L, Dv] image features of the K reference images (K >= 1).
+    """
+    if reference_embeds.ndim != 3 or reference_embeds.shape[0] < 1:
+        raise ValueError(f"reference_embeds must be [K >= 1, tokens, width], got {tuple(reference_embeds.shape)}")
+    per_reference = [
+        score_candidates(model, None, questions, candidates, batch_size,
+                         image_embeds=reference_embeds[k : k + 1].expand(len(questions), -1, -1),
+                         modalities=modalities)
+        for k in range(reference_embeds.shape[0])
+    ]
+    log_k = math.log(reference_embeds.shape[0])
+    out = []
+    for i, own in enumerate(scores):
+        references = torch.tensor([r[i] for r in per_reference], dtype=torch.float64)  # [K, candidates]
+        marginal = torch.logsumexp(references, dim=0) - log_k
+        out.append((torch.tensor(own, dtype=torch.float64) - marginal).tolist())
     return out
 
 
@@ -288,6 +329,7 @@ def answer_questions(
     modalities: Sequence[str] | None = None,
     open_pool: Sequence[str] | None = None,
     top_k: int | None = 128,
+    reference_embeds: Tensor | None = None,
 ) -> list[str]:
     """One answer per (image, question): pixel_values [B, C, S, S], B questions.
 
@@ -295,7 +337,8 @@ def answer_questions(
     log-likelihood is returned as given. Open questions are decoded after the question (greedy, or beam
     search with num_beams > 1, at most `max_length` tokens), or, given `open_pool`, answered by ranking the
     pool (`rank_answers`, its `top_k` first-token shortlist). modalities: one per question, for models with
-    modality embeddings (see `modality_ids`).
+    modality embeddings (see `modality_ids`). reference_embeds [K, 1 + L, Dv]: calibrate the closed answers
+    by `image_pmi` against these K reference images.
     """
     if pixel_values.shape[0] != len(questions):
         raise ValueError(f"{pixel_values.shape[0]} images but {len(questions)} questions")
@@ -313,9 +356,14 @@ def answer_questions(
         open_ = sorted(set(range(len(questions))) - set(closed))
         if closed:
             options = [list(candidates[i]) for i in closed]
-            scores = score_candidates(model, pixel_values[closed], [questions[i] for i in closed], options,
+            closed_questions = [questions[i] for i in closed]
+            closed_modalities = None if modalities is None else [modalities[i] for i in closed]
+            scores = score_candidates(model, pixel_values[closed], closed_questions, options,
                                       batch_size=batch_size, image_embeds=image_embeds[closed],
-                                      modalities=None if modalities is None else [modalities[i] for i in closed])
+                                      modalities=closed_modalities)
+            if reference_embeds is not None:
+                scores = image_pmi(model, scores, closed_questions, options, reference_embeds, batch_size,
+                                   closed_modalities)
             for i, opts, s in zip(closed, options, scores):
                 answers[i] = opts[max(range(len(opts)), key=s.__getitem__)]
         if open_:
