@@ -86,8 +86,8 @@ DEMO_REPORT_CANDIDATES = 8
 # zero-shot fell 0.04). On 2 quiet cores they take about 3.5 + 9 + 4.5 minutes.
 DEMO_STEPS = {"stage0": 480, "stage1": 640, "prior": 270}
 # Then the decoder is refitted alone on the frozen codes (about 1.5 minutes): stage 1's decoder shares its
-# steps with three other objectives, and on the demo's model 600 more steps on the codes raised held-out
-# PSNR by 0.39 dB (`medunifier generate refine-decoder`); the codes, so the priors and understanding, stay.
+# steps with three other objectives, and 600 more steps on the codes raised held-out PSNR by 0.50-0.55 dB on
+# four stage-1 runs (`medunifier generate refine-decoder`); the codes, so the priors and understanding, stay.
 DEMO_DECODER_STEPS = 600
 
 # With a wall-clock budget instead: a few timed steps on a rested machine run faster than the sustained training loop (which also loads
