@@ -4,6 +4,7 @@ held-out reconstructions improve, a stopped or failed pass writes nothing, bad s
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -101,6 +102,13 @@ def test_priors_reuse_the_codes_and_stay_valid_across_a_refit(data: Path, tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Synthesizer.from_run(run)
+    # the same run copied to another folder: the same codes checksum, no warning
+    copy = tmp_path / "elsewhere" / "copied"
+    shutil.copytree(run, copy)
+    assert codes_checksum(load_model(copy / "model")) == codes_checksum(load_model(run / "model"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Synthesizer.from_run(copy)
     # other code-making weights: the prior is flagged
     model = load_model(run / "model")
     with torch.no_grad():

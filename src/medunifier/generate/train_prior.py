@@ -2,9 +2,9 @@
 
 The MedUnifier model is frozen. Every training image is encoded once to its (top, bottom) code maps,
 grounded on its own report as in TIG training, and the codes are cached in `RUN/prior/codes.safetensors`
-(keyed by `codes_checksum`, which covers every weight but the decoder's, and the record ids, so a resumed or repeated run reuses them). The
-priors condition on the encoder's text-only features of the report; they are cached in memory when small
-(`TEXT_CACHE_BYTES`), otherwise recomputed per batch with the frozen encoder.
+(keyed by `codes_checksum`, which covers every weight but the decoder's, and by the record ids, so a resumed
+or repeated run reuses them). The priors condition on the encoder's text-only features of the report; they are
+cached in memory when small (`TEXT_CACHE_BYTES`), otherwise recomputed per batch with the frozen encoder.
 
 Training: AdamW + warm-up/cosine schedule (the training engine's `build_optimizer`,
 `WarmupCosineSchedule`), gradient clipping, condition dropout inside the priors' losses. The batch of
@@ -13,7 +13,8 @@ safetensors + JSON folders with the RNG states, so `--resume` continues exactly 
 
     RUN/prior/
         prior.safetensors   final prior weights (HierarchicalPrior.state_dict())
-        prior.json          {"config": PriorConfig fields, "settings": ..., "model_checksum", "codes_checksum", "step", ...}
+        prior.json          {"config": PriorConfig fields, "settings": ..., "model_checksum", "codes_checksum",
+                            "step", ...}
         codes.safetensors   cached codes + token ids of the training (and validation) records
         codes.json          what the cache was computed from
         checkpoints/        step-NNNNNN/ folders (model = the prior), keep-last 2
@@ -107,14 +108,23 @@ def weights_file_checksum(model_dir: str | Path) -> str:
 # Weights that play no part in making the codes: the decoder only maps codes to pixels, and refitting it
 # (`medunifier generate refine-decoder`) leaves every code map as it was.
 NOT_IN_CODES = ("generator.decoder.",)
+# Config sections that decide the codes besides the tensors (preprocessing, heads, norms), and the fields in
+# them that only say where weights or caches were read from: a copied or moved run keeps its checksum.
+CODE_SECTIONS = ("image", "vision", "encoder", "generator")
+LOCATION_FIELDS = ("pretrained", "text_pretrained", "feature_cache", "cache_features", "ignore_weights")
 
 
 def codes_checksum(model: MedUnifier) -> str:
-    """sha256 of everything that decides a model's codes: its config and every tensor but the decoder's.
+    """sha256 of everything that decides a model's codes: the image, vision, encoder and generator settings (not
+    where their weights came from), the tokenizer's vocabulary and every tensor but the decoder's.
 
-    The code cache and the priors are keyed by it, so a refitted decoder keeps both valid.
+    The code cache and the priors are keyed by it, so a refitted decoder keeps both valid, and so does a copy
+    of the run in another folder.
     """
-    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    config = model.config.to_dict()
+    sections = {name: {k: v for k, v in config[name].items() if k not in LOCATION_FIELDS} for name in CODE_SECTIONS}
+    digest = hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode())
+    digest.update(json.dumps(sorted(model.tokenizer.get_vocab().items())).encode())
     for name, tensor in sorted(model.state_dict().items()):
         if name.startswith(NOT_IN_CODES):
             continue
