@@ -29,14 +29,6 @@ PRIOR = ["prior.width=32", "prior.layers=1", "prior.heads=2", "prior.batch_size=
 FAST = DecoderRefineSettings(steps=40, batch_size=8, lr=3e-3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SynthCXR: 40 images of 32x32 (train / val / test)."""

@@ -34,14 +34,6 @@ SMALL_MODEL = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SynthCXR (24 images of 32x32 + 2 per finding in the 5x200 set), a random small model, a 4-step prior."""
