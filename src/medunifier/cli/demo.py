@@ -20,8 +20,8 @@ def demo(
                                          "of a step count (the figures then depend on the machine's speed and load)"),
     stage0_minutes: float | None = typer.Option(None, help="the same for stage 0 (report embeddings included)"),
     prior_minutes: float | None = typer.Option(None, help="the same for the code priors"),
-    decoder_steps: int = typer.Option(600, help="steps refitting the decoder on the frozen codes before the priors "
-                                      "(0: skip)"),
+    decoder_steps: int | None = typer.Option(None, help="steps refitting the decoder on the frozen codes before "
+                                             "the priors (default 600; 0: skip)"),
     n_images: int = typer.Option(6000, help="SynthCXR images to generate (plus the 5x200 set)"),
 ) -> None:
     """The whole system on a CPU in minutes: SynthCXR, stage 0, the frozen-encoder model, priors, evaluation,
@@ -33,6 +33,7 @@ def demo(
                    stage0_minutes=stage0_minutes, prior_minutes=prior_minutes)
     with fail_on(ValueError):
         demo_budgets(**budgets)
-        if decoder_steps < 0:
+        if decoder_steps is not None and decoder_steps < 0:
             raise ValueError(f"--decoder-steps must be >= 0 (got {decoder_steps})")
-    run_demo(out, n_images=n_images, decoder_steps=decoder_steps, **budgets)
+    refit = {} if decoder_steps is None else {"decoder_steps": decoder_steps}
+    run_demo(out, n_images=n_images, **refit, **budgets)

@@ -27,7 +27,7 @@ import torch
 from rich.console import Console
 
 from medunifier.data.manifest import Record
-from medunifier.eval.vqa_answering import answer_questions
+from medunifier.eval.vqa_answering import _eval_mode, answer_questions
 from medunifier.eval.vqa_scoring import (
     ALL_TYPES,
     YES_NO,
@@ -210,11 +210,8 @@ def _reference_embeds(model: MedUnifier, train_records: Sequence[Record], root: 
     order = torch.randperm(len(distinct), generator=torch.Generator().manual_seed(0)).tolist()
     chosen = [distinct[i] for i in order[:n]]
     pixels = next(iter(image_batches(chosen, root, model, batch_size=len(chosen))))
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with _eval_mode(model), torch.no_grad():
         embeds = model.image_features(pixels)
-    model.train(was_training)
     return embeds, [r.id for r in chosen]
 
 
